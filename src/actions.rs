@@ -1,0 +1,469 @@
+//! What a user can do, independent of transport: REST handlers, the socket and (later)
+//! GraphQL call these, so validation, permission checks and audit happen in one place.
+
+use crate::app::App;
+use crate::auth::{random_token, token_hash, AuthError, Identity};
+use crate::clock;
+use crate::config::Registration;
+use crate::error::ApiError;
+use crate::metrics::{inc, METRICS};
+use crate::model::{DirectMessage, Message, Page, Room, User};
+use crate::store::audit::AuditEntry;
+use crate::store::users::RefreshOutcome;
+use serde::Serialize;
+use serde_json::json;
+
+/// Who is acting, and from where.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// User id.
+    pub user_id: i64,
+    /// Username.
+    pub username: String,
+    /// The login acted through.
+    pub sid: String,
+    /// Peer IP (no port).
+    pub ip: Option<String>,
+}
+
+impl Actor {
+    /// The actor behind a verified token.
+    pub fn new(id: &Identity, ip: Option<String>) -> Actor {
+        Actor {
+            user_id: id.user_id,
+            username: id.username.clone(),
+            sid: id.sid.clone(),
+            ip,
+        }
+    }
+}
+
+/// Login and refresh answer (PROTOCOL.md `TokenPair`).
+#[derive(Debug, Serialize)]
+pub struct TokenPair {
+    /// HS256 JWT.
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: &'static str,
+    /// Seconds until the access token expires.
+    pub expires_in: u64,
+    /// Opaque single-use refresh token.
+    pub refresh_token: String,
+    /// The user.
+    pub user: User,
+}
+
+/// A room with its live online count.
+#[derive(Debug, Serialize)]
+pub struct RoomView {
+    /// Name.
+    pub name: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// Distinct users online.
+    pub online: usize,
+}
+
+fn audit(
+    app: &App,
+    actor: Option<&str>,
+    action: &'static str,
+    target: Option<&str>,
+    ip: Option<&str>,
+    detail: serde_json::Value,
+) {
+    app.store.audit(AuditEntry {
+        actor: actor.map(str::to_owned),
+        action,
+        target: target.map(str::to_owned),
+        ip: ip.map(str::to_owned),
+        detail,
+    });
+}
+
+/// Usernames: 3–32 chars of `[A-Za-z0-9_.-]`.
+pub fn valid_username(name: &str) -> bool {
+    (3..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Room names: 1–64 chars of `[a-z0-9_-]`.
+pub fn valid_room_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
+}
+
+/// Passwords: 8–72 bytes (bcrypt's limit).
+pub fn check_password(password: &str) -> Result<(), ApiError> {
+    if (8..=72).contains(&password.len()) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request("password must be 8 to 72 bytes"))
+    }
+}
+
+/// Message bodies: 1 to `max` Unicode characters.
+pub fn check_body(body: &str, max: usize) -> Result<(), ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request("body must not be empty"));
+    }
+    if body.chars().nth(max).is_some() {
+        return Err(ApiError::too_large(format!(
+            "body is over {max} characters"
+        )));
+    }
+    Ok(())
+}
+
+/// `POST /api/register`.
+pub fn register(
+    app: &App,
+    username: &str,
+    password: &str,
+    ip: Option<&str>,
+) -> Result<User, ApiError> {
+    if app.cfg.registration == Registration::Closed {
+        return Err(ApiError::forbidden("registration is closed"));
+    }
+    if !valid_username(username) {
+        return Err(ApiError::bad_request(
+            "username must be 3 to 32 characters of A-Z a-z 0-9 _ . -",
+        ));
+    }
+    check_password(password)?;
+    let hash = app.auth.hash_password(password)?;
+    let user = app
+        .store
+        .create_user(username, hash, None, clock::now_rfc3339())?;
+    audit(
+        app,
+        Some(&user.username),
+        "register",
+        Some(&user.username),
+        ip,
+        json!({"roles": user.roles}),
+    );
+    Ok(user)
+}
+
+/// `POST /api/login`: one 401 for unknown user and wrong password, taking the same time.
+pub fn login(
+    app: &App,
+    username: &str,
+    password: &str,
+    ip: Option<&str>,
+) -> Result<TokenPair, ApiError> {
+    let record = if valid_username(username) {
+        app.store.user_by_name(username)?
+    } else {
+        None
+    };
+    if !app
+        .auth
+        .verify_password(record.as_ref().map(|r| r.password_hash.as_str()), password)
+    {
+        inc(&METRICS.logins_failed);
+        audit(
+            app,
+            None,
+            "login_failed",
+            Some(username),
+            ip,
+            json!({"reason": "bad credentials"}),
+        );
+        return Err(AuthError::BadCredentials.into());
+    }
+    let Some(record) = record else {
+        return Err(AuthError::BadCredentials.into());
+    };
+    if record.banned {
+        inc(&METRICS.logins_failed);
+        audit(
+            app,
+            None,
+            "login_failed",
+            Some(&record.username),
+            ip,
+            json!({"reason": "banned"}),
+        );
+        return Err(AuthError::Banned.into());
+    }
+    let user = app.store.user(record.id)?;
+    let sid = random_token();
+    let refresh = random_token();
+    let now = clock::now_unix();
+    app.store.start_session(
+        user.id,
+        sid.clone(),
+        ip.map(str::to_owned),
+        token_hash(&refresh),
+        now + app.auth.refresh_ttl(),
+        clock::now_rfc3339(),
+    )?;
+    inc(&METRICS.logins_ok);
+    audit(
+        app,
+        Some(&user.username),
+        "login",
+        Some(&user.username),
+        ip,
+        json!({}),
+    );
+    token_pair(app, user, &sid, refresh)
+}
+
+fn token_pair(
+    app: &App,
+    user: User,
+    sid: &str,
+    refresh_token: String,
+) -> Result<TokenPair, ApiError> {
+    let (access_token, _exp) = app.auth.issue_access(&user, sid)?;
+    Ok(TokenPair {
+        access_token,
+        token_type: "Bearer",
+        expires_in: app.auth.access_ttl(),
+        refresh_token,
+        user,
+    })
+}
+
+/// `POST /api/refresh`: rotates the refresh token; a retired one revokes its login.
+pub fn refresh(app: &App, refresh_token: &str, ip: Option<&str>) -> Result<TokenPair, ApiError> {
+    let fresh = random_token();
+    let now = clock::now_unix();
+    let outcome = app.store.rotate_refresh(
+        token_hash(refresh_token),
+        token_hash(&fresh),
+        now + app.auth.refresh_ttl(),
+        now,
+        clock::now_rfc3339(),
+    )?;
+    match outcome {
+        RefreshOutcome::Invalid => Err(ApiError::unauthorized("invalid or expired refresh token")),
+        RefreshOutcome::Reused { user_id, sid } => {
+            let name = app.store.user_by_id(user_id)?.map(|u| u.username);
+            app.hub
+                .close_session(&sid, crate::peer::close::REVOKED, "login revoked");
+            audit(
+                app,
+                name.as_deref(),
+                "refresh_reuse",
+                name.as_deref(),
+                ip,
+                json!({"revoked_login": true}),
+            );
+            Err(ApiError::unauthorized(
+                "refresh token was already used; the login is revoked",
+            ))
+        }
+        RefreshOutcome::Rotated { user_id, sid } => {
+            let Some(record) = app.store.user_by_id(user_id)? else {
+                return Err(ApiError::unauthorized("invalid refresh token"));
+            };
+            if record.banned {
+                return Err(AuthError::Banned.into());
+            }
+            let user = app.store.user(user_id)?;
+            audit(
+                app,
+                Some(&user.username),
+                "refresh",
+                Some(&user.username),
+                ip,
+                json!({}),
+            );
+            token_pair(app, user, &sid, fresh)
+        }
+    }
+}
+
+/// `POST /api/logout`: revokes the caller's login, and that of `refresh_token` if it is
+/// the same user's.
+pub fn logout(app: &App, actor: &Actor, refresh_token: Option<&str>) -> Result<(), ApiError> {
+    let mut sids = vec![actor.sid.clone()];
+    if let Some(rt) = refresh_token {
+        if let Some((sid, owner)) = app.store.refresh_token_session(&token_hash(rt))? {
+            if owner == actor.user_id && sid != actor.sid {
+                sids.push(sid);
+            }
+        }
+    }
+    for sid in &sids {
+        app.store
+            .revoke_session(sid, "logout", clock::now_rfc3339())?;
+        app.hub
+            .close_session(sid, crate::peer::close::REVOKED, "logged out");
+    }
+    audit(
+        app,
+        Some(&actor.username),
+        "logout",
+        Some(&actor.username),
+        actor.ip.as_deref(),
+        json!({"logins": sids.len()}),
+    );
+    Ok(())
+}
+
+/// `GET /api/me`.
+pub fn me(app: &App, actor: &Actor) -> Result<User, ApiError> {
+    Ok(app.store.user(actor.user_id)?)
+}
+
+/// `GET /api/rooms`.
+pub fn list_rooms(app: &App) -> Result<Vec<RoomView>, ApiError> {
+    Ok(app
+        .store
+        .rooms()?
+        .into_iter()
+        .map(|r| RoomView {
+            online: app.hub.online_count(&r.name),
+            name: r.name,
+            created_at: r.created_at,
+        })
+        .collect())
+}
+
+/// `POST /api/rooms`.
+pub fn create_room(app: &App, actor: &Actor, name: &str) -> Result<RoomView, ApiError> {
+    require(app, actor, "room.create", Some(name))?;
+    if !valid_room_name(name) {
+        return Err(ApiError::bad_request(
+            "room name must be 1 to 64 characters of a-z 0-9 _ -",
+        ));
+    }
+    let room = app
+        .store
+        .create_room(name, actor.user_id, clock::now_rfc3339())?;
+    audit(
+        app,
+        Some(&actor.username),
+        "room_create",
+        Some(&room.name),
+        actor.ip.as_deref(),
+        json!({}),
+    );
+    Ok(RoomView {
+        online: 0,
+        name: room.name,
+        created_at: room.created_at,
+    })
+}
+
+/// Checks a permission against the database's current roles; a refusal is audited.
+pub fn require(
+    app: &App,
+    actor: &Actor,
+    permission: &str,
+    target: Option<&str>,
+) -> Result<(), ApiError> {
+    if app.store.has_permission(actor.user_id, permission)? {
+        return Ok(());
+    }
+    audit(
+        app,
+        Some(&actor.username),
+        "forbidden",
+        target,
+        actor.ip.as_deref(),
+        json!({"permission": permission}),
+    );
+    Err(ApiError::forbidden(format!(
+        "missing permission {permission}"
+    )))
+}
+
+/// A room by name, or 404.
+pub fn find_room(app: &App, name: &str) -> Result<Room, ApiError> {
+    app.store
+        .room(name)?
+        .ok_or_else(|| ApiError::not_found(format!("no room named {name:?}")))
+}
+
+/// A page of a room's history.
+pub fn room_history(app: &App, room: &str, page: Page) -> Result<Vec<Message>, ApiError> {
+    let room = find_room(app, room)?;
+    Ok(app.store.room_history(&room, page)?)
+}
+
+/// A page of the conversation between the actor and `other`.
+pub fn dm_history(
+    app: &App,
+    actor: &Actor,
+    other: &str,
+    page: Page,
+) -> Result<Vec<DirectMessage>, ApiError> {
+    let other = app
+        .store
+        .user_by_name(other)?
+        .ok_or_else(|| ApiError::not_found(format!("no user named {other:?}")))?;
+    Ok(app.store.dm_history(actor.user_id, other.id, page)?)
+}
+
+/// Stores a room message; once durable it is broadcast to the room (in commit order)
+/// and then `done` runs — the socket's ack, or a REST/GraphQL reply.
+pub fn send_message(
+    app: &std::sync::Arc<App>,
+    actor: &Actor,
+    room: Room,
+    body: String,
+    done: impl FnOnce(Result<Message, ApiError>) + Send + 'static,
+) -> Result<(), ApiError> {
+    check_body(&body, app.cfg.max_message_chars)?;
+    let app2 = app.clone();
+    app.store.insert_message(
+        room,
+        actor.user_id,
+        actor.username.clone(),
+        body,
+        move |res| {
+            let res = res.map_err(ApiError::from).inspect(|msg| {
+                inc(&METRICS.messages_stored);
+                let frame = crate::peer::text_frame(&crate::protocol::event("message", msg));
+                app2.hub.broadcast_message(&msg.room, msg.id, &frame);
+            });
+            done(res)
+        },
+    );
+    Ok(())
+}
+
+/// Stores a direct message; once durable it goes to every socket of both users, then
+/// `done` runs.
+pub fn send_dm(
+    app: &std::sync::Arc<App>,
+    actor: &Actor,
+    to: &str,
+    body: String,
+    done: impl FnOnce(Result<DirectMessage, ApiError>) + Send + 'static,
+) -> Result<(), ApiError> {
+    check_body(&body, app.cfg.max_message_chars)?;
+    let recipient = app
+        .store
+        .user_by_name(to)?
+        .ok_or_else(|| ApiError::not_found(format!("no user named {to:?}")))?;
+    let app2 = app.clone();
+    let (from_id, to_id) = (actor.user_id, recipient.id);
+    app.store.insert_dm(
+        (actor.user_id, actor.username.clone()),
+        (recipient.id, recipient.username),
+        body,
+        move |res| {
+            let res = res.map_err(ApiError::from).inspect(|dm| {
+                inc(&METRICS.messages_stored);
+                let frame = crate::peer::text_frame(&crate::protocol::event("dm", dm));
+                app2.hub.send_to_user(to_id, &frame);
+                if from_id != to_id {
+                    app2.hub.send_to_user(from_id, &frame);
+                }
+            });
+            done(res)
+        },
+    );
+    Ok(())
+}

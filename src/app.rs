@@ -1,0 +1,27 @@
+//! The running server's shared state, handed to every thread as `Arc<App>`.
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::peer::Flusher;
+use crate::store::Store;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Everything a request or socket handler needs.
+pub struct App {
+    /// Settings and limits.
+    pub cfg: Config,
+    /// The database.
+    pub store: Store,
+    /// Passwords and tokens.
+    pub auth: Auth,
+    /// Live sockets and rooms.
+    pub hub: Hub,
+    /// Finishes socket writes that could not complete at once.
+    pub flusher: Arc<Flusher>,
+    /// The port we listen on (to find upgraded sockets' descriptors).
+    pub local_port: u16,
+    /// Set once shutdown begins; new work is refused.
+    pub shutting_down: AtomicBool,
+}

@@ -1,0 +1,281 @@
+//! Passwords, access tokens (HS256 JWTs) and refresh tokens.
+//!
+//! The signing key is 32 random bytes from the OS, made on first start and kept in the
+//! database's `settings` table (the file is created 0600); it is never logged. Access
+//! tokens are checked for signature, algorithm and expiry here, and against the
+//! database's current sessions and bans in [`Auth::authenticate`]: the `roles` claim is
+//! informative only.
+
+use crate::config::Config;
+use crate::model::User;
+use crate::store::{Store, StoreError};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jwt_simple::prelude::{
+    Claims, Duration as JwtDuration, HS256Key, MACLike, VerificationOptions,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Why credentials were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No token was presented.
+    #[error("missing access token")]
+    Missing,
+    /// The token is not a valid HS256 JWT signed with our key.
+    #[error("invalid access token")]
+    Invalid,
+    /// The token's `exp` has passed.
+    #[error("access token expired")]
+    Expired,
+    /// The token's login was revoked (logout, refresh reuse, ban, password change).
+    #[error("access token revoked")]
+    Revoked,
+    /// The user is banned.
+    #[error("user is banned")]
+    Banned,
+    /// Unknown user or wrong password (one answer for both).
+    #[error("invalid username or password")]
+    BadCredentials,
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// bcrypt failed.
+    #[error("password hashing: {0}")]
+    Hash(String),
+}
+
+/// Claims parley adds to the registered ones (`sub`, `exp`, `iat`, `jti`).
+#[derive(Debug, Serialize, Deserialize)]
+struct ParleyClaims {
+    name: String,
+    roles: Vec<String>,
+    sid: String,
+}
+
+/// Who a verified access token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// User id (the `sub` claim).
+    pub user_id: i64,
+    /// Username at issue time.
+    pub username: String,
+    /// The login the token belongs to.
+    pub sid: String,
+    /// Expiry, unix seconds.
+    pub expires_at: u64,
+}
+
+/// Key and settings for issuing and checking credentials.
+pub struct Auth {
+    key: HS256Key,
+    access_ttl: u64,
+    refresh_ttl: u64,
+    bcrypt_cost: u32,
+    /// Verified against when the user does not exist, so both failures cost the same.
+    dummy_hash: String,
+}
+
+/// Random bytes from the OS, base64url without padding.
+pub fn random_token_bytes(n: usize) -> String {
+    let mut buf = vec![0u8; n];
+    if let Err(e) = getrandom::fill(&mut buf) {
+        // Without OS randomness nothing we issue would be safe.
+        log::error!("OS random number generator failed: {e}");
+        std::process::abort();
+    }
+    URL_SAFE_NO_PAD.encode(buf)
+}
+
+/// A 256-bit random token (refresh tokens, ids).
+pub fn random_token() -> String {
+    random_token_bytes(32)
+}
+
+/// Hex SHA-256 of a refresh token: the only form in which it is stored.
+pub fn token_hash(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Auth {
+    /// Loads the signing key from the store, creating it on first start.
+    pub fn new(store: &Store, cfg: &Config) -> Result<Auth, AuthError> {
+        let key = match store.setting("jwt_key")? {
+            Some(k) if k.len() >= 32 => k,
+            _ => {
+                let mut fresh = vec![0u8; 32];
+                getrandom::fill(&mut fresh).map_err(|e| AuthError::Hash(e.to_string()))?;
+                store.setting_or_insert("jwt_key", fresh)?
+            }
+        };
+        let dummy_hash = bcrypt::hash("parley timing equaliser", cfg.bcrypt_cost)
+            .map_err(|e| AuthError::Hash(e.to_string()))?;
+        Ok(Auth {
+            key: HS256Key::from_bytes(&key),
+            access_ttl: cfg.access_ttl,
+            refresh_ttl: cfg.refresh_ttl,
+            bcrypt_cost: cfg.bcrypt_cost,
+            dummy_hash,
+        })
+    }
+
+    /// Access-token lifetime in seconds.
+    pub fn access_ttl(&self) -> u64 {
+        self.access_ttl
+    }
+
+    /// Refresh-token lifetime in seconds.
+    pub fn refresh_ttl(&self) -> u64 {
+        self.refresh_ttl
+    }
+
+    /// Hashes a new password with the configured cost.
+    pub fn hash_password(&self, password: &str) -> Result<String, AuthError> {
+        hash_password(password, self.bcrypt_cost)
+    }
+
+    /// Checks a password against `hash`, or against a dummy hash when the user is
+    /// unknown, so that both failures take the same time.
+    pub fn verify_password(&self, hash: Option<&str>, password: &str) -> bool {
+        let ok = bcrypt::verify(password, hash.unwrap_or(&self.dummy_hash)).unwrap_or(false);
+        ok && hash.is_some()
+    }
+
+    /// Signs an access token for `user` in login `sid`; returns it with its expiry.
+    pub fn issue_access(&self, user: &User, sid: &str) -> Result<(String, u64), AuthError> {
+        let custom = ParleyClaims {
+            name: user.username.clone(),
+            roles: user.roles.clone(),
+            sid: sid.to_owned(),
+        };
+        let claims = Claims::with_custom_claims(custom, JwtDuration::from_secs(self.access_ttl))
+            .with_subject(user.id)
+            .with_jwt_id(random_token_bytes(12));
+        let exp = claims.expires_at.map(|t| t.as_secs()).unwrap_or(0);
+        let token = self
+            .key
+            .authenticate(claims)
+            .map_err(|e| AuthError::Hash(e.to_string()))?;
+        Ok((token, exp))
+    }
+
+    /// Checks signature, algorithm (HS256 only) and expiry; no database access.
+    pub fn decode_access(&self, token: &str) -> Result<Identity, AuthError> {
+        let options = VerificationOptions {
+            // Expiry is checked exactly below; this only absorbs clock skew on `nbf`/`iat`.
+            time_tolerance: Some(JwtDuration::from_secs(60)),
+            ..Default::default()
+        };
+        let claims = self
+            .key
+            .verify_token::<ParleyClaims>(token, Some(options))
+            .map_err(|_| AuthError::Invalid)?;
+        let exp = claims.expires_at.ok_or(AuthError::Invalid)?.as_secs();
+        if exp <= crate::clock::now_unix() {
+            return Err(AuthError::Expired);
+        }
+        let user_id = claims
+            .subject
+            .as_deref()
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or(AuthError::Invalid)?;
+        Ok(Identity {
+            user_id,
+            username: claims.custom.name,
+            sid: claims.custom.sid,
+            expires_at: exp,
+        })
+    }
+
+    /// Full check of an access token: valid, its login live, its user not banned.
+    pub fn authenticate(&self, store: &Store, token: &str) -> Result<Identity, AuthError> {
+        let id = self.decode_access(token)?;
+        match store.session(&id.sid)? {
+            Some(s) if s.user_id == id.user_id && !s.revoked => {}
+            _ => return Err(AuthError::Revoked),
+        }
+        match store.user_by_id(id.user_id)? {
+            Some(u) if u.banned => Err(AuthError::Banned),
+            Some(u) => Ok(Identity {
+                username: u.username,
+                ..id
+            }),
+            None => Err(AuthError::Revoked),
+        }
+    }
+}
+
+/// bcrypt with an explicit cost (the CLI uses this without a running server).
+pub fn hash_password(password: &str, cost: u32) -> Result<String, AuthError> {
+    bcrypt::hash(password, cost).map_err(|e| AuthError::Hash(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> (Auth, Store) {
+        let dir = crate::store::tests::tempdir();
+        let store = Store::open(&dir.join("a.db")).unwrap();
+        let cfg = Config {
+            bcrypt_cost: 4,
+            ..Config::default()
+        };
+        (Auth::new(&store, &cfg).unwrap(), store)
+    }
+
+    fn user() -> User {
+        User {
+            id: 7,
+            username: "ann".into(),
+            roles: vec!["member".into()],
+            created_at: crate::clock::now_rfc3339(),
+        }
+    }
+
+    #[test]
+    fn token_round_trip_and_tamper() {
+        let (a, _s) = auth();
+        let (t, exp) = a.issue_access(&user(), "sid1").unwrap();
+        let id = a.decode_access(&t).unwrap();
+        assert_eq!(
+            (id.user_id, id.sid.as_str(), id.expires_at),
+            (7, "sid1", exp)
+        );
+        let mut bad = t.clone();
+        bad.pop();
+        bad.push(if t.ends_with('A') { 'B' } else { 'A' });
+        assert!(matches!(a.decode_access(&bad), Err(AuthError::Invalid)));
+    }
+
+    #[test]
+    fn key_persists_across_opens() {
+        let dir = crate::store::tests::tempdir();
+        let cfg = Config {
+            bcrypt_cost: 4,
+            ..Config::default()
+        };
+        let store = Store::open(&dir.join("k.db")).unwrap();
+        let (t, _) = Auth::new(&store, &cfg)
+            .unwrap()
+            .issue_access(&user(), "s")
+            .unwrap();
+        store.close();
+        drop(store);
+        let store = Store::open(&dir.join("k.db")).unwrap();
+        assert!(Auth::new(&store, &cfg).unwrap().decode_access(&t).is_ok());
+    }
+
+    #[test]
+    fn unknown_user_never_verifies() {
+        let (a, _s) = auth();
+        assert!(!a.verify_password(None, "parley timing equaliser"));
+        let h = a.hash_password("hunter22").unwrap();
+        assert!(a.verify_password(Some(&h), "hunter22"));
+        assert!(!a.verify_password(Some(&h), "hunter23"));
+    }
+}

@@ -1,0 +1,405 @@
+//! HTTP routes on top of tiny_http: parse, authenticate, call [`crate::actions`],
+//! answer JSON.
+//!
+//! A fixed pool of worker threads takes requests from tiny_http's queue; `/ws`
+//! upgrades are handed to [`crate::ws`]. Routing is one `match` over the method and
+//! the path's segments (in the manner of rouille), so every route is listed in
+//! [`route`]. Every answer is JSON, errors included, in the shape PROTOCOL.md fixes.
+
+use crate::actions::{self, Actor};
+use crate::app::App;
+use crate::error::ApiError;
+use crate::model::Page;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::io::Read;
+use std::sync::Arc;
+use tiny_http::{Header, Method, Request, Response};
+
+/// A response before it is written.
+pub struct Reply {
+    status: u16,
+    body: Option<Value>,
+    retry_after: Option<u64>,
+    content_type: &'static str,
+    text: Option<String>,
+}
+
+impl Reply {
+    fn json(status: u16, body: Value) -> Reply {
+        Reply {
+            status,
+            body: Some(body),
+            retry_after: None,
+            content_type: "application/json",
+            text: None,
+        }
+    }
+
+    fn no_content() -> Reply {
+        Reply {
+            status: 204,
+            body: None,
+            retry_after: None,
+            content_type: "application/json",
+            text: None,
+        }
+    }
+
+    fn text(content_type: &'static str, text: String) -> Reply {
+        Reply {
+            status: 200,
+            body: None,
+            retry_after: None,
+            content_type,
+            text: Some(text),
+        }
+    }
+
+    /// The error's status and JSON body.
+    pub fn error(e: &ApiError) -> Reply {
+        Reply {
+            retry_after: e.retry_after,
+            ..Reply::json(e.http_status(), e.http_body())
+        }
+    }
+
+    /// Converts to a tiny_http response.
+    pub fn into_response(self) -> Response<std::io::Cursor<Vec<u8>>> {
+        let data = match (self.text, self.body) {
+            (Some(t), _) => t.into_bytes(),
+            (None, Some(b)) => b.to_string().into_bytes(),
+            (None, None) => Vec::new(),
+        };
+        let mut resp = Response::from_data(data)
+            .with_status_code(self.status)
+            .with_header(header("Content-Type", self.content_type))
+            .with_header(header("Cache-Control", "no-store"))
+            .with_header(header("X-Content-Type-Options", "nosniff"));
+        if let Some(secs) = self.retry_after {
+            resp = resp.with_header(header("Retry-After", &secs.to_string()));
+        }
+        resp
+    }
+}
+
+/// A header from static parts (cannot fail for the names and values we use).
+pub fn header(name: &str, value: &str) -> Header {
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).unwrap_or_else(|_| {
+        Header::from_bytes(&b"X-Invalid"[..], &b"1"[..]).unwrap_or_else(|_| unreachable!())
+    })
+}
+
+/// Answers one request, catching panics so a bug costs one request, not a worker.
+pub fn handle(app: &Arc<App>, request: Request) {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dispatch(app, request)));
+    if result.is_err() {
+        // tiny_http answers a dropped request with 500 by itself.
+        log::error!("a request handler panicked");
+    }
+}
+
+fn dispatch(app: &Arc<App>, mut request: Request) {
+    let path = request.url().split('?').next().unwrap_or("").to_owned();
+    if path == "/ws" {
+        return crate::ws::upgrade(app, request);
+    }
+    let reply = match route(app, &mut request, &path) {
+        Ok(r) => r,
+        Err(e) => Reply::error(&e),
+    };
+    if let Err(e) = request.respond(reply.into_response()) {
+        log::debug!("could not write response: {e}");
+    }
+}
+
+/// The peer's IP without port.
+pub fn peer_ip(request: &Request) -> Option<String> {
+    request.remote_addr().map(|a| a.ip().to_string())
+}
+
+/// Every route. A known path with the wrong method is 405; anything else 404.
+fn route(app: &Arc<App>, rq: &mut Request, path: &str) -> Result<Reply, ApiError> {
+    let segments: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect();
+    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let method = rq.method().clone();
+    use Method::{Get, Post};
+    match (segs.as_slice(), &method) {
+        (["healthz"], Get) => Ok(Reply::json(200, json!({"status": "ok"}))),
+        (["metrics"], Get) => Ok(metrics(app)),
+        (["api", "register"], Post) => register(app, rq),
+        (["api", "login"], Post) => login(app, rq),
+        (["api", "refresh"], Post) => refresh(app, rq),
+        (["api", "logout"], Post) => logout(app, rq),
+        (["api", "me"], Get) => {
+            let actor = authenticate(app, rq)?;
+            Ok(Reply::json(200, json!({"user": actions::me(app, &actor)?})))
+        }
+        (["api", "rooms"], Get) => {
+            authenticate(app, rq)?;
+            Ok(Reply::json(
+                200,
+                json!({"rooms": actions::list_rooms(app)?}),
+            ))
+        }
+        (["api", "rooms"], Post) => create_room(app, rq),
+        (["api", "rooms", room, "messages"], Get) => {
+            authenticate(app, rq)?;
+            let page = page_from_query(rq.url())?;
+            Ok(Reply::json(
+                200,
+                json!({"messages": actions::room_history(app, room, page)?}),
+            ))
+        }
+        (["api", "dms", user], Get) => {
+            let actor = authenticate(app, rq)?;
+            let page = page_from_query(rq.url())?;
+            Ok(Reply::json(
+                200,
+                json!({"messages": actions::dm_history(app, &actor, user, page)?}),
+            ))
+        }
+        (segs, _) if known_path(segs) => Err(ApiError::method_not_allowed()),
+        _ => Err(ApiError::not_found("no such route")),
+    }
+}
+
+fn known_path(segs: &[&str]) -> bool {
+    matches!(
+        segs,
+        ["healthz"]
+            | ["metrics"]
+            | ["ws"]
+            | [
+                "api",
+                "register" | "login" | "refresh" | "logout" | "me" | "rooms"
+            ]
+            | ["api", "rooms", _, "messages"]
+            | ["api", "dms", _]
+    )
+}
+
+fn metrics(app: &App) -> Reply {
+    let s = app.store.writer_stats();
+    use std::sync::atomic::Ordering::Relaxed;
+    let text = crate::metrics::render(
+        app.hub.socket_count(),
+        s.batches.load(Relaxed),
+        s.jobs.load(Relaxed),
+        s.max_batch.load(Relaxed),
+    );
+    Reply::text("text/plain; version=0.0.4", text)
+}
+
+#[derive(Deserialize)]
+struct Credentials {
+    username: String,
+    password: String,
+}
+
+fn register(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
+    let c: Credentials = json_body(app, rq)?;
+    let user = actions::register(app, &c.username, &c.password, peer_ip(rq).as_deref())?;
+    Ok(Reply::json(201, json!({ "user": user })))
+}
+
+fn login(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
+    let c: Credentials = json_body(app, rq)?;
+    let pair = actions::login(app, &c.username, &c.password, peer_ip(rq).as_deref())?;
+    Ok(Reply::json(200, json!(pair)))
+}
+
+#[derive(Deserialize)]
+struct RefreshBody {
+    refresh_token: String,
+}
+
+fn refresh(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
+    let b: RefreshBody = json_body(app, rq)?;
+    let pair = actions::refresh(app, &b.refresh_token, peer_ip(rq).as_deref())?;
+    Ok(Reply::json(200, json!(pair)))
+}
+
+#[derive(Deserialize, Default)]
+struct LogoutBody {
+    refresh_token: Option<String>,
+}
+
+fn logout(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
+    let actor = authenticate(app, rq)?;
+    let raw = read_body(app, rq)?;
+    let body: LogoutBody = if raw.iter().all(u8::is_ascii_whitespace) {
+        LogoutBody::default()
+    } else {
+        require_json(rq)?;
+        parse_json(&raw)?
+    };
+    actions::logout(app, &actor, body.refresh_token.as_deref())?;
+    Ok(Reply::no_content())
+}
+
+#[derive(Deserialize)]
+struct NewRoom {
+    name: String,
+}
+
+fn create_room(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
+    let actor = authenticate(app, rq)?;
+    let b: NewRoom = json_body(app, rq)?;
+    let room = actions::create_room(app, &actor, &b.name)?;
+    Ok(Reply::json(201, json!({ "room": room })))
+}
+
+/// Verifies the `Authorization: Bearer` token against the database's current state.
+fn authenticate(app: &App, rq: &Request) -> Result<Actor, ApiError> {
+    let token = bearer_token(rq).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+    let id = app.auth.authenticate(&app.store, token)?;
+    Ok(Actor::new(&id, peer_ip(rq)))
+}
+
+/// The token of an `Authorization: Bearer` header, if there is one.
+pub fn bearer_token(rq: &Request) -> Option<&str> {
+    let value = header_value(rq, "Authorization")?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// The first value of a header, by case-insensitive name.
+pub fn header_value<'a>(rq: &'a Request, name: &str) -> Option<&'a str> {
+    rq.headers()
+        .iter()
+        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_str())
+}
+
+fn require_json(rq: &Request) -> Result<(), ApiError> {
+    let ct = header_value(rq, "Content-Type").unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if mime.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::unsupported_media_type())
+    }
+}
+
+/// Reads the body, refusing more than `max_body_bytes` with 413.
+fn read_body(app: &App, rq: &mut Request) -> Result<Vec<u8>, ApiError> {
+    let max = app.cfg.max_body_bytes;
+    if rq.body_length().is_some_and(|n| n > max) {
+        return Err(ApiError::too_large(format!("body is over {max} bytes")));
+    }
+    let mut buf = Vec::new();
+    rq.as_reader()
+        .take(max as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|_| ApiError::bad_request("could not read the body"))?;
+    if buf.len() > max {
+        return Err(ApiError::too_large(format!("body is over {max} bytes")));
+    }
+    Ok(buf)
+}
+
+fn parse_json<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(raw).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))
+}
+
+/// A JSON body of the given shape: 413, 415 or 400 otherwise.
+fn json_body<T: DeserializeOwned>(app: &App, rq: &mut Request) -> Result<T, ApiError> {
+    let raw = read_body(app, rq)?;
+    require_json(rq)?;
+    parse_json(&raw)
+}
+
+/// The value of query parameter `name`, percent-decoded.
+pub fn query_param(url: &str, name: &str) -> Option<String> {
+    let query = url.split_once('?')?.1;
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k) == name).then(|| percent_decode(v))
+    })
+}
+
+fn int_param(url: &str, name: &str) -> Result<Option<i64>, ApiError> {
+    query_param(url, name)
+        .map(|v| {
+            v.parse::<i64>()
+                .map_err(|_| ApiError::bad_request(format!("`{name}` must be an integer")))
+        })
+        .transpose()
+}
+
+fn page_from_query(url: &str) -> Result<Page, ApiError> {
+    Ok(Page::new(
+        int_param(url, "before")?,
+        int_param(url, "after")?,
+        int_param(url, "limit")?,
+    ))
+}
+
+/// Decodes `%XX` escapes and `+`; invalid escapes are kept as they are.
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let hex = |j: usize| bytes.get(j).and_then(|c| (*c as char).to_digit(16));
+        match (b, hex(i + 1), hex(i + 2)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Starts `n` workers answering requests from `server` until it is unblocked.
+pub fn start_workers(
+    app: &Arc<App>,
+    server: &Arc<tiny_http::Server>,
+    n: usize,
+) -> Vec<std::thread::JoinHandle<()>> {
+    (0..n)
+        .filter_map(|i| {
+            let (app, server) = (app.clone(), server.clone());
+            std::thread::Builder::new()
+                .name(format!("http-{i}"))
+                .stack_size(512 * 1024)
+                .spawn(move || {
+                    while let Ok(rq) = server.recv() {
+                        handle(&app, rq);
+                    }
+                })
+                .map_err(|e| log::error!("could not start an HTTP worker: {e}"))
+                .ok()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_and_decoding() {
+        assert_eq!(query_param("/x?a=1&b=%41+c", "b").as_deref(), Some("A c"));
+        assert_eq!(query_param("/x?a=1", "b"), None);
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert!(page_from_query("/x?limit=abc").is_err());
+        assert_eq!(page_from_query("/x?limit=500&after=3").unwrap().limit, 200);
+    }
+}

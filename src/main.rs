@@ -1,0 +1,45 @@
+//! parley: a small, secure, self-hosted chat server — one binary, one SQLite file.
+//!
+//! `main` only wires the modules together. Where to look:
+//! [`cli`] and [`config`] (flags into one validated `Config`), [`server`] (start and
+//! stop), [`http`] (routes), [`ws`] (one socket's life), [`hub`] (rooms and fan-out),
+//! [`peer`] (non-blocking writes to one socket), [`actions`] (what users can do, shared
+//! by every transport), [`auth`] (passwords and tokens), [`store`] (all SQL),
+//! [`protocol`] and [`model`] (wire types), [`error`] (error codes), [`metrics`],
+//! [`clock`], and [`sys`] (the one module allowed `unsafe`).
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+mod actions;
+mod app;
+mod auth;
+mod cli;
+mod clock;
+mod config;
+mod error;
+mod http;
+mod hub;
+mod metrics;
+mod model;
+mod peer;
+mod protocol;
+mod server;
+mod store;
+mod sys;
+mod ws;
+
+use clap::Parser;
+
+fn main() {
+    // Small stacks for tiny_http's per-connection threads (each WebSocket parks one);
+    // set before any thread starts, since the standard library reads it once.
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        std::env::set_var("RUST_MIN_STACK", "131072");
+    }
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = cli::Cli::parse();
+    if let Err(e) = cli::run(cli) {
+        eprintln!("parley: {e}");
+        std::process::exit(e.exit_code());
+    }
+}

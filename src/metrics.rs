@@ -1,0 +1,129 @@
+//! Process-wide counters for `/metrics` (Prometheus text format).
+//!
+//! Plain atomics in one static: cheap enough to bump on the hot path, and readable
+//! from anywhere without threading a handle through every layer.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// The counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Room and direct messages stored.
+    pub messages_stored: AtomicU64,
+    /// Frames handed to sockets (each recipient counts).
+    pub frames_delivered: AtomicU64,
+    /// Sockets closed with 1008 because they could not keep up.
+    pub slow_clients_dropped: AtomicU64,
+    /// Upgrades refused with 401.
+    pub upgrades_rejected_unauthorized: AtomicU64,
+    /// Upgrades refused with 403 (ban, Origin).
+    pub upgrades_rejected_forbidden: AtomicU64,
+    /// Upgrades refused with 429 (socket limits).
+    pub upgrades_rejected_limit: AtomicU64,
+    /// Successful logins.
+    pub logins_ok: AtomicU64,
+    /// Failed logins.
+    pub logins_failed: AtomicU64,
+}
+
+/// The one instance.
+pub static METRICS: Metrics = Metrics {
+    messages_stored: AtomicU64::new(0),
+    frames_delivered: AtomicU64::new(0),
+    slow_clients_dropped: AtomicU64::new(0),
+    upgrades_rejected_unauthorized: AtomicU64::new(0),
+    upgrades_rejected_forbidden: AtomicU64::new(0),
+    upgrades_rejected_limit: AtomicU64::new(0),
+    logins_ok: AtomicU64::new(0),
+    logins_failed: AtomicU64::new(0),
+};
+
+/// Bumps a counter by one.
+pub fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Relaxed);
+}
+
+/// Renders every counter plus the gauges passed in, in Prometheus text format.
+pub fn render(open_sockets: usize, batches: u64, batched_jobs: u64, max_batch: u64) -> String {
+    let m = &METRICS;
+    let mut out = String::new();
+    let mut line = |name: &str, kind: &str, help: &str, value: String| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    line(
+        "parley_open_sockets",
+        "gauge",
+        "Open WebSockets.",
+        open_sockets.to_string(),
+    );
+    let counters = [
+        (
+            "parley_messages_stored_total",
+            "Messages stored.",
+            &m.messages_stored,
+        ),
+        (
+            "parley_frames_delivered_total",
+            "Frames delivered to sockets.",
+            &m.frames_delivered,
+        ),
+        (
+            "parley_slow_clients_dropped_total",
+            "Sockets dropped for not keeping up.",
+            &m.slow_clients_dropped,
+        ),
+        ("parley_logins_ok_total", "Successful logins.", &m.logins_ok),
+        (
+            "parley_logins_failed_total",
+            "Failed logins.",
+            &m.logins_failed,
+        ),
+    ];
+    for (name, help, c) in counters {
+        line(name, "counter", help, c.load(Relaxed).to_string());
+    }
+    let _ = writeln!(
+        out,
+        "# HELP parley_upgrades_rejected_total WebSocket upgrades refused, by reason.\n# TYPE parley_upgrades_rejected_total counter"
+    );
+    for (reason, c) in [
+        ("unauthorized", &m.upgrades_rejected_unauthorized),
+        ("forbidden", &m.upgrades_rejected_forbidden),
+        ("limit", &m.upgrades_rejected_limit),
+    ] {
+        let _ = writeln!(
+            out,
+            "parley_upgrades_rejected_total{{reason=\"{reason}\"}} {}",
+            c.load(Relaxed)
+        );
+    }
+    let mut line = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    line(
+        "parley_db_batches_total",
+        "counter",
+        "Write transactions committed.",
+        batches,
+    );
+    line(
+        "parley_db_batched_writes_total",
+        "counter",
+        "Writes committed in batches.",
+        batched_jobs,
+    );
+    line(
+        "parley_db_max_batch",
+        "gauge",
+        "Largest write batch so far.",
+        max_batch,
+    );
+    out
+}

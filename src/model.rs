@@ -1,0 +1,100 @@
+//! The objects of PROTOCOL.md as Rust types, serialized with exactly its field names.
+
+use serde::Serialize;
+
+/// An account as clients see it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct User {
+    /// Row id.
+    pub id: i64,
+    /// Unique (case-insensitively) name.
+    pub username: String,
+    /// Role names, sorted.
+    pub roles: Vec<String>,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// A room message.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Message {
+    /// Row id; grows monotonically and is never reused.
+    pub id: i64,
+    /// Room name.
+    pub room: String,
+    /// Sender's username.
+    pub from: String,
+    /// Text, 1–4000 characters.
+    pub body: String,
+    /// RFC 3339 time it was stored.
+    pub ts: String,
+}
+
+/// A direct message between two users.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DirectMessage {
+    /// Row id (its own sequence, separate from room messages).
+    pub id: i64,
+    /// Sender's username.
+    pub from: String,
+    /// Recipient's username.
+    pub to: String,
+    /// Text, 1–4000 characters.
+    pub body: String,
+    /// RFC 3339 time it was stored.
+    pub ts: String,
+}
+
+/// A room as stored (the live `online` count comes from the hub).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Room {
+    /// Row id.
+    pub id: i64,
+    /// Name, 1–64 chars of `[a-z0-9_-]`.
+    pub name: String,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// Which slice of a history to return; see "Paging" in PROTOCOL.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    /// Only ids below this.
+    pub before: Option<i64>,
+    /// Only ids above this; when set, the oldest `limit` are returned.
+    pub after: Option<i64>,
+    /// How many at most, already clamped to 1–200.
+    pub limit: u32,
+}
+
+impl Page {
+    /// Default `limit` when the client gives none.
+    pub const DEFAULT_LIMIT: i64 = 50;
+    /// Largest `limit`.
+    pub const MAX_LIMIT: i64 = 200;
+
+    /// A page with `limit` clamped to 1–200 (50 when absent).
+    pub fn new(before: Option<i64>, after: Option<i64>, limit: Option<i64>) -> Page {
+        let limit = limit
+            .unwrap_or(Self::DEFAULT_LIMIT)
+            .clamp(1, Self::MAX_LIMIT);
+        Page {
+            before,
+            after,
+            limit: limit as u32,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Page;
+
+    #[test]
+    fn limit_is_clamped() {
+        assert_eq!(Page::new(None, None, None).limit, 50);
+        assert_eq!(Page::new(None, None, Some(0)).limit, 1);
+        assert_eq!(Page::new(None, None, Some(-5)).limit, 1);
+        assert_eq!(Page::new(None, None, Some(10_000)).limit, 200);
+    }
+}

@@ -1,0 +1,144 @@
+//! Starting and stopping a server: open the database, bind, run the HTTP workers,
+//! and on SIGTERM or SIGINT shut down in order — stop accepting, commit and deliver
+//! what is pending, close every socket with 1001, checkpoint.
+
+use crate::app::App;
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::peer::{close, Flusher};
+use crate::store::Store;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Runs the server until SIGTERM or SIGINT.
+pub fn serve(cfg: Config) -> Result<(), String> {
+    let fd_limit = crate::sys::raise_fd_limit();
+    let store = Store::open(&cfg.db).map_err(|e| format!("opening {}: {e}", cfg.db.display()))?;
+    let auth = Auth::new(&store, &cfg).map_err(|e| e.to_string())?;
+    let listener =
+        TcpListener::bind(&cfg.addr).map_err(|e| format!("binding {}: {e}", cfg.addr))?;
+    // Accepted sockets inherit TCP_NODELAY: chat frames are small and latency matters.
+    let _ = rustix::net::sockopt::set_tcp_nodelay(&listener, true);
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let server =
+        Arc::new(tiny_http::Server::from_listener(listener, None).map_err(|e| e.to_string())?);
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(|e| format!("installing signal handlers: {e}"))?;
+    let app = Arc::new(App {
+        hub: Hub::new(cfg.max_sockets, cfg.max_sockets_per_user),
+        flusher: Flusher::start().map_err(|e| e.to_string())?,
+        local_port: local.port(),
+        shutting_down: Default::default(),
+        cfg,
+        store,
+        auth,
+    });
+    let workers = crate::http::start_workers(&app, &server, app.cfg.http_workers);
+    log::info!(
+        "listening on http://{local} (database {}, open-file limit {fd_limit})",
+        app.cfg.db.display()
+    );
+    println!("parley listening on http://{local}");
+    let _ = std::io::stdout().flush();
+
+    let mut signals = signals;
+    let sig = signals.forever().next();
+    log::info!("signal {sig:?}: shutting down");
+    shutdown(&app, server, workers);
+    Ok(())
+}
+
+fn shutdown(
+    app: &Arc<App>,
+    server: Arc<tiny_http::Server>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+) {
+    app.shutting_down.store(true, Ordering::Relaxed);
+    for _ in 0..workers.len() {
+        server.unblock();
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    drop(server);
+    // Commit what is queued; its acks and broadcasts go out before the close frames.
+    app.store.close();
+    let peers = app.hub.all_peers();
+    for p in &peers {
+        p.close_after_pending(close::GOING_AWAY, "server shutting down");
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    for p in &peers {
+        p.wait_drained(deadline.saturating_duration_since(Instant::now()));
+    }
+    log::info!("stopped");
+}
+
+/// Creates a small demo database at `file`: the schema, an admin, a member and a few
+/// messages in `general`. This is how `chat.db.example` is made.
+pub fn example_db(file: &Path, cfg: &Config) -> Result<(), String> {
+    if file.exists() {
+        return Err(format!("{} exists", file.display()));
+    }
+    let store = Store::open(file).map_err(|e| e.to_string())?;
+    let hash =
+        |pw: &str| crate::auth::hash_password(pw, cfg.bcrypt_cost).map_err(|e| e.to_string());
+    let now = crate::clock::now_rfc3339;
+    let admin = store
+        .create_user(
+            "admin",
+            hash("admin-password")?,
+            Some("admin".into()),
+            now(),
+        )
+        .map_err(|e| e.to_string())?;
+    let member = store
+        .create_user(
+            "alice",
+            hash("alice-password")?,
+            Some("member".into()),
+            now(),
+        )
+        .map_err(|e| e.to_string())?;
+    let general = store
+        .room("general")
+        .map_err(|e| e.to_string())?
+        .ok_or("no general room")?;
+    let lines = [
+        (&admin, "Welcome to parley! This is a demo database."),
+        (&member, "Hi! Open me with: sqlite3 chat.db.example"),
+        (
+            &admin,
+            "Every message here was acknowledged only after it reached the disk.",
+        ),
+    ];
+    for (user, body) in lines {
+        let (tx, rx) = std::sync::mpsc::channel();
+        store.insert_message(
+            general.clone(),
+            user.id,
+            user.username.clone(),
+            body.into(),
+            move |r| {
+                let _ = tx.send(r);
+            },
+        );
+        rx.recv()
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    store.close();
+    // One self-contained file: no -wal or -shm beside it.
+    let c = rusqlite::Connection::open(file).map_err(|e| e.to_string())?;
+    c.pragma_update(None, "journal_mode", "DELETE")
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! The audit trail: one row per security event, hash-chained so that a row changed,
+//! deleted or inserted behind the server's back is detectable.
+
+use super::{Result, Store};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// An event to record. Never put a secret (password, token, key) in any field.
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    /// Acting username; `None` when anonymous.
+    pub actor: Option<String>,
+    /// One of PROTOCOL.md's audit actions, e.g. `login_failed`.
+    pub action: &'static str,
+    /// A username, room name or message id.
+    pub target: Option<String>,
+    /// Peer IP without port.
+    pub ip: Option<String>,
+    /// Extra facts as a JSON object.
+    pub detail: serde_json::Value,
+}
+
+/// A stored event, as `GET /api/admin/audit` returns it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AuditEvent {
+    /// Row id.
+    pub id: i64,
+    /// RFC 3339.
+    pub ts: String,
+    /// Acting username or null.
+    pub actor: Option<String>,
+    /// Action name.
+    pub action: String,
+    /// Target or null.
+    pub target: Option<String>,
+    /// Peer IP or null.
+    pub ip: Option<String>,
+    /// Extra facts.
+    pub detail: serde_json::Value,
+}
+
+/// The hash of a row: SHA-256 (hex) over its content and the previous row's hash.
+fn row_hash(
+    id: i64,
+    ts: &str,
+    e: (&Option<String>, &str, &Option<String>, &Option<String>),
+    detail: &str,
+    prev: &str,
+) -> String {
+    let (actor, action, target, ip) = e;
+    let canonical = serde_json::json!([id, ts, actor, action, target, ip, detail, prev]);
+    let digest = Sha256::digest(canonical.to_string().as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Appends an event inside the caller's write transaction.
+pub fn append(c: &Connection, e: &AuditEntry) -> Result<()> {
+    let prev: String = c
+        .prepare_cached("SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1")?
+        .query_row([], |r| r.get(0))
+        .optional()?
+        .unwrap_or_default();
+    let ts = crate::clock::now_rfc3339();
+    let detail = e.detail.to_string();
+    c.prepare_cached(
+        "INSERT INTO audit_log(ts, actor, action, target, ip, detail, prev_hash, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, '')",
+    )?
+    .execute(params![ts, e.actor, e.action, e.target, e.ip, detail, prev])?;
+    let id = c.last_insert_rowid();
+    let hash = row_hash(
+        id,
+        &ts,
+        (&e.actor, e.action, &e.target, &e.ip),
+        &detail,
+        &prev,
+    );
+    c.prepare_cached("UPDATE audit_log SET hash = ?2 WHERE id = ?1")?
+        .execute(params![id, hash])?;
+    Ok(())
+}
+
+impl Store {
+    /// Records an event through the batched writer without waiting for it.
+    pub fn audit(&self, entry: AuditEntry) {
+        self.submit(
+            move |c| append(c, &entry),
+            |r| {
+                if let Err(e) = r {
+                    log::error!("audit write failed: {e}");
+                }
+            },
+        )
+    }
+
+    /// Events newest first: at most `limit`, only ids below `before` if given.
+    pub fn audit_events(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEvent>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, ts, actor, action, target, ip, detail FROM audit_log
+                  WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![before.unwrap_or(i64::MAX), limit], |r| {
+                let detail: String = r.get(6)?;
+                Ok(AuditEvent {
+                    id: r.get(0)?,
+                    ts: r.get(1)?,
+                    actor: r.get(2)?,
+                    action: r.get(3)?,
+                    target: r.get(4)?,
+                    ip: r.get(5)?,
+                    detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Walks the chain; returns the id of the first row whose hash or link does not
+    /// match, with the reason, or `None` if the chain is intact.
+    pub fn verify_audit_chain(&self) -> Result<Option<(i64, String)>> {
+        self.read(|c| {
+            let mut st = c.prepare(
+                "SELECT id, ts, actor, action, target, ip, detail, prev_hash, hash
+                   FROM audit_log ORDER BY id",
+            )?;
+            let mut rows = st.query([])?;
+            let mut prev = String::new();
+            while let Some(r) = rows.next()? {
+                let id: i64 = r.get(0)?;
+                let (ts, actor, action): (String, Option<String>, String) =
+                    (r.get(1)?, r.get(2)?, r.get(3)?);
+                let (target, ip, detail): (Option<String>, Option<String>, String) =
+                    (r.get(4)?, r.get(5)?, r.get(6)?);
+                let (prev_hash, hash): (String, String) = (r.get(7)?, r.get(8)?);
+                if prev_hash != prev {
+                    return Ok(Some((id, "does not follow the previous row (a row was deleted or inserted before it)".into())));
+                }
+                if row_hash(id, &ts, (&actor, &action, &target, &ip), &detail, &prev_hash) != hash {
+                    return Ok(Some((id, "its content was changed".into())));
+                }
+                prev = hash;
+            }
+            Ok(None)
+        })
+    }
+}

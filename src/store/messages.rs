@@ -1,0 +1,178 @@
+//! Rooms, room messages and direct messages.
+
+use super::{Result, Store, StoreError};
+use crate::model::{DirectMessage, Message, Page, Room};
+use rusqlite::{params, OptionalExtension};
+
+/// The newest-first or oldest-first scan a [`Page`] needs, and its id bounds.
+fn page_plan(page: Page) -> (&'static str, i64, i64) {
+    let lo = page.after.unwrap_or(0);
+    let hi = page.before.unwrap_or(i64::MAX);
+    // With `after`, the oldest `limit` above it; otherwise the newest below `before`.
+    let order = if page.after.is_some() { "ASC" } else { "DESC" };
+    (order, lo, hi)
+}
+
+impl Store {
+    /// Every room, by name.
+    pub fn rooms(&self) -> Result<Vec<Room>> {
+        self.read(|c| {
+            let mut st =
+                c.prepare_cached("SELECT id, name, created_at FROM rooms ORDER BY name")?;
+            let rows = st.query_map([], |r| {
+                Ok(Room {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    created_at: r.get(2)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// One room by name.
+    pub fn room(&self, name: &str) -> Result<Option<Room>> {
+        self.read(|c| {
+            c.prepare_cached("SELECT id, name, created_at FROM rooms WHERE name = ?1")?
+                .query_row([name], |r| {
+                    Ok(Room {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        created_at: r.get(2)?,
+                    })
+                })
+                .optional()
+        })
+    }
+
+    /// Creates a room; an existing name is a conflict.
+    pub fn create_room(&self, name: &str, created_by: i64, now: String) -> Result<Room> {
+        let name = name.to_owned();
+        self.write(move |c| {
+            let n = c.execute(
+                "INSERT OR IGNORE INTO rooms(name, created_at, created_by) VALUES (?1, ?2, ?3)",
+                params![name, now, created_by],
+            )?;
+            if n == 0 {
+                return Err(StoreError::Conflict(format!("room {name:?} exists")));
+            }
+            Ok(Room {
+                id: c.last_insert_rowid(),
+                name,
+                created_at: now,
+            })
+        })
+    }
+
+    /// A page of a room's history, oldest first, deleted messages left out.
+    pub fn room_history(&self, room: &Room, page: Page) -> Result<Vec<Message>> {
+        let (order, lo, hi) = page_plan(page);
+        let sql = format!(
+            "SELECT m.id, u.username, m.body, m.ts FROM messages m JOIN users u ON u.id = m.user_id
+              WHERE m.room_id = ?1 AND m.deleted_at IS NULL AND m.id > ?2 AND m.id < ?3
+              ORDER BY m.id {order} LIMIT ?4"
+        );
+        let mut out: Vec<Message> = self.read(|c| {
+            let mut st = c.prepare_cached(&sql)?;
+            let rows = st.query_map(params![room.id, lo, hi, page.limit], |r| {
+                Ok(Message {
+                    id: r.get(0)?,
+                    room: room.name.clone(),
+                    from: r.get(1)?,
+                    body: r.get(2)?,
+                    ts: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })?;
+        if page.after.is_none() {
+            out.reverse();
+        }
+        Ok(out)
+    }
+
+    /// Stores a room message; `done` runs on the writer thread once it is durable, in
+    /// commit order, which is where it is broadcast and acknowledged.
+    pub fn insert_message(
+        &self,
+        room: Room,
+        user_id: i64,
+        username: String,
+        body: String,
+        done: impl FnOnce(Result<Message>) + Send + 'static,
+    ) {
+        self.submit(
+            move |c| {
+                let ts = crate::clock::now_rfc3339();
+                c.prepare_cached(
+                    "INSERT INTO messages(room_id, user_id, body, ts) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![room.id, user_id, body, ts])?;
+                Ok(Message {
+                    id: c.last_insert_rowid(),
+                    room: room.name,
+                    from: username,
+                    body,
+                    ts,
+                })
+            },
+            done,
+        )
+    }
+
+    /// Stores a direct message; `done` runs once it is durable.
+    pub fn insert_dm(
+        &self,
+        from: (i64, String),
+        to: (i64, String),
+        body: String,
+        done: impl FnOnce(Result<DirectMessage>) + Send + 'static,
+    ) {
+        self.submit(
+            move |c| {
+                let ts = crate::clock::now_rfc3339();
+                c.prepare_cached(
+                    "INSERT INTO direct_messages(from_id, to_id, body, ts) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![from.0, to.0, body, ts])?;
+                Ok(DirectMessage {
+                    id: c.last_insert_rowid(),
+                    from: from.1,
+                    to: to.1,
+                    body,
+                    ts,
+                })
+            },
+            done,
+        )
+    }
+
+    /// A page of the conversation between users `a` and `b`, oldest first.
+    pub fn dm_history(&self, a: i64, b: i64, page: Page) -> Result<Vec<DirectMessage>> {
+        let (order, lo, hi) = page_plan(page);
+        let sql = format!(
+            "SELECT d.id, f.username, t.username, d.body, d.ts FROM direct_messages d
+               JOIN users f ON f.id = d.from_id JOIN users t ON t.id = d.to_id
+              WHERE ((d.from_id = ?1 AND d.to_id = ?2) OR (d.from_id = ?2 AND d.to_id = ?1))
+                AND d.deleted_at IS NULL AND d.id > ?3 AND d.id < ?4
+              ORDER BY d.id {order} LIMIT ?5"
+        );
+        let mut out: Vec<DirectMessage> = self.read(|c| {
+            let mut st = c.prepare_cached(&sql)?;
+            let rows = st.query_map(params![a, b, lo, hi, page.limit], |r| {
+                Ok(DirectMessage {
+                    id: r.get(0)?,
+                    from: r.get(1)?,
+                    to: r.get(2)?,
+                    body: r.get(3)?,
+                    ts: r.get(4)?,
+                })
+            })?;
+            rows.collect()
+        })?;
+        if page.after.is_none() {
+            out.reverse();
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,295 @@
+//! Accounts, roles, permissions, sessions (logins) and refresh tokens.
+
+use super::{Result, Store, StoreError};
+use crate::model::User;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+/// A user row, including what clients never see.
+#[derive(Debug, Clone)]
+pub struct UserRecord {
+    /// Row id.
+    pub id: i64,
+    /// Name as registered.
+    pub username: String,
+    /// bcrypt hash.
+    pub password_hash: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// Whether the user is banned now.
+    pub banned: bool,
+}
+
+/// A login's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// Whose login it is.
+    pub user_id: i64,
+    /// Whether it has been revoked (logout, reuse, ban, password change).
+    pub revoked: bool,
+}
+
+/// What presenting a refresh token led to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    /// The token was live; it is retired and the new one stored.
+    Rotated {
+        /// Owner.
+        user_id: i64,
+        /// The login it belongs to.
+        sid: String,
+    },
+    /// The token had already been used: its whole login is now revoked.
+    Reused {
+        /// Owner.
+        user_id: i64,
+        /// The revoked login.
+        sid: String,
+    },
+    /// Unknown, expired, or its login is revoked.
+    Invalid,
+}
+
+const USER_COLUMNS: &str = "id, username, password_hash, created_at, banned_at IS NOT NULL";
+
+fn user_record(r: &Row<'_>) -> rusqlite::Result<UserRecord> {
+    Ok(UserRecord {
+        id: r.get(0)?,
+        username: r.get(1)?,
+        password_hash: r.get(2)?,
+        created_at: r.get(3)?,
+        banned: r.get(4)?,
+    })
+}
+
+fn roles_of(c: &Connection, user_id: i64) -> rusqlite::Result<Vec<String>> {
+    let mut st =
+        c.prepare_cached("SELECT role FROM user_roles WHERE user_id = ?1 ORDER BY role")?;
+    let rows = st.query_map([user_id], |r| r.get(0))?;
+    rows.collect()
+}
+
+fn user_view(c: &Connection, user_id: i64) -> Result<User> {
+    let rec = c
+        .query_row(
+            &format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"),
+            [user_id],
+            user_record,
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound("user".into()))?;
+    Ok(User {
+        id: rec.id,
+        username: rec.username,
+        roles: roles_of(c, user_id)?,
+        created_at: rec.created_at,
+    })
+}
+
+impl Store {
+    /// Looks a user up by name, case-insensitively.
+    pub fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>> {
+        self.read(|c| {
+            c.prepare_cached(&format!(
+                "SELECT {USER_COLUMNS} FROM users WHERE username = ?1"
+            ))?
+            .query_row([username], user_record)
+            .optional()
+        })
+    }
+
+    /// Looks a user up by id.
+    pub fn user_by_id(&self, id: i64) -> Result<Option<UserRecord>> {
+        self.read(|c| {
+            c.prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"))?
+                .query_row([id], user_record)
+                .optional()
+        })
+    }
+
+    /// The public view of a user, with roles.
+    pub fn user(&self, id: i64) -> Result<User> {
+        self.read(|c| Ok(user_view(c, id)))?
+    }
+
+    /// Number of accounts.
+    pub fn user_count(&self) -> Result<i64> {
+        self.read(|c| c.query_row("SELECT count(*) FROM users", [], |r| r.get(0)))
+    }
+
+    /// Creates an account. Without `role`, the first account gets `admin` and later
+    /// ones `member`. A name taken case-insensitively is a conflict.
+    pub fn create_user(
+        &self,
+        username: &str,
+        password_hash: String,
+        role: Option<String>,
+        created_at: String,
+    ) -> Result<User> {
+        let username = username.to_owned();
+        self.write(move |c| {
+            let taken: bool = c.query_row(
+                "SELECT EXISTS(SELECT 1 FROM users WHERE username = ?1)",
+                [&username],
+                |r| r.get(0),
+            )?;
+            if taken {
+                return Err(StoreError::Conflict("username is taken".into()));
+            }
+            let role = match role {
+                Some(r) => r,
+                None => {
+                    let n: i64 = c.query_row("SELECT count(*) FROM users", [], |r| r.get(0))?;
+                    if n == 0 { "admin" } else { "member" }.to_owned()
+                }
+            };
+            let known: bool = c.query_row(
+                "SELECT EXISTS(SELECT 1 FROM roles WHERE name = ?1)",
+                [&role],
+                |r| r.get(0),
+            )?;
+            if !known {
+                return Err(StoreError::NotFound(format!("role {role:?}")));
+            }
+            c.execute(
+                "INSERT INTO users(username, password_hash, created_at) VALUES (?1, ?2, ?3)",
+                params![username, password_hash, created_at],
+            )?;
+            let id = c.last_insert_rowid();
+            c.execute(
+                "INSERT INTO user_roles(user_id, role) VALUES (?1, ?2)",
+                params![id, role],
+            )?;
+            user_view(c, id)
+        })
+    }
+
+    /// Whether any of the user's current roles grants `permission`.
+    pub fn has_permission(&self, user_id: i64, permission: &str) -> Result<bool> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT EXISTS(SELECT 1 FROM user_roles ur
+                   JOIN role_permissions rp ON rp.role = ur.role
+                  WHERE ur.user_id = ?1 AND rp.permission = ?2)",
+            )?
+            .query_row(params![user_id, permission], |r| r.get(0))
+        })
+    }
+
+    /// Records a new login with its first refresh token.
+    pub fn start_session(
+        &self,
+        user_id: i64,
+        sid: String,
+        ip: Option<String>,
+        refresh_hash: String,
+        refresh_expires_at: u64,
+        now: String,
+    ) -> Result<()> {
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO sessions(id, user_id, created_at, ip) VALUES (?1, ?2, ?3, ?4)",
+                params![sid, user_id, now, ip],
+            )?;
+            c.execute(
+                "INSERT INTO refresh_tokens(token_hash, session_id, issued_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![refresh_hash, sid, now, refresh_expires_at as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// A login's owner and whether it is revoked.
+    pub fn session(&self, sid: &str) -> Result<Option<SessionRecord>> {
+        self.read(|c| {
+            c.prepare_cached("SELECT user_id, revoked_at IS NOT NULL FROM sessions WHERE id = ?1")?
+                .query_row([sid], |r| {
+                    Ok(SessionRecord {
+                        user_id: r.get(0)?,
+                        revoked: r.get(1)?,
+                    })
+                })
+                .optional()
+        })
+    }
+
+    /// The session a refresh token belongs to, without using it.
+    pub fn refresh_token_session(&self, token_hash: &str) -> Result<Option<(String, i64)>> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT s.id, s.user_id FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
+                  WHERE t.token_hash = ?1",
+                [token_hash],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })
+    }
+
+    /// Uses a refresh token: retires it and stores `new_hash` in its place, or, if it was
+    /// already retired, revokes its whole login. One transaction, so two racing
+    /// refreshes with the same token cannot both succeed.
+    pub fn rotate_refresh(
+        &self,
+        old_hash: String,
+        new_hash: String,
+        new_expires_at: u64,
+        now_unix: u64,
+        now: String,
+    ) -> Result<RefreshOutcome> {
+        self.write(move |c| {
+            let row: Option<(String, i64, i64, bool, bool)> = c
+                .query_row(
+                    "SELECT t.session_id, s.user_id, t.expires_at, t.used_at IS NOT NULL,
+                            s.revoked_at IS NOT NULL
+                       FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
+                      WHERE t.token_hash = ?1",
+                    [&old_hash],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .optional()?;
+            let Some((sid, user_id, expires_at, used, revoked)) = row else {
+                return Ok(RefreshOutcome::Invalid);
+            };
+            if revoked {
+                return Ok(RefreshOutcome::Invalid);
+            }
+            if used {
+                revoke_session_in(c, &sid, "refresh_reuse", &now)?;
+                return Ok(RefreshOutcome::Reused { user_id, sid });
+            }
+            if expires_at <= now_unix as i64 {
+                return Ok(RefreshOutcome::Invalid);
+            }
+            c.execute(
+                "UPDATE refresh_tokens SET used_at = ?2 WHERE token_hash = ?1",
+                params![old_hash, now],
+            )?;
+            c.execute(
+                "INSERT INTO refresh_tokens(token_hash, session_id, issued_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![new_hash, sid, now, new_expires_at as i64],
+            )?;
+            Ok(RefreshOutcome::Rotated { user_id, sid })
+        })
+    }
+
+    /// Revokes a login and its refresh tokens. Returns whether it was live.
+    pub fn revoke_session(&self, sid: &str, reason: &'static str, now: String) -> Result<bool> {
+        let sid = sid.to_owned();
+        self.write(move |c| revoke_session_in(c, &sid, reason, &now))
+    }
+}
+
+fn revoke_session_in(c: &Connection, sid: &str, reason: &str, now: &str) -> Result<bool> {
+    let n = c.execute(
+        "UPDATE sessions SET revoked_at = ?2, revoked_reason = ?3
+          WHERE id = ?1 AND revoked_at IS NULL",
+        params![sid, now, reason],
+    )?;
+    c.execute(
+        "UPDATE refresh_tokens SET used_at = coalesce(used_at, ?2) WHERE session_id = ?1",
+        params![sid, now],
+    )?;
+    Ok(n > 0)
+}

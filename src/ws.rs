@@ -1,0 +1,421 @@
+//! One WebSocket's life: the checks before the upgrade, the upgrade itself, and the
+//! thread that reads the client's frames and acts on them.
+//!
+//! Nothing is upgraded until the Origin, the token, the ban state and the socket
+//! limits have all passed; a refusal is a plain HTTP answer with the JSON error. After
+//! the upgrade the socket has one reader thread (this module) and tiny_http's parked
+//! thread; everything written to it goes through its [`Peer`].
+
+use crate::actions::{self, Actor};
+use crate::app::App;
+use crate::auth::{AuthError, Identity};
+use crate::error::ApiError;
+use crate::http::{bearer_token, header, header_value, peer_ip, query_param, Reply};
+use crate::metrics::{inc, METRICS};
+use crate::model::Page;
+use crate::peer::{close, text_frame, Frame, Peer};
+use crate::protocol::{self, error_event, event, ClientMsg};
+use crate::store::audit::AuditEntry;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+use tiny_http::{ReadWrite, Request, Response};
+use tungstenite::protocol::{Message, Role, WebSocketConfig, WebSocketContext};
+
+/// The subprotocol parley speaks.
+pub const SUBPROTOCOL: &str = "parley.v1";
+/// How long a closing socket may take to flush before it is cut.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Checks and upgrades a `GET /ws` request, then starts the socket's reader thread.
+pub fn upgrade(app: &Arc<App>, request: Request) {
+    let ip = peer_ip(&request);
+    let checked = check(app, &request);
+    let (identity, accept, offered) = match checked {
+        Ok(ok) => ok,
+        Err(e) => return reject(app, request, &e, ip),
+    };
+    if let Err(hit) = app.hub.reserve(identity.user_id) {
+        let e = ApiError::rate_limited(format!("too many sockets ({hit:?})"), 5);
+        return reject(app, request, &e, ip);
+    }
+    let Some(peer_addr) = request.remote_addr().copied() else {
+        app.hub.unreserve(identity.user_id);
+        return;
+    };
+    let mut response = Response::empty(101).with_header(header("Sec-WebSocket-Accept", &accept));
+    if offered {
+        response = response.with_header(header("Sec-WebSocket-Protocol", SUBPROTOCOL));
+    }
+    let stream = request.upgrade("websocket", response);
+    let sock = match crate::sys::find_tcp_socket(app.local_port, peer_addr) {
+        Ok(Some(fd)) => fd,
+        other => {
+            log::error!("upgraded socket from {peer_addr} not found: {other:?}");
+            app.hub.unreserve(identity.user_id);
+            return;
+        }
+    };
+    let ip = ip.unwrap_or_default();
+    let peer = Arc::new(Peer::new(
+        app.hub.next_id(),
+        &identity,
+        ip,
+        sock,
+        app.flusher.clone(),
+        app.cfg.send_queue,
+    ));
+    app.hub.register(peer.clone());
+    let app2 = app.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("ws-{}", peer.id))
+        .stack_size(app.cfg.socket_thread_stack)
+        .spawn(move || run(&app2, peer, stream));
+    if let Err(e) = spawned {
+        log::error!("could not start a socket thread: {e}");
+    }
+}
+
+fn reject(app: &App, request: Request, e: &ApiError, ip: Option<String>) {
+    let counter = match e.http_status() {
+        401 => &METRICS.upgrades_rejected_unauthorized,
+        403 => &METRICS.upgrades_rejected_forbidden,
+        _ => &METRICS.upgrades_rejected_limit,
+    };
+    inc(counter);
+    app.store.audit(AuditEntry {
+        actor: None,
+        action: "ws_rejected",
+        target: None,
+        ip,
+        detail: json!({"status": e.http_status(), "reason": e.message}),
+    });
+    let _ = request.respond(Reply::error(e).into_response());
+}
+
+/// Origin, handshake headers and token, in PROTOCOL.md's order. Returns who the
+/// socket is for, the `Sec-WebSocket-Accept` value, and whether `parley.v1` was offered.
+fn check(app: &App, rq: &Request) -> Result<(Identity, String, bool), ApiError> {
+    check_origin(app, rq)?;
+    let key = header_value(rq, "Sec-WebSocket-Key");
+    let upgrade = header_value(rq, "Upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let version = header_value(rq, "Sec-WebSocket-Version") == Some("13");
+    let (Some(key), true, true) = (key, upgrade, version) else {
+        return Err(ApiError::bad_request(
+            "expected a WebSocket upgrade (version 13)",
+        ));
+    };
+    if *rq.method() != tiny_http::Method::Get {
+        return Err(ApiError::method_not_allowed());
+    }
+    let offered: Vec<&str> = rq
+        .headers()
+        .iter()
+        .filter(|h| h.field.equiv("Sec-WebSocket-Protocol"))
+        .flat_map(|h| h.value.as_str().split(','))
+        .map(str::trim)
+        .collect();
+    let token = offered
+        .iter()
+        .find_map(|p| p.strip_prefix("bearer."))
+        .map(str::to_owned)
+        .or_else(|| bearer_token(rq).map(str::to_owned))
+        .or_else(|| query_param(rq.url(), "access_token"));
+    let token = token.ok_or(AuthError::Missing)?;
+    let identity = app.auth.authenticate(&app.store, &token)?;
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    Ok((identity, accept, offered.contains(&SUBPROTOCOL)))
+}
+
+/// Absent Origin (native clients) passes; present, it must be our own origin or allowed.
+fn check_origin(app: &App, rq: &Request) -> Result<(), ApiError> {
+    let Some(origin) = header_value(rq, "Origin") else {
+        return Ok(());
+    };
+    let host = header_value(rq, "Host").unwrap_or("");
+    let own = [format!("http://{host}"), format!("https://{host}")];
+    let allowed = own.iter().any(|o| o.eq_ignore_ascii_case(origin))
+        || app
+            .cfg
+            .allow_origins
+            .iter()
+            .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin));
+    if allowed {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("origin not allowed"))
+    }
+}
+
+/// tiny_http's stream for reading; what tungstenite writes by itself (pongs) is caught
+/// here and sent through the peer, the socket's only writer.
+struct Duplex {
+    inner: Box<dyn ReadWrite + Send>,
+    replies: Vec<u8>,
+}
+
+impl Read for Duplex {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl Write for Duplex {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.replies.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A socket's per-connection state, owned by its reader thread.
+struct Conn {
+    app: Arc<App>,
+    peer: Arc<Peer>,
+    actor: Actor,
+    /// Joined rooms by name, with their ids.
+    rooms: Vec<crate::model::Room>,
+}
+
+fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {
+    let identity = Identity {
+        user_id: peer.user_id,
+        username: peer.username.clone(),
+        sid: peer.sid(),
+        expires_at: peer.expires_at(),
+    };
+    let mut conn = Conn {
+        app: app.clone(),
+        actor: Actor::new(&identity, Some(peer.ip.clone())),
+        peer: peer.clone(),
+        rooms: Vec::new(),
+    };
+    conn.audit("ws_connect", json!({}));
+    let config = WebSocketConfig::default()
+        .read_buffer_size(app.cfg.ws_read_buffer)
+        .max_message_size(Some(app.cfg.max_frame_bytes))
+        .max_frame_size(Some(app.cfg.max_frame_bytes));
+    let mut ctx = WebSocketContext::new(Role::Server, Some(config));
+    let mut io = Duplex {
+        inner: stream,
+        replies: Vec::new(),
+    };
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        read_loop(&mut conn, &mut ctx, &mut io)
+    }));
+    if outcome.is_err() {
+        log::error!("socket {} handler panicked; closing it", peer.id);
+        peer.close(1011, "internal error");
+    }
+    let rooms: Vec<String> = conn.rooms.iter().map(|r| r.name.clone()).collect();
+    app.hub.unregister(&peer, &rooms);
+    conn.audit("ws_disconnect", json!({}));
+    peer.wait_drained(DRAIN_TIMEOUT);
+    peer.kill();
+}
+
+fn read_loop(conn: &mut Conn, ctx: &mut WebSocketContext, io: &mut Duplex) {
+    loop {
+        let msg = ctx.read(io);
+        if !io.replies.is_empty() && conn.peer.is_open() {
+            let bytes: Frame = std::mem::take(&mut io.replies).into();
+            conn.peer.send(&bytes);
+        }
+        io.replies.clear();
+        match msg {
+            Ok(Message::Text(text)) => conn.on_text(text.as_str()),
+            Ok(Message::Binary(_)) => conn.reply_error(
+                &ApiError::bad_request("binary frames are not supported"),
+                &Value::Null,
+            ),
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
+            Ok(Message::Close(_)) => {
+                conn.peer.close(close::NORMAL, "");
+                return;
+            }
+            Err(tungstenite::Error::Capacity(_)) => {
+                conn.peer.close(close::TOO_BIG, "message too big");
+                return;
+            }
+            Err(tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_)) => {
+                conn.peer.close(close::PROTOCOL, "protocol error");
+                return;
+            }
+            Err(_) => {
+                conn.peer.mark_closed();
+                return;
+            }
+        }
+    }
+}
+
+impl Conn {
+    fn audit(&self, action: &'static str, detail: Value) {
+        self.app.store.audit(AuditEntry {
+            actor: Some(self.actor.username.clone()),
+            action,
+            target: None,
+            ip: self.actor.ip.clone(),
+            detail: json!({"socket": self.peer.id, "detail": detail}),
+        });
+    }
+
+    fn send_json(&self, json: &str) {
+        self.peer.send(&text_frame(json));
+    }
+
+    fn reply_error(&self, e: &ApiError, reference: &Value) {
+        self.send_json(&error_event(e, reference));
+    }
+
+    fn on_text(&mut self, text: &str) {
+        match protocol::parse(text) {
+            Ok((msg, reference)) => {
+                if let Err(e) = self.act(msg, &reference) {
+                    self.reply_error(&e, &reference);
+                }
+            }
+            Err((e, reference)) => self.reply_error(&e, &reference),
+        }
+    }
+
+    fn act(&mut self, msg: ClientMsg, reference: &Value) -> Result<(), ApiError> {
+        match msg {
+            ClientMsg::Ping => {
+                self.send_json(&json!({"type": "pong", "ref": reference}).to_string());
+                Ok(())
+            }
+            ClientMsg::Join { room, since } => self.join(&room, since, reference),
+            ClientMsg::Leave { room } => self.leave(&room, reference),
+            ClientMsg::Send { room, body } => self.send(&room, body, reference),
+            ClientMsg::Dm { to, body } => self.dm(&to, body, reference),
+            ClientMsg::History {
+                room,
+                before,
+                after,
+                limit,
+            } => {
+                let messages =
+                    actions::room_history(&self.app, &room, Page::new(before, after, limit))?;
+                let v = json!({"type": "history", "room": room, "messages": messages, "ref": reference});
+                self.send_json(&v.to_string());
+                Ok(())
+            }
+            ClientMsg::Refresh { access_token } => self.refresh(&access_token, reference),
+            ClientMsg::Delete { .. } | ClientMsg::Kick { .. } | ClientMsg::Announce { .. } => {
+                Err(ApiError::bad_request("not supported yet"))
+            }
+        }
+    }
+
+    fn join(&mut self, name: &str, since: Option<i64>, reference: &Value) -> Result<(), ApiError> {
+        let room = actions::find_room(&self.app, name)?;
+        let already = self.rooms.iter().any(|r| r.id == room.id);
+        if since.is_some() {
+            self.peer.hold();
+        }
+        let online = if already {
+            self.app.hub.leave(&self.peer, name);
+            self.app.hub.join(&self.peer, name)
+        } else {
+            self.app.hub.join(&self.peer, name)
+        };
+        if !already {
+            self.rooms.push(room.clone());
+        }
+        let joined = json!({"type": "joined", "room": name, "online": online, "ref": reference});
+        self.peer.send_direct(&text_frame(&joined.to_string()));
+        if let Some(since) = since {
+            let last = self.replay(&room, since);
+            self.peer.release(name, last);
+        }
+        Ok(())
+    }
+
+    /// Sends every stored message of `room` after `since`, in id order, straight to
+    /// this socket; returns the last id sent.
+    fn replay(&self, room: &crate::model::Room, since: i64) -> i64 {
+        let mut last = since;
+        loop {
+            let page = Page::new(None, Some(last), Some(Page::MAX_LIMIT));
+            let batch = match self.app.store.room_history(room, page) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.reply_error(&e.into(), &Value::Null);
+                    return last;
+                }
+            };
+            for m in &batch {
+                self.peer.send_direct(&text_frame(&event("message", m)));
+                last = m.id;
+            }
+            if batch.len() < Page::MAX_LIMIT as usize || !self.peer.wait_for_room(DRAIN_TIMEOUT) {
+                return last;
+            }
+        }
+    }
+
+    fn leave(&mut self, name: &str, reference: &Value) -> Result<(), ApiError> {
+        let before = self.rooms.len();
+        self.rooms.retain(|r| r.name != name);
+        if before == self.rooms.len() {
+            return Err(ApiError::bad_request(format!("not in room {name:?}")));
+        }
+        self.app.hub.leave(&self.peer, name);
+        self.send_json(&json!({"type": "left", "room": name, "ref": reference}).to_string());
+        Ok(())
+    }
+
+    fn send(&self, name: &str, body: String, reference: &Value) -> Result<(), ApiError> {
+        let Some(room) = self.rooms.iter().find(|r| r.name == name).cloned() else {
+            actions::find_room(&self.app, name)?;
+            return Err(ApiError::bad_request(format!(
+                "join room {name:?} before sending to it"
+            )));
+        };
+        let (peer, reference) = (self.peer.clone(), reference.clone());
+        actions::send_message(&self.app, &self.actor, room, body, move |res| {
+            ack(&peer, res.map(|m| m.id), &reference)
+        })
+    }
+
+    fn dm(&self, to: &str, body: String, reference: &Value) -> Result<(), ApiError> {
+        let (peer, reference) = (self.peer.clone(), reference.clone());
+        actions::send_dm(&self.app, &self.actor, to, body, move |res| {
+            ack(&peer, res.map(|m| m.id), &reference)
+        })
+    }
+
+    fn refresh(&mut self, token: &str, reference: &Value) -> Result<(), ApiError> {
+        let id = self
+            .app
+            .auth
+            .authenticate(&self.app.store, token)
+            .map_err(|e| match e {
+                AuthError::Banned => ApiError::forbidden("user is banned"),
+                AuthError::Store(s) => s.into(),
+                _ => ApiError::unauthorized("invalid access token"),
+            })?;
+        if id.user_id != self.peer.user_id {
+            return Err(ApiError::forbidden("token belongs to another user"));
+        }
+        self.peer.reauthenticate(id.sid.clone(), id.expires_at);
+        self.actor.sid = id.sid;
+        let expires_at = crate::clock::unix_to_rfc3339(id.expires_at);
+        let v = json!({"type": "refreshed", "expires_at": expires_at, "ref": reference});
+        self.send_json(&v.to_string());
+        Ok(())
+    }
+}
+
+/// Acknowledges a stored message, or reports why it was not stored.
+fn ack(peer: &Arc<Peer>, res: Result<i64, ApiError>, reference: &Value) {
+    let text = match res {
+        Ok(id) => json!({"type": "ack", "ref": reference, "id": id}).to_string(),
+        Err(e) => error_event(&e, reference),
+    };
+    peer.send(&text_frame(&text));
+}
