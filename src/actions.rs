@@ -150,6 +150,29 @@ pub fn register(
     Ok(user)
 }
 
+/// Counts a login attempt against `--login-rate` for the IP and the username.
+pub fn check_login_rate(app: &App, username: &str, ip: Option<&str>) -> Result<(), ApiError> {
+    let by_ip = app
+        .login_limiter
+        .check(&format!("ip:{}", ip.unwrap_or("-")));
+    let by_name = by_ip.and_then(|()| {
+        app.login_limiter
+            .check(&format!("user:{}", username.to_ascii_lowercase()))
+    });
+    by_name.map_err(|secs| {
+        inc(&METRICS.logins_failed);
+        audit(
+            app,
+            None,
+            "login_failed",
+            Some(username),
+            ip,
+            json!({"reason": "rate_limited"}),
+        );
+        ApiError::rate_limited("too many login attempts", secs)
+    })
+}
+
 /// `POST /api/login`: one 401 for unknown user and wrong password, taking the same time.
 pub fn login(
     app: &App,
@@ -466,4 +489,162 @@ pub fn send_dm(
         },
     );
     Ok(())
+}
+
+/// A user by name, or 404.
+fn find_user(app: &App, name: &str) -> Result<crate::store::users::UserRecord, ApiError> {
+    app.store
+        .user_by_name(name)?
+        .ok_or_else(|| ApiError::not_found(format!("no user named {name:?}")))
+}
+
+/// Ban (`true`) or unban a user: needs `user.ban`. A ban revokes every login of the
+/// user and closes their live sockets with 4003.
+pub fn set_banned(app: &App, actor: &Actor, username: &str, banned: bool) -> Result<(), ApiError> {
+    require(app, actor, "user.ban", Some(username))?;
+    let user = find_user(app, username)?;
+    if banned && user.id == actor.user_id {
+        return Err(ApiError::conflict("you cannot ban yourself"));
+    }
+    app.store
+        .set_banned(user.id, banned, clock::now_rfc3339())?;
+    if banned {
+        app.hub
+            .close_user(user.id, crate::peer::close::REVOKED, "banned");
+    }
+    let action = if banned { "ban" } else { "unban" };
+    audit(
+        app,
+        Some(&actor.username),
+        action,
+        Some(&user.username),
+        actor.ip.as_deref(),
+        json!({}),
+    );
+    Ok(())
+}
+
+/// Replaces a user's roles: needs `role.assign`; 409 if nobody could assign roles after.
+pub fn set_roles(
+    app: &App,
+    actor: &Actor,
+    username: &str,
+    roles: Vec<String>,
+) -> Result<User, ApiError> {
+    require(app, actor, "role.assign", Some(username))?;
+    let user = find_user(app, username)?;
+    let change = app
+        .store
+        .set_roles(user.id, roles, "role.assign")
+        .map_err(|e| match e {
+            crate::store::StoreError::NotFound(what) => {
+                ApiError::bad_request(format!("unknown {what}"))
+            }
+            other => other.into(),
+        })?;
+    audit(
+        app,
+        Some(&actor.username),
+        "role_change",
+        Some(&user.username),
+        actor.ip.as_deref(),
+        json!({"from": change.from, "to": change.to}),
+    );
+    Ok(app.store.user(user.id)?)
+}
+
+/// Deletes a room message: needs `message.delete`. Once durable, `deleted` goes to the
+/// room and then `done` runs.
+pub fn delete_message(
+    app: &std::sync::Arc<App>,
+    actor: &Actor,
+    id: i64,
+    done: impl FnOnce(Result<(), ApiError>) + Send + 'static,
+) -> Result<(), ApiError> {
+    require(app, actor, "message.delete", Some(&id.to_string()))?;
+    let app2 = app.clone();
+    let actor2 = actor.clone();
+    app.store
+        .delete_message(id, actor.user_id, clock::now_rfc3339(), move |res| {
+            let res = res.map_err(ApiError::from).map(|room| {
+                let v = json!({"type": "deleted", "id": id, "room": room, "by": actor2.username});
+                app2.hub
+                    .broadcast_message(&room, id, &crate::peer::text_frame(&v.to_string()));
+                audit(
+                    &app2,
+                    Some(&actor2.username),
+                    "message_delete",
+                    Some(&id.to_string()),
+                    actor2.ip.as_deref(),
+                    json!({"room": room}),
+                );
+            });
+            done(res)
+        });
+    Ok(())
+}
+
+/// Closes every socket of `username` with 4003: needs `user.kick`.
+pub fn kick(app: &App, actor: &Actor, username: &str) -> Result<usize, ApiError> {
+    require(app, actor, "user.kick", Some(username))?;
+    let user = find_user(app, username)?;
+    let sockets = app.hub.user_peers(user.id).len();
+    app.hub
+        .close_user(user.id, crate::peer::close::REVOKED, "kicked");
+    audit(
+        app,
+        Some(&actor.username),
+        "kick",
+        Some(&user.username),
+        actor.ip.as_deref(),
+        json!({"sockets": sockets}),
+    );
+    Ok(sockets)
+}
+
+/// Sends an announcement to every socket, or to users holding one of `roles`: needs
+/// `announce`. Returns how many sockets it reached.
+pub fn announce(
+    app: &App,
+    actor: &Actor,
+    body: &str,
+    roles: Option<Vec<String>>,
+) -> Result<usize, ApiError> {
+    require(app, actor, "announce", None)?;
+    check_body(body, app.cfg.max_message_chars)?;
+    let v = json!({"type": "announcement", "from": actor.username, "body": body, "ts": clock::now_rfc3339()});
+    let frame = crate::peer::text_frame(&v.to_string());
+    let peers = match &roles {
+        None => app.hub.all_peers(),
+        Some(roles) => app
+            .store
+            .users_with_roles(roles)?
+            .into_iter()
+            .flat_map(|id| app.hub.user_peers(id))
+            .collect(),
+    };
+    for p in &peers {
+        p.send(&frame);
+    }
+    audit(
+        app,
+        Some(&actor.username),
+        "announce",
+        None,
+        actor.ip.as_deref(),
+        json!({"roles": roles, "sockets": peers.len()}),
+    );
+    Ok(peers.len())
+}
+
+/// A page of the audit trail, newest first: needs `audit.read`.
+pub fn audit_events(
+    app: &App,
+    actor: &Actor,
+    limit: Option<i64>,
+    before: Option<i64>,
+) -> Result<Vec<crate::store::audit::AuditEvent>, ApiError> {
+    require(app, actor, "audit.read", None)?;
+    let limit = limit.unwrap_or(100).clamp(1, 1000) as u32;
+    Ok(app.store.audit_events(limit, before)?)
 }

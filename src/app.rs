@@ -2,7 +2,9 @@
 
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::enforce::ExpiryTimer;
 use crate::hub::Hub;
+use crate::limits::{KeyedLimiter, SlowLane};
 use crate::peer::Flusher;
 use crate::store::Store;
 use std::sync::atomic::AtomicBool;
@@ -20,6 +22,12 @@ pub struct App {
     pub hub: Hub,
     /// Finishes socket writes that could not complete at once.
     pub flusher: Arc<Flusher>,
+    /// Login attempts per IP and per username.
+    pub login_limiter: KeyedLimiter,
+    /// Runs bcrypt on a bounded number of threads.
+    pub slow_lane: SlowLane,
+    /// Closes sockets whose token expires.
+    pub expiry: Arc<ExpiryTimer>,
     /// The port we listen on (to find upgraded sockets' descriptors).
     pub local_port: u16,
     /// Set once shutdown begins; new work is refused.

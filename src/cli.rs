@@ -5,7 +5,9 @@
 //! errors, and ours for invalid values).
 
 use crate::config::{Config, Registration};
-use crate::store::Store;
+use crate::store::audit::AuditEntry;
+use crate::store::users::UserRecord;
+use crate::store::{Store, StoreError};
 use clap::{Args, Parser, Subcommand};
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -105,6 +107,18 @@ pub enum Command {
         #[command(subcommand)]
         action: UserCommand,
     },
+    /// Show the audit trail, newest first, or check its hash chain.
+    Audit {
+        /// How many events.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Check the hash chain; exit 1 naming the first bad row.
+        #[arg(long, conflicts_with_all = ["limit", "json"])]
+        verify: bool,
+    },
     /// Write a consistent copy of the (possibly live) database to FILE.
     Backup {
         /// Destination; must not exist.
@@ -128,6 +142,29 @@ pub enum UserCommand {
         /// Role (default: admin on an empty database, else member).
         #[arg(long)]
         role: Option<String>,
+    },
+    /// Set a user's full list of roles.
+    Role {
+        /// Username.
+        name: String,
+        /// The roles the user will hold.
+        #[arg(required = true)]
+        roles: Vec<String>,
+    },
+    /// Set a new password (read from stdin); revokes every login of the user.
+    Passwd {
+        /// Username.
+        name: String,
+    },
+    /// Ban a user: logins refused, tokens revoked, live sockets closed.
+    Ban {
+        /// Username.
+        name: String,
+    },
+    /// Lift a ban (tokens issued before it stay dead).
+    Unban {
+        /// Username.
+        name: String,
     },
 }
 
@@ -191,6 +228,11 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         None | Some(Command::Serve) => crate::server::serve(cfg).map_err(CliError::Failed),
         Some(Command::User { action }) => user(&cfg, action),
+        Some(Command::Audit {
+            limit,
+            json,
+            verify,
+        }) => audit(&cfg, limit, json, verify),
         Some(Command::Backup { file }) => {
             let store = Store::open(&cfg.db).map_err(failed)?;
             store.backup(&file).map_err(failed)?;
@@ -204,6 +246,37 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 fn user(cfg: &Config, action: UserCommand) -> Result<(), CliError> {
+    let store = Store::open(&cfg.db).map_err(failed)?;
+    let result = user_on(&store, cfg, action);
+    store.close();
+    result
+}
+
+fn cli_audit(store: &Store, action: &'static str, target: &str, detail: serde_json::Value) {
+    store.audit(AuditEntry {
+        actor: None,
+        action,
+        target: Some(target.to_owned()),
+        ip: None,
+        detail: serde_json::json!({"via": "cli", "detail": detail}),
+    });
+}
+
+fn existing_user(store: &Store, name: &str) -> Result<UserRecord, CliError> {
+    store
+        .user_by_name(name)
+        .map_err(failed)?
+        .ok_or_else(|| CliError::Failed(format!("no user named {name:?}")))
+}
+
+fn new_password() -> Result<String, CliError> {
+    let password = read_password()?;
+    crate::actions::check_password(&password).map_err(|e| CliError::Usage(e.message))?;
+    Ok(password)
+}
+
+fn user_on(store: &Store, cfg: &Config, action: UserCommand) -> Result<(), CliError> {
+    let now = crate::clock::now_rfc3339;
     match action {
         UserCommand::Add { name, role } => {
             if !crate::actions::valid_username(&name) {
@@ -211,25 +284,102 @@ fn user(cfg: &Config, action: UserCommand) -> Result<(), CliError> {
                     "username must be 3 to 32 characters of A-Z a-z 0-9 _ . -".into(),
                 ));
             }
-            let password = read_password()?;
-            crate::actions::check_password(&password).map_err(|e| CliError::Usage(e.message))?;
-            let store = Store::open(&cfg.db).map_err(failed)?;
-            let hash = crate::auth::hash_password(&password, cfg.bcrypt_cost).map_err(failed)?;
+            let hash =
+                crate::auth::hash_password(&new_password()?, cfg.bcrypt_cost).map_err(failed)?;
             let user = store
-                .create_user(&name, hash, role, crate::clock::now_rfc3339())
-                .map_err(failed)?;
-            store.audit(crate::store::audit::AuditEntry {
-                actor: None,
-                action: "register",
-                target: Some(user.username.clone()),
-                ip: None,
-                detail: serde_json::json!({"via": "cli", "roles": user.roles}),
-            });
-            store.close();
+                .create_user(&name, hash, role, now())
+                .map_err(|e| match e {
+                    StoreError::NotFound(what) => CliError::Usage(format!("unknown {what}")),
+                    other => failed(other),
+                })?;
+            cli_audit(
+                store,
+                "register",
+                &user.username,
+                serde_json::json!({"roles": user.roles}),
+            );
             println!("created user {} ({})", user.username, user.roles.join(", "));
-            Ok(())
+        }
+        UserCommand::Role { name, roles } => {
+            let user = existing_user(store, &name)?;
+            let change = store
+                .set_roles(user.id, roles, "role.assign")
+                .map_err(|e| match e {
+                    StoreError::NotFound(what) => CliError::Usage(format!("unknown {what}")),
+                    other => failed(other),
+                })?;
+            cli_audit(
+                store,
+                "role_change",
+                &user.username,
+                serde_json::json!({"from": change.from, "to": change.to}),
+            );
+            println!("{}: {}", user.username, change.to.join(", "));
+        }
+        UserCommand::Passwd { name } => {
+            let user = existing_user(store, &name)?;
+            let hash =
+                crate::auth::hash_password(&new_password()?, cfg.bcrypt_cost).map_err(failed)?;
+            store.set_password(user.id, hash, now()).map_err(failed)?;
+            cli_audit(
+                store,
+                "password_change",
+                &user.username,
+                serde_json::json!({}),
+            );
+            println!(
+                "password of {} changed; every login of theirs is revoked",
+                user.username
+            );
+        }
+        UserCommand::Ban { name } => ban(store, &name, true)?,
+        UserCommand::Unban { name } => ban(store, &name, false)?,
+    }
+    Ok(())
+}
+
+fn ban(store: &Store, name: &str, banned: bool) -> Result<(), CliError> {
+    let user = existing_user(store, name)?;
+    store
+        .set_banned(user.id, banned, crate::clock::now_rfc3339())
+        .map_err(failed)?;
+    let action = if banned { "ban" } else { "unban" };
+    cli_audit(store, action, &user.username, serde_json::json!({}));
+    println!("{action}ned {}", user.username);
+    Ok(())
+}
+
+fn audit(cfg: &Config, limit: u32, json: bool, verify: bool) -> Result<(), CliError> {
+    let store = Store::open(&cfg.db).map_err(failed)?;
+    if verify {
+        return match store.verify_audit_chain().map_err(failed)? {
+            None => {
+                println!("audit trail intact");
+                Ok(())
+            }
+            Some((id, why)) => Err(CliError::Failed(format!("audit row {id}: {why}"))),
+        };
+    }
+    for e in store
+        .audit_events(limit.clamp(1, 100_000), None)
+        .map_err(failed)?
+    {
+        if json {
+            println!("{}", serde_json::to_string(&e).map_err(failed)?);
+        } else {
+            println!(
+                "{:>6} {} {:<14} actor={} target={} ip={} {}",
+                e.id,
+                e.ts,
+                e.action,
+                e.actor.as_deref().unwrap_or("-"),
+                e.target.as_deref().unwrap_or("-"),
+                e.ip.as_deref().unwrap_or("-"),
+                e.detail
+            );
         }
     }
+    Ok(())
 }
 
 /// One line from stdin, without its trailing newline.

@@ -105,13 +105,14 @@ fn dispatch(app: &Arc<App>, mut request: Request) {
     if path == "/ws" {
         return crate::ws::upgrade(app, request);
     }
+    if *request.method() == Method::Post && (path == "/api/login" || path == "/api/register") {
+        return password_route(app, request, path == "/api/login");
+    }
     let reply = match route(app, &mut request, &path) {
         Ok(r) => r,
         Err(e) => Reply::error(&e),
     };
-    if let Err(e) = request.respond(reply.into_response()) {
-        log::debug!("could not write response: {e}");
-    }
+    respond(request, reply);
 }
 
 /// The peer's IP without port.
@@ -132,8 +133,6 @@ fn route(app: &Arc<App>, rq: &mut Request, path: &str) -> Result<Reply, ApiError
     match (segs.as_slice(), &method) {
         (["healthz"], Get) => Ok(Reply::json(200, json!({"status": "ok"}))),
         (["metrics"], Get) => Ok(metrics(app)),
-        (["api", "register"], Post) => register(app, rq),
-        (["api", "login"], Post) => login(app, rq),
         (["api", "refresh"], Post) => refresh(app, rq),
         (["api", "logout"], Post) => logout(app, rq),
         (["api", "me"], Get) => {
@@ -164,6 +163,49 @@ fn route(app: &Arc<App>, rq: &mut Request, path: &str) -> Result<Reply, ApiError
                 json!({"messages": actions::dm_history(app, &actor, user, page)?}),
             ))
         }
+        (["api", "messages", id], Method::Delete) => {
+            let actor = authenticate(app, rq)?;
+            let id = id
+                .parse::<i64>()
+                .map_err(|_| ApiError::not_found("no such message"))?;
+            wait_for(|done| actions::delete_message(app, &actor, id, done))?;
+            Ok(Reply::no_content())
+        }
+        (["api", "admin", "users", user, "roles"], Method::Put) => {
+            let actor = authenticate(app, rq)?;
+            let b: RolesBody = json_body(app, rq)?;
+            Ok(Reply::json(
+                200,
+                json!({"user": actions::set_roles(app, &actor, user, b.roles)?}),
+            ))
+        }
+        (["api", "admin", "users", user, action @ ("ban" | "unban")], Post) => {
+            let actor = authenticate(app, rq)?;
+            actions::set_banned(app, &actor, user, *action == "ban")?;
+            Ok(Reply::no_content())
+        }
+        (["api", "admin", "users", user, "kick"], Post) => {
+            let actor = authenticate(app, rq)?;
+            let sockets = actions::kick(app, &actor, user)?;
+            Ok(Reply::json(200, json!({"sockets": sockets})))
+        }
+        (["api", "admin", "announce"], Post) => {
+            let actor = authenticate(app, rq)?;
+            let b: AnnounceBody = json_body(app, rq)?;
+            let sockets = actions::announce(app, &actor, &b.body, b.roles)?;
+            Ok(Reply::json(200, json!({"sockets": sockets})))
+        }
+        (["api", "admin", "audit"], Get) => {
+            let actor = authenticate(app, rq)?;
+            let (limit, before) = (
+                int_param(rq.url(), "limit")?,
+                int_param(rq.url(), "before")?,
+            );
+            Ok(Reply::json(
+                200,
+                json!({"events": actions::audit_events(app, &actor, limit, before)?}),
+            ))
+        }
         (segs, _) if known_path(segs) => Err(ApiError::method_not_allowed()),
         _ => Err(ApiError::not_found("no such route")),
     }
@@ -181,6 +223,15 @@ fn known_path(segs: &[&str]) -> bool {
             ]
             | ["api", "rooms", _, "messages"]
             | ["api", "dms", _]
+            | ["api", "messages", _]
+            | [
+                "api",
+                "admin",
+                "users",
+                _,
+                "roles" | "ban" | "unban" | "kick"
+            ]
+            | ["api", "admin", "announce" | "audit"]
     )
 }
 
@@ -202,16 +253,63 @@ struct Credentials {
     password: String,
 }
 
-fn register(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
-    let c: Credentials = json_body(app, rq)?;
-    let user = actions::register(app, &c.username, &c.password, peer_ip(rq).as_deref())?;
-    Ok(Reply::json(201, json!({ "user": user })))
+/// Login and register cost a bcrypt hash: after the cheap checks (body, login rate)
+/// they run in the bounded slow lane, or get 429 at once when it is full, so a login
+/// flood cannot occupy the workers that serve chat.
+fn password_route(app: &Arc<App>, mut rq: Request, is_login: bool) {
+    let ip = peer_ip(&rq);
+    let admitted = json_body::<Credentials>(app, &mut rq).and_then(|c| {
+        if is_login {
+            actions::check_login_rate(app, &c.username, ip.as_deref())?;
+        }
+        let permit = app.slow_lane.reserve().ok_or_else(|| {
+            ApiError::rate_limited("too many password checks in progress; retry shortly", 1)
+        })?;
+        Ok((c, permit))
+    });
+    let (c, permit) = match admitted {
+        Ok(ok) => ok,
+        Err(e) => return respond(rq, Reply::error(&e)),
+    };
+    let app2 = app.clone();
+    app.slow_lane.run(permit, move || {
+        let result = if is_login {
+            actions::login(&app2, &c.username, &c.password, ip.as_deref())
+                .map(|p| Reply::json(200, json!(p)))
+        } else {
+            actions::register(&app2, &c.username, &c.password, ip.as_deref())
+                .map(|u| Reply::json(201, json!({ "user": u })))
+        };
+        respond(rq, result.unwrap_or_else(|e| Reply::error(&e)));
+    });
 }
 
-fn login(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
-    let c: Credentials = json_body(app, rq)?;
-    let pair = actions::login(app, &c.username, &c.password, peer_ip(rq).as_deref())?;
-    Ok(Reply::json(200, json!(pair)))
+fn respond(rq: Request, reply: Reply) {
+    if let Err(e) = rq.respond(reply.into_response()) {
+        log::debug!("could not write response: {e}");
+    }
+}
+
+/// Runs an action whose result arrives on the writer thread, and waits for it.
+fn wait_for(
+    start: impl FnOnce(Box<dyn FnOnce(Result<(), ApiError>) + Send>) -> Result<(), ApiError>,
+) -> Result<(), ApiError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    start(Box::new(move |r| {
+        let _ = tx.send(r);
+    }))?;
+    rx.recv().unwrap_or_else(|_| Err(ApiError::internal()))
+}
+
+#[derive(Deserialize)]
+struct RolesBody {
+    roles: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct AnnounceBody {
+    body: String,
+    roles: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]

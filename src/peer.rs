@@ -67,11 +67,6 @@ pub fn close_frame(code: u16, reason: &str) -> Frame {
     encode(0x8, &payload)
 }
 
-/// A pong answering a ping's payload.
-pub fn pong_frame(payload: &[u8]) -> Frame {
-    encode(0xA, &payload[..payload.len().min(125)])
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Open,

@@ -5,7 +5,9 @@
 use crate::app::App;
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::enforce::ExpiryTimer;
 use crate::hub::Hub;
+use crate::limits::{KeyedLimiter, SlowLane};
 use crate::peer::{close, Flusher};
 use crate::store::Store;
 use std::io::Write;
@@ -32,15 +34,20 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         signal_hook::consts::SIGINT,
     ])
     .map_err(|e| format!("installing signal handlers: {e}"))?;
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let app = Arc::new(App {
         hub: Hub::new(cfg.max_sockets, cfg.max_sockets_per_user),
         flusher: Flusher::start().map_err(|e| e.to_string())?,
+        login_limiter: KeyedLimiter::new(cfg.login_rate, Duration::from_secs(60)),
+        slow_lane: SlowLane::start(cores, 4 * cores).map_err(|e| e.to_string())?,
+        expiry: ExpiryTimer::start().map_err(|e| e.to_string())?,
         local_port: local.port(),
         shutting_down: Default::default(),
         cfg,
         store,
         auth,
     });
+    crate::enforce::start_sweeper(&app)?;
     let workers = crate::http::start_workers(&app, &server, app.cfg.http_workers);
     log::info!(
         "listening on http://{local} (database {}, open-file limit {fd_limit})",

@@ -11,6 +11,7 @@ use crate::app::App;
 use crate::auth::{AuthError, Identity};
 use crate::error::ApiError;
 use crate::http::{bearer_token, header, header_value, peer_ip, query_param, Reply};
+use crate::limits::TokenBucket;
 use crate::metrics::{inc, METRICS};
 use crate::model::Page;
 use crate::peer::{close, text_frame, Frame, Peer};
@@ -19,7 +20,7 @@ use crate::store::audit::AuditEntry;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tiny_http::{ReadWrite, Request, Response};
 use tungstenite::protocol::{Message, Role, WebSocketConfig, WebSocketContext};
 
@@ -67,6 +68,7 @@ pub fn upgrade(app: &Arc<App>, request: Request) {
         app.cfg.send_queue,
     ));
     app.hub.register(peer.clone());
+    app.expiry.watch(&peer);
     let app2 = app.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("ws-{}", peer.id))
@@ -178,6 +180,8 @@ struct Conn {
     actor: Actor,
     /// Joined rooms by name, with their ids.
     rooms: Vec<crate::model::Room>,
+    /// `--msg-rate`, if on.
+    rate: Option<TokenBucket>,
 }
 
 fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {
@@ -192,6 +196,8 @@ fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {
         actor: Actor::new(&identity, Some(peer.ip.clone())),
         peer: peer.clone(),
         rooms: Vec::new(),
+        rate: (app.cfg.msg_rate > 0)
+            .then(|| TokenBucket::new(app.cfg.msg_rate, Duration::from_secs(1))),
     };
     conn.audit("ws_connect", json!({}));
     let config = WebSocketConfig::default()
@@ -271,9 +277,23 @@ impl Conn {
         self.send_json(&error_event(e, reference));
     }
 
+    /// Counts a frame against `--msg-rate`.
+    fn within_rate(&mut self) -> Result<(), ApiError> {
+        match self.rate.as_mut().map(|b| b.take(Instant::now())) {
+            Some(Err(wait)) => Err(ApiError::rate_limited(
+                "too many messages; slow down",
+                wait.as_secs() + 1,
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn on_text(&mut self, text: &str) {
         match protocol::parse(text) {
             Ok((msg, reference)) => {
+                if let Err(e) = self.within_rate() {
+                    return self.reply_error(&e, &reference);
+                }
                 if let Err(e) = self.act(msg, &reference) {
                     self.reply_error(&e, &reference);
                 }
@@ -305,8 +325,17 @@ impl Conn {
                 Ok(())
             }
             ClientMsg::Refresh { access_token } => self.refresh(&access_token, reference),
-            ClientMsg::Delete { .. } | ClientMsg::Kick { .. } | ClientMsg::Announce { .. } => {
-                Err(ApiError::bad_request("not supported yet"))
+            ClientMsg::Delete { id } => {
+                let (peer, reference) = (self.peer.clone(), reference.clone());
+                actions::delete_message(&self.app, &self.actor, id, move |res| {
+                    if let Err(e) = res {
+                        peer.send(&text_frame(&error_event(&e, &reference)));
+                    }
+                })
+            }
+            ClientMsg::Kick { user } => actions::kick(&self.app, &self.actor, &user).map(|_| ()),
+            ClientMsg::Announce { body, roles } => {
+                actions::announce(&self.app, &self.actor, &body, roles).map(|_| ())
             }
         }
     }

@@ -176,3 +176,36 @@ impl Store {
         Ok(out)
     }
 }
+
+impl Store {
+    /// Marks a room message deleted; `done` gets its room name once durable (the
+    /// `deleted` event goes out from there, after every earlier message). Unknown or
+    /// already deleted ids are not found.
+    pub fn delete_message(
+        &self,
+        id: i64,
+        by: i64,
+        now: String,
+        done: impl FnOnce(Result<String>) + Send + 'static,
+    ) {
+        self.submit(
+            move |c| {
+                let room: Option<String> = c
+                    .query_row(
+                        "SELECT r.name FROM messages m JOIN rooms r ON r.id = m.room_id
+                          WHERE m.id = ?1 AND m.deleted_at IS NULL",
+                        [id],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let room = room.ok_or_else(|| StoreError::NotFound(format!("message {id}")))?;
+                c.execute(
+                    "UPDATE messages SET deleted_at = ?2, deleted_by = ?3 WHERE id = ?1",
+                    params![id, now, by],
+                )?;
+                Ok(room)
+            },
+            done,
+        )
+    }
+}

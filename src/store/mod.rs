@@ -79,11 +79,6 @@ impl Store {
         })
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Statistics of the group-commit writer.
     pub fn writer_stats(&self) -> &writer::WriterStats {
         &self.writer.stats
@@ -242,6 +237,33 @@ fn start_checkpointer(path: &Path, stop: Arc<AtomicBool>) -> Result<()> {
         })
         .map_err(|e| StoreError::Sqlite(e.to_string()))?;
     Ok(())
+}
+
+/// Notices commits made by any other connection — the CLI, `sqlite3`, or this
+/// process's own writer — through `PRAGMA data_version`, without reading any table.
+pub struct ChangeWatcher {
+    conn: Connection,
+    last: i64,
+}
+
+impl ChangeWatcher {
+    /// Whether the database changed since the last call.
+    pub fn changed(&mut self) -> bool {
+        let now: i64 = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .unwrap_or(self.last);
+        std::mem::replace(&mut self.last, now) != now
+    }
+}
+
+impl Store {
+    /// A watcher on its own connection.
+    pub fn watcher(&self) -> Result<ChangeWatcher> {
+        let conn = open_connection(&self.path)?;
+        let last = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        Ok(ChangeWatcher { conn, last })
+    }
 }
 
 #[cfg(test)]

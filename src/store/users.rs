@@ -111,11 +111,6 @@ impl Store {
         self.read(|c| Ok(user_view(c, id)))?
     }
 
-    /// Number of accounts.
-    pub fn user_count(&self) -> Result<i64> {
-        self.read(|c| c.query_row("SELECT count(*) FROM users", [], |r| r.get(0)))
-    }
-
     /// Creates an account. Without `role`, the first account gets `admin` and later
     /// ones `member`. A name taken case-insensitively is a conflict.
     pub fn create_user(
@@ -292,4 +287,134 @@ fn revoke_session_in(c: &Connection, sid: &str, reason: &str, now: &str) -> Resu
         params![sid, now],
     )?;
     Ok(n > 0)
+}
+
+/// A role change as it was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleChange {
+    /// Roles before.
+    pub from: Vec<String>,
+    /// Roles after.
+    pub to: Vec<String>,
+}
+
+impl Store {
+    /// Bans or unbans a user. Banning also revokes every login of the user, so tokens
+    /// issued before the ban stay dead after an unban. Returns whether anything changed.
+    pub fn set_banned(&self, user_id: i64, banned: bool, now: String) -> Result<bool> {
+        self.write(move |c| {
+            let n = if banned {
+                let n = c.execute(
+                    "UPDATE users SET banned_at = ?2 WHERE id = ?1 AND banned_at IS NULL",
+                    params![user_id, now],
+                )?;
+                revoke_user_sessions_in(c, user_id, "ban", &now)?;
+                n
+            } else {
+                c.execute(
+                    "UPDATE users SET banned_at = NULL WHERE id = ?1 AND banned_at IS NOT NULL",
+                    [user_id],
+                )?
+            };
+            Ok(n > 0)
+        })
+    }
+
+    /// Replaces a user's roles. Refuses (conflict) a change that would leave nobody
+    /// holding `guard_permission` (the permission to assign roles), and unknown roles.
+    pub fn set_roles(
+        &self,
+        user_id: i64,
+        roles: Vec<String>,
+        guard_permission: &'static str,
+    ) -> Result<RoleChange> {
+        self.write(move |c| {
+            let from = roles_of(c, user_id)?;
+            for r in &roles {
+                let known: bool = c.query_row(
+                    "SELECT EXISTS(SELECT 1 FROM roles WHERE name = ?1)",
+                    [r],
+                    |x| x.get(0),
+                )?;
+                if !known {
+                    return Err(StoreError::NotFound(format!("role {r:?}")));
+                }
+            }
+            c.execute("DELETE FROM user_roles WHERE user_id = ?1", [user_id])?;
+            for r in &roles {
+                c.execute(
+                    "INSERT OR IGNORE INTO user_roles(user_id, role) VALUES (?1, ?2)",
+                    params![user_id, r],
+                )?;
+            }
+            let holders: i64 = c.query_row(
+                "SELECT count(DISTINCT ur.user_id) FROM user_roles ur
+                   JOIN role_permissions rp ON rp.role = ur.role WHERE rp.permission = ?1",
+                [guard_permission],
+                |x| x.get(0),
+            )?;
+            if holders == 0 {
+                return Err(StoreError::Conflict(
+                    "that would leave no admin (nobody could assign roles)".into(),
+                ));
+            }
+            Ok(RoleChange {
+                from,
+                to: roles_of(c, user_id)?,
+            })
+        })
+    }
+
+    /// Sets a new password hash and revokes every login of the user.
+    pub fn set_password(&self, user_id: i64, password_hash: String, now: String) -> Result<()> {
+        self.write(move |c| {
+            c.execute(
+                "UPDATE users SET password_hash = ?2 WHERE id = ?1",
+                params![user_id, password_hash],
+            )?;
+            revoke_user_sessions_in(c, user_id, "password_change", &now)?;
+            Ok(())
+        })
+    }
+
+    /// Ids of users holding any of `roles`.
+    pub fn users_with_roles(&self, roles: &[String]) -> Result<Vec<i64>> {
+        self.read(|c| {
+            let mut st =
+                c.prepare_cached("SELECT DISTINCT user_id FROM user_roles WHERE role = ?1")?;
+            let mut out = Vec::new();
+            for r in roles {
+                for id in st.query_map([r], |x| x.get(0))? {
+                    out.push(id?);
+                }
+            }
+            out.sort_unstable();
+            out.dedup();
+            Ok(out)
+        })
+    }
+
+    /// Whether login `sid` of `user_id` may still act: not revoked, user not banned.
+    pub fn session_alive(&self, sid: &str, user_id: i64) -> Result<bool> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT EXISTS(SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id
+                  WHERE s.id = ?1 AND s.user_id = ?2 AND s.revoked_at IS NULL AND u.banned_at IS NULL)",
+            )?
+            .query_row(params![sid, user_id], |r| r.get(0))
+        })
+    }
+}
+
+fn revoke_user_sessions_in(c: &Connection, user_id: i64, reason: &str, now: &str) -> Result<()> {
+    c.execute(
+        "UPDATE refresh_tokens SET used_at = coalesce(used_at, ?2)
+          WHERE session_id IN (SELECT id FROM sessions WHERE user_id = ?1)",
+        params![user_id, now],
+    )?;
+    c.execute(
+        "UPDATE sessions SET revoked_at = ?2, revoked_reason = ?3 WHERE user_id = ?1 AND revoked_at IS NULL",
+        params![user_id, now, reason],
+    )?;
+    Ok(())
 }
