@@ -257,6 +257,14 @@ fn token_pair(
 
 /// `POST /api/refresh`: rotates the refresh token; a retired one revokes its login.
 pub fn refresh(app: &App, refresh_token: &str, ip: Option<&str>) -> Result<TokenPair, ApiError> {
+    if let Some((_, owner)) = app
+        .store
+        .refresh_token_session(&token_hash(refresh_token))?
+    {
+        if app.store.user_by_id(owner)?.is_some_and(|u| u.banned) {
+            return Err(AuthError::Banned.into());
+        }
+    }
     let fresh = random_token();
     let now = clock::now_unix();
     let outcome = app.store.rotate_refresh(

@@ -28,6 +28,8 @@ pub struct App {
     pub slow_lane: SlowLane,
     /// Closes sockets whose token expires.
     pub expiry: Arc<ExpiryTimer>,
+    /// Last request time per HTTP connection, for the idle reaper.
+    pub activity: crate::reaper::Activity,
     /// The port we listen on (to find upgraded sockets' descriptors).
     pub local_port: u16,
     /// Set once shutdown begins; new work is refused.

@@ -191,20 +191,21 @@ impl Auth {
         })
     }
 
-    /// Full check of an access token: valid, its login live, its user not banned.
+    /// Full check of an access token: valid signature and expiry (else 401), user not
+    /// banned (else 403, so every token of a banned user answers 403), login not
+    /// revoked (else 401: tokens from before a ban stay dead after the unban).
     pub fn authenticate(&self, store: &Store, token: &str) -> Result<Identity, AuthError> {
         let id = self.decode_access(token)?;
-        match store.session(&id.sid)? {
-            Some(s) if s.user_id == id.user_id && !s.revoked => {}
-            _ => return Err(AuthError::Revoked),
+        let user = store.user_by_id(id.user_id)?.ok_or(AuthError::Revoked)?;
+        if user.banned {
+            return Err(AuthError::Banned);
         }
-        match store.user_by_id(id.user_id)? {
-            Some(u) if u.banned => Err(AuthError::Banned),
-            Some(u) => Ok(Identity {
-                username: u.username,
+        match store.session(&id.sid)? {
+            Some(s) if s.user_id == id.user_id && !s.revoked => Ok(Identity {
+                username: user.username,
                 ..id
             }),
-            None => Err(AuthError::Revoked),
+            _ => Err(AuthError::Revoked),
         }
     }
 }

@@ -94,6 +94,14 @@ pub struct ServeArgs {
     /// Frames queued for a slow socket before it is dropped (1008).
     #[arg(long, env = "PARLEY_SEND_QUEUE", default_value_t = 1024, global = true)]
     pub send_queue: usize,
+    /// Close plain HTTP connections idle this many seconds.
+    #[arg(
+        long,
+        env = "PARLEY_HTTP_IDLE_TIMEOUT",
+        default_value_t = 30,
+        global = true
+    )]
+    pub http_idle_timeout: u64,
 }
 
 /// Subcommands.
@@ -190,6 +198,7 @@ impl Cli {
             max_sockets: a.max_sockets,
             max_sockets_per_user: a.max_sockets_per_user,
             send_queue: a.send_queue,
+            http_idle_timeout: std::time::Duration::from_secs(a.http_idle_timeout),
             ..Config::default()
         };
         cfg.validate()?;

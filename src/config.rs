@@ -42,6 +42,8 @@ pub struct Config {
     pub max_sockets_per_user: usize,
     /// Frames queued for one slow socket before it is dropped with 1008.
     pub send_queue: usize,
+    /// Plain HTTP connections with no request for this long are closed.
+    pub http_idle_timeout: std::time::Duration,
     /// Largest HTTP request body, in bytes.
     pub max_body_bytes: usize,
     /// Largest WebSocket message after reassembly, in bytes (over it: close 1009).
@@ -71,6 +73,7 @@ impl Default for Config {
             max_sockets: 10_000,
             max_sockets_per_user: 50,
             send_queue: 1024,
+            http_idle_timeout: std::time::Duration::from_secs(30),
             max_body_bytes: 64 * 1024,
             max_frame_bytes: 64 * 1024,
             max_message_chars: 4000,
@@ -95,6 +98,9 @@ impl Config {
         }
         if self.max_sockets == 0 || self.max_sockets_per_user == 0 {
             return Err("--max-sockets and --max-sockets-per-user must be positive".into());
+        }
+        if self.http_idle_timeout.is_zero() {
+            return Err("--http-idle-timeout must be positive".into());
         }
         if self.send_queue == 0 {
             return Err("--send-queue must be positive".into());

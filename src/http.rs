@@ -93,10 +93,17 @@ pub fn header(name: &str, value: &str) -> Header {
 
 /// Answers one request, catching panics so a bug costs one request, not a worker.
 pub fn handle(app: &Arc<App>, request: Request) {
+    let remote = request.remote_addr().copied();
+    if let Some(addr) = remote {
+        app.activity.touch(addr);
+    }
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dispatch(app, request)));
     if result.is_err() {
         // tiny_http answers a dropped request with 500 by itself.
         log::error!("a request handler panicked");
+    }
+    if let Some(addr) = remote {
+        app.activity.touch(addr);
     }
 }
 

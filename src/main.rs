@@ -25,6 +25,7 @@ mod metrics;
 mod model;
 mod peer;
 mod protocol;
+mod reaper;
 mod server;
 mod store;
 mod sys;

@@ -102,6 +102,8 @@ pub struct Peer {
     pub username: String,
     /// Peer IP, for the audit trail.
     pub ip: String,
+    /// The client's address (the TCP connection's far end).
+    pub remote: std::net::SocketAddr,
     sid: Mutex<String>,
     expires_at: AtomicU64,
     sock: OwnedFd,
@@ -117,7 +119,7 @@ impl Peer {
     pub fn new(
         id: u64,
         identity: &crate::auth::Identity,
-        ip: String,
+        remote: std::net::SocketAddr,
         sock: OwnedFd,
         flusher: Arc<Flusher>,
         queue_limit: usize,
@@ -126,7 +128,8 @@ impl Peer {
             id,
             user_id: identity.user_id,
             username: identity.username.clone(),
-            ip,
+            ip: remote.ip().to_string(),
+            remote,
             sid: Mutex::new(identity.sid.clone()),
             expires_at: AtomicU64::new(identity.expires_at),
             sock,

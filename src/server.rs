@@ -41,6 +41,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         login_limiter: KeyedLimiter::new(cfg.login_rate, Duration::from_secs(60)),
         slow_lane: SlowLane::start(cores, 4 * cores).map_err(|e| e.to_string())?,
         expiry: ExpiryTimer::start().map_err(|e| e.to_string())?,
+        activity: Default::default(),
         local_port: local.port(),
         shutting_down: Default::default(),
         cfg,
@@ -48,6 +49,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         auth,
     });
     crate::enforce::start_sweeper(&app)?;
+    crate::reaper::start(&app)?;
     let workers = crate::http::start_workers(&app, &server, app.cfg.http_workers);
     log::info!(
         "listening on http://{local} (database {}, open-file limit {fd_limit})",

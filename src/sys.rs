@@ -16,41 +16,74 @@ use std::net::SocketAddr;
 /// Finds this process's TCP socket whose local port is `local_port` and whose peer is
 /// `peer`, and returns a duplicate of its descriptor.
 pub fn find_tcp_socket(local_port: u16, peer: SocketAddr) -> std::io::Result<Option<OwnedFd>> {
+    let mut found = None;
+    scan(|fd| {
+        if !is_connection(fd, local_port, peer) {
+            return true;
+        }
+        if let Some(dup) = verified_dup(fd, |d| is_connection(d, local_port, peer)) {
+            found = Some(dup);
+            return false;
+        }
+        true
+    })?;
+    Ok(found)
+}
+
+/// Every TCP connection of this process accepted on `local_port`, with its peer
+/// address and a duplicate of its descriptor.
+pub fn tcp_connections(local_port: u16) -> std::io::Result<Vec<(SocketAddr, OwnedFd)>> {
+    let mut out = Vec::new();
+    scan(|fd| {
+        let Some(peer) = peer_of(fd, local_port) else {
+            return true;
+        };
+        if let Some(dup) = verified_dup(fd, |d| is_connection(d, local_port, peer)) {
+            out.push((peer, dup));
+        }
+        true
+    })?;
+    Ok(out)
+}
+
+/// Calls `visit` on each open descriptor, newest numbers first, until it returns false.
+fn scan(mut visit: impl FnMut(BorrowedFd<'_>) -> bool) -> std::io::Result<()> {
     let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     // New connections usually hold the highest numbers: look there first.
     fds.sort_unstable_by(|a, b| b.cmp(a));
     for fd in fds {
-        // SAFETY: `borrow_raw` needs the fd to stay open while borrowed. We only make
-        // read-only queries (getsockname/getpeername) and an F_DUPFD_CLOEXEC on it; if
-        // another thread closed the number meanwhile these fail with EBADF, and if the
-        // number was reused they describe another file — which the check on our own
-        // duplicate below rejects. No memory is reached through the fd.
+        // SAFETY: `borrow_raw` needs the fd to stay open while borrowed. Callers only
+        // make read-only queries (getsockname/getpeername) and an F_DUPFD_CLOEXEC on
+        // it; if another thread closed the number meanwhile these fail with EBADF, and
+        // if the number was reused they describe another file — which the check on the
+        // duplicate (`verified_dup`) rejects. No memory is reached through the fd.
         let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-        if !is_connection(borrowed, local_port, peer) {
-            continue;
-        }
-        let Ok(dup) = rustix::io::fcntl_dupfd_cloexec(borrowed, 0) else {
-            continue;
-        };
-        if is_connection(dup.as_fd(), local_port, peer) {
-            return Ok(Some(dup));
+        if !visit(borrowed) {
+            break;
         }
     }
-    Ok(None)
+    Ok(())
+}
+
+/// Duplicates `fd` and keeps the duplicate only if it still passes `check`.
+fn verified_dup(fd: BorrowedFd<'_>, check: impl Fn(BorrowedFd<'_>) -> bool) -> Option<OwnedFd> {
+    let dup = rustix::io::fcntl_dupfd_cloexec(fd, 0).ok()?;
+    check(dup.as_fd()).then_some(dup)
+}
+
+/// The peer of a TCP connection accepted on `local_port`, if `fd` is one.
+fn peer_of(fd: BorrowedFd<'_>, local_port: u16) -> Option<SocketAddr> {
+    let local = SocketAddr::try_from(rustix::net::getsockname(fd).ok()?).ok()?;
+    if local.port() != local_port {
+        return None;
+    }
+    SocketAddr::try_from(rustix::net::getpeername(fd).ok()??).ok()
 }
 
 fn is_connection(fd: BorrowedFd<'_>, local_port: u16, peer: SocketAddr) -> bool {
-    let peer_matches = matches!(
-        rustix::net::getpeername(fd).ok().flatten().map(SocketAddr::try_from),
-        Some(Ok(p)) if p == peer
-    );
-    peer_matches
-        && matches!(
-            rustix::net::getsockname(fd).map(SocketAddr::try_from),
-            Ok(Ok(l)) if l.port() == local_port
-        )
+    peer_of(fd, local_port) == Some(peer)
 }
 
 /// Raises the open-file soft limit to the hard limit; each WebSocket costs 2–3 fds
@@ -97,6 +130,15 @@ mod tests {
         }
         let stranger: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert!(find_tcp_socket(port, stranger).unwrap().is_none());
+        let mut all: Vec<SocketAddr> = tcp_connections(port)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
+        let mut want: Vec<SocketAddr> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+        all.sort();
+        want.sort();
+        assert_eq!(all, want, "exactly the accepted connections");
         drop(accepted);
     }
 }

@@ -58,11 +58,10 @@ pub fn upgrade(app: &Arc<App>, request: Request) {
             return;
         }
     };
-    let ip = ip.unwrap_or_default();
     let peer = Arc::new(Peer::new(
         app.hub.next_id(),
         &identity,
-        ip,
+        peer_addr,
         sock,
         app.flusher.clone(),
         app.cfg.send_queue,

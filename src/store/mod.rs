@@ -59,6 +59,7 @@ pub struct Store {
     readers: Mutex<Vec<Connection>>,
     writer: Writer,
     stop_checkpointer: Arc<AtomicBool>,
+    checkpointer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Store {
@@ -70,12 +71,13 @@ impl Store {
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let writer = Writer::start(conn).map_err(|e| StoreError::Sqlite(e.to_string()))?;
         let stop_checkpointer = Arc::new(AtomicBool::new(false));
-        start_checkpointer(path, stop_checkpointer.clone())?;
+        let checkpointer = start_checkpointer(path, stop_checkpointer.clone())?;
         Ok(Store {
             path: path.to_path_buf(),
             readers: Mutex::new(Vec::new()),
             writer,
             stop_checkpointer,
+            checkpointer: Mutex::new(Some(checkpointer)),
         })
     }
 
@@ -159,6 +161,12 @@ impl Store {
     pub fn close(&self) {
         self.writer.shutdown();
         self.stop_checkpointer.store(true, Ordering::Relaxed);
+        if let Some(h) = self.checkpointer.lock().ok().and_then(|mut h| h.take()) {
+            let _ = h.join();
+        }
+        if let Ok(mut pool) = self.readers.lock() {
+            pool.clear();
+        }
         if let Ok(c) = open_connection(&self.path) {
             let _ = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
         }
@@ -222,21 +230,25 @@ fn init_schema(conn: &Connection) -> Result<()> {
 }
 
 /// Checkpoints the WAL from its own thread, so no commit pays for a checkpoint.
-fn start_checkpointer(path: &Path, stop: Arc<AtomicBool>) -> Result<()> {
+fn start_checkpointer(path: &Path, stop: Arc<AtomicBool>) -> Result<std::thread::JoinHandle<()>> {
     let conn = open_connection(path)?;
     std::thread::Builder::new()
         .name("db-checkpoint".into())
         .stack_size(256 * 1024)
         .spawn(move || {
+            let mut tick = 0u32;
             while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(500));
+                std::thread::sleep(Duration::from_millis(100));
+                tick += 1;
+                if tick % 5 != 0 {
+                    continue;
+                }
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                     log::warn!("wal checkpoint: {e}");
                 }
             }
         })
-        .map_err(|e| StoreError::Sqlite(e.to_string()))?;
-    Ok(())
+        .map_err(|e| StoreError::Sqlite(e.to_string()))
 }
 
 /// Notices commits made by any other connection — the CLI, `sqlite3`, or this
