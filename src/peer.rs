@@ -67,6 +67,10 @@ pub fn close_frame(code: u16, reason: &str) -> Frame {
     encode(0x8, &payload)
 }
 
+/// How long a closing socket may take to accept its close frame before it is cut off
+/// (a client that stopped reading never will).
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Open,
@@ -90,6 +94,8 @@ struct Outq {
     /// Whether the flusher is watching this peer.
     watched: bool,
     hold: Option<Vec<Held>>,
+    /// When a closing peer that still cannot take its close frame is cut off.
+    close_deadline: Option<Instant>,
 }
 
 /// Who is on a socket, and its outgoing side.
@@ -139,6 +145,7 @@ impl Peer {
                 state: State::Open,
                 watched: false,
                 hold: None,
+                close_deadline: None,
             }),
             changed: Condvar::new(),
             flusher,
@@ -294,6 +301,7 @@ impl Peer {
         }
         q.state = State::Closing;
         q.hold = None;
+        q.close_deadline = Some(Instant::now() + CLOSE_GRACE);
         if !keep_pending {
             let keep = usize::from(q.head_sent > 0);
             q.frames.truncate(keep);
@@ -423,6 +431,14 @@ impl Flusher {
                 let mut q = peer.lock();
                 if writable {
                     peer.write_some(&mut q);
+                }
+                if q.state == State::Closing
+                    && q.close_deadline.is_some_and(|d| Instant::now() >= d)
+                {
+                    q.frames.clear();
+                    q.state = State::Dead;
+                    let _ = shutdown(&peer.sock, Shutdown::Both);
+                    peer.changed.notify_all();
                 }
                 if q.frames.is_empty() || q.state == State::Dead {
                     q.watched = false;

@@ -10,7 +10,7 @@ use crate::actions::{self, Actor};
 use crate::app::App;
 use crate::auth::{AuthError, Identity};
 use crate::error::ApiError;
-use crate::http::{bearer_token, header, header_value, peer_ip, query_param, Reply};
+use crate::http::{bearer_token, header_value, peer_ip, query_param, with_header, Reply};
 use crate::limits::TokenBucket;
 use crate::metrics::{inc, METRICS};
 use crate::model::Page;
@@ -45,9 +45,9 @@ pub fn upgrade(app: &Arc<App>, request: Request) {
         app.hub.unreserve(identity.user_id);
         return;
     };
-    let mut response = Response::empty(101).with_header(header("Sec-WebSocket-Accept", &accept));
+    let mut response = with_header(Response::empty(101), "Sec-WebSocket-Accept", &accept);
     if offered {
-        response = response.with_header(header("Sec-WebSocket-Protocol", SUBPROTOCOL));
+        response = with_header(response, "Sec-WebSocket-Protocol", SUBPROTOCOL);
     }
     let stream = request.upgrade("websocket", response);
     let sock = match crate::sys::find_tcp_socket(app.local_port, peer_addr) {
