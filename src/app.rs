@@ -30,8 +30,8 @@ pub struct App {
     pub expiry: Arc<ExpiryTimer>,
     /// Last request time per HTTP connection, for the idle reaper.
     pub activity: crate::reaper::Activity,
-    /// The port we listen on (to find upgraded sockets' descriptors).
-    pub local_port: u16,
+    /// The address we listen on (its port finds upgraded sockets' descriptors).
+    pub local_addr: std::net::SocketAddr,
     /// Set once shutdown begins; new work is refused.
     pub shutting_down: AtomicBool,
 }

@@ -64,7 +64,7 @@ fn reap(
     first_seen: HashMap<SocketAddr, Instant>,
 ) -> HashMap<SocketAddr, Instant> {
     let sockets: HashSet<SocketAddr> = app.hub.all_peers().iter().map(|p| p.remote).collect();
-    let conns = match crate::sys::tcp_connections(app.local_port) {
+    let conns = match crate::sys::tcp_connections(app.local_addr.port()) {
         Ok(c) => c,
         Err(e) => {
             log::warn!("listing connections: {e}");

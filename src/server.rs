@@ -42,7 +42,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         slow_lane: SlowLane::start(cores, 4 * cores).map_err(|e| e.to_string())?,
         expiry: ExpiryTimer::start().map_err(|e| e.to_string())?,
         activity: Default::default(),
-        local_port: local.port(),
+        local_addr: local,
         shutting_down: Default::default(),
         cfg,
         store,

@@ -50,7 +50,7 @@ pub fn upgrade(app: &Arc<App>, request: Request) {
         response = with_header(response, "Sec-WebSocket-Protocol", SUBPROTOCOL);
     }
     let stream = request.upgrade("websocket", response);
-    let sock = match crate::sys::find_tcp_socket(app.local_port, peer_addr) {
+    let sock = match crate::sys::find_tcp_socket(app.local_addr.port(), peer_addr) {
         Ok(Some(fd)) => fd,
         other => {
             log::error!("upgraded socket from {peer_addr} not found: {other:?}");
@@ -183,7 +183,25 @@ struct Conn {
     rate: Option<TokenBucket>,
 }
 
+/// Each upgraded socket keeps one tiny_http pool thread parked until it closes, and
+/// the pool adds a thread only when it sees none idle at the moment it accepts a
+/// connection — which a burst of upgrades races past, leaving connections queued
+/// behind parked threads. An empty connection of our own makes the pool run one more
+/// (trivial) task, after which that thread takes the next queued connection; one
+/// nudge per upgrade keeps a burst moving until every upgrade is answered.
+fn nudge_http_pool(listening: std::net::SocketAddr) {
+    let mut to = listening;
+    if to.ip().is_unspecified() {
+        to.set_ip(match to {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let _ = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1));
+}
+
 fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {
+    nudge_http_pool(app.local_addr);
     let identity = Identity {
         user_id: peer.user_id,
         username: peer.username.clone(),
@@ -225,6 +243,11 @@ fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {
 fn read_loop(conn: &mut Conn, ctx: &mut WebSocketContext, io: &mut Duplex) {
     loop {
         let msg = ctx.read(io);
+        if matches!(msg, Ok(Message::Ping(_))) {
+            // tungstenite queues the pong and would write it only at the next read,
+            // which waits for the client's next frame: write it out now.
+            let _ = ctx.flush(io);
+        }
         if !io.replies.is_empty() && conn.peer.is_open() {
             let bytes: Frame = std::mem::take(&mut io.replies).into();
             conn.peer.send(&bytes);

@@ -1,0 +1,345 @@
+//! Durability: every acknowledged message survives `kill -9` and a restart; SIGTERM /
+//! SIGINT close sockets with 1001 and exit 0.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+use tungstenite::Message;
+
+/// How a sender's connection ended.
+#[derive(Debug, Clone, PartialEq)]
+enum Ending {
+    /// A close frame arrived, with this code.
+    Close(Option<u16>),
+    /// The connection broke without a close frame.
+    Broken(String),
+}
+
+/// Reads what is left on a connection until its close frame (or until it breaks).
+fn drain_to_close(ws: &mut Ws) -> Ending {
+    loop {
+        match ws.ws.read() {
+            Ok(Message::Close(f)) => return Ending::Close(f.map(|f| u16::from(f.code))),
+            Ok(_) => continue,
+            Err(e) => return Ending::Broken(format!("{e:?}")),
+        }
+    }
+}
+
+/// One sender on a connected socket that has joined `general`: sends until the
+/// connection ends, recording every acknowledged (id, body). Never panics on I/O
+/// errors (the server is stopped under it); returns how the connection ended.
+fn sender(
+    mut ws: Ws,
+    t: usize,
+    acked: Arc<Mutex<Vec<(i64, String)>>>,
+    count: Arc<AtomicUsize>,
+) -> Ending {
+    enum Got {
+        Json(Value),
+        End(Ending),
+    }
+    let read_json = |ws: &mut Ws| -> Got {
+        loop {
+            match ws.ws.read() {
+                Ok(Message::Text(t)) => {
+                    return Got::Json(serde_json::from_str(t.as_str()).expect("JSON frame"))
+                }
+                Ok(Message::Close(f)) => {
+                    return Got::End(Ending::Close(f.map(|f| u16::from(f.code))))
+                }
+                Ok(_) => continue,
+                Err(e) => return Got::End(Ending::Broken(format!("{e:?}"))),
+            }
+        }
+    };
+    for i in 0.. {
+        let body = format!("t{t}-m{i}");
+        let msg = json!({"type": "send", "room": "general", "body": body, "ref": body});
+        if ws.ws.send(Message::text(msg.to_string())).is_err() {
+            return drain_to_close(&mut ws);
+        }
+        loop {
+            let v = match read_json(&mut ws) {
+                Got::Json(v) => v,
+                Got::End(e) => return e,
+            };
+            match v["type"].as_str() {
+                Some("ack") if v["ref"] == body.as_str() => {
+                    let id = v["id"].as_i64().expect("ack id");
+                    acked.lock().unwrap().push((id, body.clone()));
+                    count.fetch_add(1, Ordering::SeqCst);
+                    break;
+                }
+                Some("error") if v["code"] == "rate_limited" => {
+                    thread::sleep(Duration::from_millis(60));
+                    break;
+                }
+                // E.g. "shutting down": that message was not acknowledged, so it is
+                // owed nothing; the connection's ending is checked by the caller.
+                Some("error") if v["code"] == "internal" && v["ref"] == body.as_str() => break,
+                Some("error") => panic!("sender {t}: unexpected error {v}"),
+                _ => continue,
+            }
+        }
+    }
+    unreachable!()
+}
+
+/// Connects `n` sockets one after another (concurrent upgrades have their own test),
+/// joins each to `general`, then lets each send from its own thread. Returns the
+/// threads, the shared ack list and the ack counter.
+#[allow(clippy::type_complexity)]
+fn start_senders(
+    srv: &Server,
+    token: &str,
+    n: usize,
+) -> (
+    Vec<thread::JoinHandle<Ending>>,
+    Arc<Mutex<Vec<(i64, String)>>>,
+    Arc<AtomicUsize>,
+) {
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let count = Arc::new(AtomicUsize::new(0));
+    let socks: Vec<Ws> = (0..n)
+        .map(|_| {
+            let mut ws = Ws::connect(srv, token);
+            ws.join("general");
+            ws
+        })
+        .collect();
+    let threads = socks
+        .into_iter()
+        .enumerate()
+        .map(|(t, ws)| {
+            let (acked, count) = (acked.clone(), count.clone());
+            thread::spawn(move || sender(ws, t, acked, count))
+        })
+        .collect();
+    (threads, acked, count)
+}
+
+/// Waits until `count` reaches `target` (or 20 s pass).
+fn wait_for_acks(count: &AtomicUsize, target: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count.load(Ordering::SeqCst) < target && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Asserts every acked (id, body) is returned by a server on `dir` (started here).
+fn assert_all_present(dir: &std::path::Path, acked: &[(i64, String)]) -> Server {
+    let srv = Server::start_in(dir, &[]);
+    let at = access(&login(&srv, "alice"));
+    let stored: BTreeMap<i64, Value> = all_messages(&srv, &at, "general")
+        .into_iter()
+        .map(|m| (m["id"].as_i64().unwrap(), m))
+        .collect();
+    for (id, body) in acked {
+        let m = stored
+            .get(id)
+            .unwrap_or_else(|| panic!("acked message {id} ({body}) missing after restart"));
+        assert_eq!(m["body"], body.as_str());
+        assert_eq!(m["from"], "alice");
+        assert_eq!(m["room"], "general");
+    }
+    srv
+}
+
+/// All messages of `room`, fetched with `after` paging.
+fn all_messages(srv: &Server, token: &str, room: &str) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    let mut after = 0i64;
+    loop {
+        let r = srv.get(
+            &format!("/api/rooms/{room}/messages?after={after}&limit=200"),
+            Some(token),
+        );
+        assert_status(&r, 200);
+        let page = r.json()["messages"].as_array().unwrap().clone();
+        if page.is_empty() {
+            return out;
+        }
+        after = page.last().unwrap()["id"].as_i64().unwrap();
+        out.extend(page);
+    }
+}
+
+#[test]
+fn every_acked_message_survives_kill_9() {
+    let dir = TempDir::new();
+    let mut srv = Server::start_in(dir.path(), &["--msg-rate", "0"]);
+    register(&srv, "alice");
+    let token = access(&login(&srv, "alice"));
+    let (threads, acked, count) = start_senders(&srv, &token, 8);
+
+    // Let the senders run, then pull the plug while they are still sending.
+    wait_for_acks(&count, 400);
+    srv.kill9();
+    for t in threads {
+        t.join().expect("sender thread panicked");
+    }
+    let acked = acked.lock().unwrap().clone();
+    eprintln!("{} messages acknowledged before kill -9", acked.len());
+    assert!(
+        acked.len() >= 20,
+        "only {} messages were acknowledged before the kill",
+        acked.len()
+    );
+    let ids: BTreeSet<i64> = acked.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids.len(), acked.len(), "ack ids are unique");
+
+    // 1. The crashed database file itself holds every acknowledged message.
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("chat.db")).expect("open db");
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        let mut st = conn
+            .prepare("SELECT body FROM messages WHERE id = ?1")
+            .expect("a messages table with id and body");
+        for (id, body) in &acked {
+            let got: Option<String> =
+                st.query_row([id], |r| r.get(0))
+                    .map(Some)
+                    .unwrap_or_else(|e| match e {
+                        rusqlite::Error::QueryReturnedNoRows => None,
+                        e => panic!("query: {e}"),
+                    });
+            assert_eq!(
+                got.as_deref(),
+                Some(body.as_str()),
+                "acked message {id} is not in the database file after kill -9"
+            );
+        }
+    }
+
+    // 2. A restarted server on the same file returns every one of them...
+    let srv = assert_all_present(dir.path(), &acked);
+    // ...and keeps going, with ids beyond everything acked.
+    let at = access(&login(&srv, "alice"));
+    let mut ws = Ws::connect(&srv, &at);
+    ws.join("general");
+    let (_, id) = ws.send_msg("general", "after the crash");
+    assert!(id > *ids.iter().max().unwrap());
+}
+
+#[test]
+fn sigterm_under_load_closes_every_socket_with_1001_and_keeps_every_ack() {
+    let dir = TempDir::new();
+    let mut srv = Server::start_in(dir.path(), &["--msg-rate", "0"]);
+    register(&srv, "alice");
+    let token = access(&login(&srv, "alice"));
+    let (threads, acked, count) = start_senders(&srv, &token, 8);
+    wait_for_acks(&count, 200);
+    srv.sigterm();
+    let endings: Vec<Ending> = threads
+        .into_iter()
+        .map(|t| t.join().expect("sender thread panicked"))
+        .collect();
+    let status = srv
+        .wait_exit(Duration::from_secs(15))
+        .expect("server should exit after SIGTERM");
+    assert!(status.success(), "exit status should be 0, got {status:?}");
+    for (i, e) in endings.iter().enumerate() {
+        assert_eq!(e, &Ending::Close(Some(1001)), "sender {i}'s socket");
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 20, "only {} acks", acked.len());
+    assert_all_present(dir.path(), &acked);
+}
+
+#[test]
+fn acked_dms_survive_kill_9() {
+    let dir = TempDir::new();
+    let mut srv = Server::start_in(dir.path(), &[]);
+    let alice = new_user(&srv, "alice");
+    register(&srv, "bob");
+    let mut ws = Ws::connect(&srv, &alice);
+    let mut acked = Vec::new();
+    for i in 0..30 {
+        let body = format!("dm {i}");
+        ws.send(&json!({"type": "dm", "to": "bob", "body": body, "ref": format!("{i}")}));
+        loop {
+            let v = ws.recv();
+            if v["type"] == "ack" {
+                acked.push((v["id"].as_i64().unwrap(), body));
+                break;
+            }
+            if v["type"] == "error" && v["code"] == "rate_limited" {
+                thread::sleep(Duration::from_millis(100));
+                break;
+            }
+            assert_eq!(v["type"], "dm", "{v}");
+        }
+    }
+    srv.kill9();
+    let srv = Server::start_in(dir.path(), &[]);
+    let bob = access(&login(&srv, "bob"));
+    let r = srv.get("/api/dms/alice?limit=200", Some(&bob));
+    assert_status(&r, 200);
+    let got: Vec<(i64, String)> = r.json()["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_i64().unwrap(),
+                m["body"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(got, acked);
+}
+
+fn shutdown_closes_sockets_with_1001(use_sigint: bool) {
+    let dir = TempDir::new();
+    let mut srv = Server::start_in(dir.path(), &[]);
+    let alice = new_user(&srv, "alice");
+    let bob = new_user(&srv, "bob");
+    let mut a = Ws::connect(&srv, &alice);
+    a.join("general");
+    let mut b = Ws::connect(&srv, &bob);
+    b.join("general");
+    let mut idle = Ws::connect(&srv, &bob);
+    idle.ping();
+    let (_, id) = a.send_msg("general", "before shutdown");
+    let port = srv.port;
+
+    if use_sigint {
+        srv.sigint();
+    } else {
+        srv.sigterm();
+    }
+    assert_eq!(a.expect_close(), Some(1001), "joined socket");
+    assert_eq!(b.expect_close(), Some(1001), "second joined socket");
+    assert_eq!(idle.expect_close(), Some(1001), "socket in no room");
+    let status = srv
+        .wait_exit(Duration::from_secs(15))
+        .expect("server should exit after the signal");
+    assert!(status.success(), "exit status should be 0, got {status:?}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nothing listens after shutdown"
+    );
+
+    // The data is intact on restart.
+    let srv = Server::start_in(dir.path(), &[]);
+    let r = srv.get("/api/rooms/general/messages", Some(&alice));
+    assert_status(&r, 200);
+    assert_eq!(ids_of(&r.json()["messages"]), vec![id]);
+}
+
+#[test]
+fn sigterm_closes_sockets_with_1001_and_exits_0() {
+    shutdown_closes_sockets_with_1001(false);
+}
+
+#[test]
+fn sigint_closes_sockets_with_1001_and_exits_0() {
+    shutdown_closes_sockets_with_1001(true);
+}
