@@ -6,7 +6,7 @@
 //! [`peer`] (non-blocking writes to one socket), [`actions`] (what users can do, shared
 //! by every transport), [`auth`] (passwords and tokens), [`store`] (all SQL),
 //! [`protocol`] and [`model`] (wire types), [`error`] (error codes), [`metrics`],
-//! [`clock`], and [`sys`] (the one module allowed `unsafe`).
+//! [`clock`], [`logging`], and [`sys`] (the one module allowed `unsafe`).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -21,6 +21,7 @@ mod error;
 mod http;
 mod hub;
 mod limits;
+mod logging;
 mod metrics;
 mod model;
 mod peer;
@@ -39,7 +40,7 @@ fn main() {
     if std::env::var_os("RUST_MIN_STACK").is_none() {
         std::env::set_var("RUST_MIN_STACK", "131072");
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    logging::init();
     let cli = cli::Cli::parse();
     if let Err(e) = cli::run(cli) {
         eprintln!("parley: {e}");

@@ -87,6 +87,8 @@ struct Held {
 }
 
 struct Outq {
+    /// False until the 101 response is out: frames queue but are not written.
+    writable: bool,
     frames: VecDeque<Frame>,
     /// Bytes of `frames[0]` already written.
     head_sent: usize,
@@ -140,6 +142,7 @@ impl Peer {
             expires_at: AtomicU64::new(identity.expires_at),
             sock,
             out: Mutex::new(Outq {
+                writable: false,
                 frames: VecDeque::new(),
                 head_sent: 0,
                 state: State::Open,
@@ -240,9 +243,19 @@ impl Peer {
         self.close(close::POLICY, "send queue overflow");
     }
 
+    /// Lets queued and future frames go out, once the handshake response is sent.
+    pub fn start_writing(self: &Arc<Self>) {
+        let mut q = self.lock();
+        q.writable = true;
+        self.pump(q);
+    }
+
     /// Writes as much as the socket takes now; registers with the flusher if anything
     /// is left.
     fn pump(self: &Arc<Self>, mut q: MutexGuard<'_, Outq>) {
+        if !q.writable {
+            return;
+        }
         self.write_some(&mut q);
         if !q.frames.is_empty() && q.state != State::Dead && !q.watched {
             q.watched = true;

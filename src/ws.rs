@@ -30,19 +30,18 @@ pub const SUBPROTOCOL: &str = "parley.v1";
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Checks and upgrades a `GET /ws` request, then starts the socket's reader thread.
+///
+/// The socket is registered (findable by kick, ban, announce and broadcasts) before
+/// the 101 goes out, but nothing is written to it until the 101 has been sent.
 pub fn upgrade(app: &Arc<App>, request: Request) {
     let ip = peer_ip(&request);
-    let checked = check(app, &request);
-    let (identity, accept, offered) = match checked {
+    let (identity, accept, offered) = match admit(app, &request) {
         Ok(ok) => ok,
         Err(e) => return reject(app, request, &e, ip),
     };
-    if let Err(hit) = app.hub.reserve(identity.user_id) {
-        let e = ApiError::rate_limited(format!("too many sockets ({hit:?})"), 5);
-        return reject(app, request, &e, ip);
-    }
-    let Some(peer_addr) = request.remote_addr().copied() else {
+    let Some(peer) = attach(app, &request, &identity) else {
         app.hub.unreserve(identity.user_id);
+        let _ = request.respond(Reply::error(&ApiError::internal()).into_response());
         return;
     };
     let mut response = with_header(Response::empty(101), "Sec-WebSocket-Accept", &accept);
@@ -50,24 +49,7 @@ pub fn upgrade(app: &Arc<App>, request: Request) {
         response = with_header(response, "Sec-WebSocket-Protocol", SUBPROTOCOL);
     }
     let stream = request.upgrade("websocket", response);
-    let sock = match crate::sys::find_tcp_socket(app.local_addr.port(), peer_addr) {
-        Ok(Some(fd)) => fd,
-        other => {
-            log::error!("upgraded socket from {peer_addr} not found: {other:?}");
-            app.hub.unreserve(identity.user_id);
-            return;
-        }
-    };
-    let peer = Arc::new(Peer::new(
-        app.hub.next_id(),
-        &identity,
-        peer_addr,
-        sock,
-        app.flusher.clone(),
-        app.cfg.send_queue,
-    ));
-    app.hub.register(peer.clone());
-    app.expiry.watch(&peer);
+    peer.start_writing();
     let app2 = app.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("ws-{}", peer.id))
@@ -76,6 +58,38 @@ pub fn upgrade(app: &Arc<App>, request: Request) {
     if let Err(e) = spawned {
         log::error!("could not start a socket thread: {e}");
     }
+}
+
+/// The pre-upgrade checks plus a reserved socket slot.
+fn admit(app: &App, request: &Request) -> Result<(Identity, String, bool), ApiError> {
+    let (identity, accept, offered) = check(app, request)?;
+    app.hub
+        .reserve(identity.user_id)
+        .map_err(|hit| ApiError::rate_limited(format!("too many sockets ({hit:?})"), 5))?;
+    Ok((identity, accept, offered))
+}
+
+/// Finds the connection's socket and registers its peer (not yet writable).
+fn attach(app: &App, request: &Request, identity: &Identity) -> Option<Arc<Peer>> {
+    let peer_addr = request.remote_addr().copied()?;
+    let sock = match crate::sys::find_tcp_socket(app.local_addr.port(), peer_addr) {
+        Ok(Some(fd)) => fd,
+        other => {
+            log::error!("socket of the connection from {peer_addr} not found: {other:?}");
+            return None;
+        }
+    };
+    let peer = Arc::new(Peer::new(
+        app.hub.next_id(),
+        identity,
+        peer_addr,
+        sock,
+        app.flusher.clone(),
+        app.cfg.send_queue,
+    ));
+    app.hub.register(peer.clone());
+    app.expiry.watch(&peer);
+    Some(peer)
 }
 
 fn reject(app: &App, request: Request, e: &ApiError, ip: Option<String>) {

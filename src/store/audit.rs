@@ -117,8 +117,11 @@ impl Store {
         })
     }
 
-    /// Walks the chain; returns the id of the first row whose hash or link does not
-    /// match, with the reason, or `None` if the chain is intact.
+    /// Walks the chain; returns the id of the first row that was changed, deleted or
+    /// inserted, with the reason, or `None` if the chain is intact. Ids must run 1, 2,
+    /// 3, … without gaps (AUTOINCREMENT never reuses or skips one on its own, since a
+    /// rolled-back insert rolls back the sequence too), so a deleted row is found even
+    /// when later rows were chained onto its predecessor.
     pub fn verify_audit_chain(&self) -> Result<Option<(i64, String)>> {
         self.read(|c| {
             let mut st = c.prepare(
@@ -126,7 +129,7 @@ impl Store {
                    FROM audit_log ORDER BY id",
             )?;
             let mut rows = st.query([])?;
-            let mut prev = String::new();
+            let (mut prev, mut expected) = (String::new(), 1i64);
             while let Some(r) = rows.next()? {
                 let id: i64 = r.get(0)?;
                 let (ts, actor, action): (String, Option<String>, String) =
@@ -134,6 +137,9 @@ impl Store {
                 let (target, ip, detail): (Option<String>, Option<String>, String) =
                     (r.get(4)?, r.get(5)?, r.get(6)?);
                 let (prev_hash, hash): (String, String) = (r.get(7)?, r.get(8)?);
+                if id != expected {
+                    return Ok(Some((expected, format!("was deleted (the next row present is {id})"))));
+                }
                 if prev_hash != prev {
                     return Ok(Some((id, "does not follow the previous row (a row was deleted or inserted before it)".into())));
                 }
@@ -141,6 +147,7 @@ impl Store {
                     return Ok(Some((id, "its content was changed".into())));
                 }
                 prev = hash;
+                expected = id + 1;
             }
             Ok(None)
         })
