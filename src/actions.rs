@@ -6,6 +6,7 @@ use crate::auth::{random_token, token_hash, AuthError, Identity};
 use crate::clock;
 use crate::config::Registration;
 use crate::error::ApiError;
+use crate::fanout::Target;
 use crate::metrics::{inc, METRICS};
 use crate::model::{DirectMessage, Message, Page, Room, User};
 use crate::store::audit::AuditEntry;
@@ -456,7 +457,11 @@ pub fn send_message(
             let res = res.map_err(ApiError::from).inspect(|msg| {
                 inc(&METRICS.messages_stored);
                 let frame = crate::peer::text_frame(&crate::protocol::event("message", msg));
-                app2.hub.broadcast_message(&msg.room, msg.id, &frame);
+                let to = Target::Room {
+                    name: msg.room.clone(),
+                    id: Some(msg.id),
+                };
+                app2.fanout.deliver(vec![(to, frame)]);
             });
             done(res)
         },
@@ -488,10 +493,11 @@ pub fn send_dm(
             let res = res.map_err(ApiError::from).inspect(|dm| {
                 inc(&METRICS.messages_stored);
                 let frame = crate::peer::text_frame(&crate::protocol::event("dm", dm));
-                app2.hub.send_to_user(to_id, &frame);
+                let mut delivery = vec![(Target::User(to_id), frame.clone())];
                 if from_id != to_id {
-                    app2.hub.send_to_user(from_id, &frame);
+                    delivery.push((Target::User(from_id), frame));
                 }
+                app2.fanout.deliver(delivery);
             });
             done(res)
         },
@@ -576,8 +582,12 @@ pub fn delete_message(
         .delete_message(id, actor.user_id, clock::now_rfc3339(), move |res| {
             let res = res.map_err(ApiError::from).map(|room| {
                 let v = json!({"type": "deleted", "id": id, "room": room, "by": actor2.username});
-                app2.hub
-                    .broadcast_message(&room, id, &crate::peer::text_frame(&v.to_string()));
+                let to = Target::Room {
+                    name: room.clone(),
+                    id: None,
+                };
+                app2.fanout
+                    .deliver(vec![(to, crate::peer::text_frame(&v.to_string()))]);
                 audit(
                     &app2,
                     Some(&actor2.username),

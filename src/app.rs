@@ -19,7 +19,9 @@ pub struct App {
     /// Passwords and tokens.
     pub auth: Auth,
     /// Live sockets and rooms.
-    pub hub: Hub,
+    pub hub: Arc<Hub>,
+    /// Delivers committed events in commit order.
+    pub fanout: crate::fanout::Fanout,
     /// Finishes socket writes that could not complete at once.
     pub flusher: Arc<Flusher>,
     /// Login attempts per IP and per username.
@@ -28,6 +30,8 @@ pub struct App {
     pub slow_lane: SlowLane,
     /// Closes sockets whose token expires.
     pub expiry: Arc<ExpiryTimer>,
+    /// Descriptor numbers of live WebSockets (skipped when looking for new ones).
+    pub known_sockets: crate::sys::KnownSockets,
     /// Last request time per HTTP connection, for the idle reaper.
     pub activity: crate::reaper::Activity,
     /// The address we listen on (its port finds upgraded sockets' descriptors).

@@ -226,19 +226,12 @@ impl Hub {
         lock(&self.rooms).get(room).map_or(0, |m| m.users.len())
     }
 
-    /// Sends a stored room message to every socket in the room.
-    pub fn broadcast_message(&self, room: &str, id: i64, frame: &Frame) {
-        let members = lock(&self.rooms).get(room).map(|m| m.sockets.clone());
-        for p in members.iter().flat_map(|m| m.iter()) {
-            p.send_room_message(room, id, frame);
-        }
-    }
-
-    /// Sends a frame to every socket of `user_id`.
-    pub fn send_to_user(&self, user_id: i64, frame: &Frame) {
-        for p in self.user_peers(user_id) {
-            p.send(frame);
-        }
+    /// The sockets in `room` now (a snapshot; the lock is held only to copy a pointer).
+    pub fn room_sockets(&self, room: &str) -> Arc<[Arc<Peer>]> {
+        lock(&self.rooms)
+            .get(room)
+            .map(|m| m.sockets.clone())
+            .unwrap_or_else(|| Arc::from(Vec::new()))
     }
 
     /// Closes every socket of `user_id` with `code`.

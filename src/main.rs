@@ -2,7 +2,7 @@
 //!
 //! `main` only wires the modules together. Where to look:
 //! [`cli`] and [`config`] (flags into one validated `Config`), [`server`] (start and
-//! stop), [`http`] (routes), [`ws`] (one socket's life), [`hub`] (rooms and fan-out),
+//! stop), [`http`] (routes), [`ws`] (one socket's life), [`hub`] (rooms and presence), [`fanout`] (delivery of committed events),
 //! [`peer`] (non-blocking writes to one socket), [`actions`] (what users can do, shared
 //! by every transport), [`auth`] (passwords and tokens), [`store`] (all SQL),
 //! [`protocol`] and [`model`] (wire types), [`error`] (error codes), [`metrics`],
@@ -18,6 +18,7 @@ mod clock;
 mod config;
 mod enforce;
 mod error;
+mod fanout;
 mod http;
 mod hub;
 mod limits;

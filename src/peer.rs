@@ -10,8 +10,9 @@
 use crate::metrics::{inc, METRICS};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::fd::{AsFd, OwnedFd};
-use rustix::net::{send, shutdown, SendFlags, Shutdown};
+use rustix::net::{sendmsg, shutdown, SendAncillaryBuffer, SendFlags, Shutdown};
 use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -80,6 +81,36 @@ enum State {
     Dead,
 }
 
+/// How a frame is handed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Queue and write now.
+    Now,
+    /// Queue and write now, even while live frames are held back.
+    Direct,
+    /// Queue only; the caller flushes.
+    Later,
+}
+
+/// Most frames written by one `sendmsg`.
+const IOV_MAX_FRAMES: usize = 64;
+
+/// Drops `n` written bytes from the front of the backlog.
+fn advance(q: &mut Outq, mut n: usize) {
+    while n > 0 {
+        let Some(head) = q.frames.front() else { return };
+        let left = head.len() - q.head_sent;
+        if n >= left {
+            n -= left;
+            q.frames.pop_front();
+            q.head_sent = 0;
+        } else {
+            q.head_sent += n;
+            n = 0;
+        }
+    }
+}
+
 /// A live message held back while the peer replays history (see [`Peer::hold`]).
 struct Held {
     room_msg: Option<(String, i64)>,
@@ -112,6 +143,8 @@ pub struct Peer {
     pub ip: String,
     /// The client's address (the TCP connection's far end).
     pub remote: std::net::SocketAddr,
+    /// The connection's descriptor numbers, released before it closes.
+    pub fd_numbers: Vec<i32>,
     sid: Mutex<String>,
     expires_at: AtomicU64,
     sock: OwnedFd,
@@ -123,12 +156,11 @@ pub struct Peer {
 
 impl Peer {
     /// Wraps a socket (a duplicate of the upgraded connection's fd).
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: u64,
         identity: &crate::auth::Identity,
         remote: std::net::SocketAddr,
-        sock: OwnedFd,
+        socket: crate::sys::Claimed,
         flusher: Arc<Flusher>,
         queue_limit: usize,
     ) -> Peer {
@@ -138,9 +170,10 @@ impl Peer {
             username: identity.username.clone(),
             ip: remote.ip().to_string(),
             remote,
+            fd_numbers: socket.numbers,
             sid: Mutex::new(identity.sid.clone()),
             expires_at: AtomicU64::new(identity.expires_at),
-            sock,
+            sock: socket.fd,
             out: Mutex::new(Outq {
                 writable: false,
                 frames: VecDeque::new(),
@@ -183,34 +216,37 @@ impl Peer {
         self.lock().state == State::Open
     }
 
-    /// Hands the socket a frame. Never blocks; returns false if the peer is closed or
-    /// was just dropped for being too slow.
+    /// Hands the socket a frame and writes it at once. Never blocks; returns false if
+    /// the peer is closed or was just dropped for being too slow.
     pub fn send(self: &Arc<Self>, frame: &Frame) -> bool {
-        self.deliver(frame, None, false)
+        self.deliver(frame, None, Mode::Now)
     }
 
     /// Sends past a [`hold`](Self::hold): the `joined` reply and replayed history.
     pub fn send_direct(self: &Arc<Self>, frame: &Frame) -> bool {
-        self.deliver(frame, None, true)
+        self.deliver(frame, None, Mode::Direct)
     }
 
-    /// Like [`send`](Self::send) for a room message, so a replaying peer can skip
-    /// live copies of messages its replay already carried.
-    pub fn send_room_message(self: &Arc<Self>, room: &str, id: i64, frame: &Frame) -> bool {
-        self.deliver(frame, Some((room, id)), false)
+    /// Queues a frame without writing it; the caller calls [`flush`](Self::flush) once
+    /// it has queued everything it has for this socket, so several frames leave in one
+    /// system call. `room_msg` marks a room message, so a replaying peer can skip live
+    /// copies of messages its replay already carried.
+    pub fn queue(self: &Arc<Self>, frame: &Frame, room_msg: Option<(&str, i64)>) -> bool {
+        self.deliver(frame, room_msg, Mode::Later)
     }
 
-    fn deliver(
-        self: &Arc<Self>,
-        frame: &Frame,
-        room_msg: Option<(&str, i64)>,
-        direct: bool,
-    ) -> bool {
+    /// Writes whatever is queued (see [`queue`](Self::queue)).
+    pub fn flush(self: &Arc<Self>) {
+        let q = self.lock();
+        self.pump(q);
+    }
+
+    fn deliver(self: &Arc<Self>, frame: &Frame, room_msg: Option<(&str, i64)>, mode: Mode) -> bool {
         let mut q = self.lock();
         if q.state != State::Open {
             return false;
         }
-        if let Some(held) = q.hold.as_mut().filter(|_| !direct) {
+        if let Some(held) = q.hold.as_mut().filter(|_| mode != Mode::Direct) {
             if held.len() < self.queue_limit {
                 held.push(Held {
                     room_msg: room_msg.map(|(r, id)| (r.to_owned(), id)),
@@ -229,7 +265,9 @@ impl Peer {
         }
         q.frames.push_back(frame.clone());
         inc(&METRICS.frames_delivered);
-        self.pump(q);
+        if mode != Mode::Later {
+            self.pump(q);
+        }
         true
     }
 
@@ -264,18 +302,35 @@ impl Peer {
         }
     }
 
-    /// Non-blocking writes until the backlog is empty or the socket is full.
+    /// Non-blocking writes until the backlog is empty or the socket is full; queued
+    /// frames go out together, up to [`IOV_MAX_FRAMES`] per system call.
     fn write_some(&self, q: &mut Outq) {
-        while let Some(head) = q.frames.front() {
-            let rest = head.get(q.head_sent..).unwrap_or_default();
-            match send(&self.sock, rest, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
-                Ok(n) if n == rest.len() => {
-                    q.frames.pop_front();
-                    q.head_sent = 0;
-                }
+        while !q.frames.is_empty() {
+            let mut iov = [IoSlice::new(&[]); IOV_MAX_FRAMES];
+            let mut total = 0;
+            let mut n_iov = 0;
+            for (i, frame) in q.frames.iter().take(IOV_MAX_FRAMES).enumerate() {
+                let part = if i == 0 {
+                    frame.get(q.head_sent..).unwrap_or_default()
+                } else {
+                    frame
+                };
+                iov[i] = IoSlice::new(part);
+                total += part.len();
+                n_iov = i + 1;
+            }
+            let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
+            match sendmsg(
+                &self.sock,
+                &iov[..n_iov],
+                &mut SendAncillaryBuffer::default(),
+                flags,
+            ) {
                 Ok(n) => {
-                    q.head_sent += n;
-                    break;
+                    advance(q, n);
+                    if n < total {
+                        break;
+                    }
                 }
                 Err(e) if e == rustix::io::Errno::AGAIN || e == rustix::io::Errno::INTR => break,
                 Err(_) => {

@@ -63,8 +63,9 @@ fn reap(
     timeout: Duration,
     first_seen: HashMap<SocketAddr, Instant>,
 ) -> HashMap<SocketAddr, Instant> {
+    let port = app.local_addr.port();
     let sockets: HashSet<SocketAddr> = app.hub.all_peers().iter().map(|p| p.remote).collect();
-    let conns = match crate::sys::tcp_connections(app.local_addr.port()) {
+    let conns = match app.known_sockets.unclaimed_peers(port) {
         Ok(c) => c,
         Err(e) => {
             log::warn!("listing connections: {e}");
@@ -73,13 +74,13 @@ fn reap(
     };
     let now = Instant::now();
     let mut seen = HashMap::new();
-    for (addr, fd) in conns.into_iter().filter(|(a, _)| !sockets.contains(a)) {
+    for addr in conns.into_iter().filter(|a| !sockets.contains(a)) {
         let first = first_seen.get(&addr).copied().unwrap_or(now);
         seen.insert(addr, first);
         let last = app.activity.last(&addr).map_or(first, |t| t.max(first));
         if now.saturating_duration_since(last) >= timeout {
             log::debug!("closing idle HTTP connection from {addr}");
-            let _ = rustix::net::shutdown(&fd, rustix::net::Shutdown::Both);
+            let _ = app.known_sockets.shut_down(port, addr);
         }
     }
     if let Some(cutoff) = now.checked_sub(timeout * 2) {

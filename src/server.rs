@@ -19,7 +19,18 @@ use std::time::{Duration, Instant};
 
 /// Runs the server until SIGTERM or SIGINT.
 pub fn serve(cfg: Config) -> Result<(), String> {
+    let mut cfg = cfg;
     let fd_limit = crate::sys::raise_fd_limit();
+    // Each WebSocket holds 3 descriptors; keep room for the database, HTTP and spares
+    // so the accept thread never meets EMFILE (tiny_http's accept loop panics on it).
+    let fits = (fd_limit.saturating_sub(512) / 3) as usize;
+    if cfg.max_sockets > fits {
+        log::warn!(
+            "--max-sockets {} lowered to {fits} to fit the open-file limit {fd_limit}",
+            cfg.max_sockets
+        );
+        cfg.max_sockets = fits.max(1);
+    }
     let store = Store::open(&cfg.db).map_err(|e| format!("opening {}: {e}", cfg.db.display()))?;
     let auth = Auth::new(&store, &cfg).map_err(|e| e.to_string())?;
     let listener =
@@ -35,13 +46,16 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     ])
     .map_err(|e| format!("installing signal handlers: {e}"))?;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let hub = Arc::new(Hub::new(cfg.max_sockets, cfg.max_sockets_per_user));
     let app = Arc::new(App {
-        hub: Hub::new(cfg.max_sockets, cfg.max_sockets_per_user),
+        fanout: crate::fanout::Fanout::start(hub.clone()).map_err(|e| e.to_string())?,
+        hub,
         flusher: Flusher::start().map_err(|e| e.to_string())?,
         login_limiter: KeyedLimiter::new(cfg.login_rate, Duration::from_secs(60)),
         slow_lane: SlowLane::start(cores, 4 * cores).map_err(|e| e.to_string())?,
         expiry: ExpiryTimer::start().map_err(|e| e.to_string())?,
         activity: Default::default(),
+        known_sockets: Default::default(),
         local_addr: local,
         shutting_down: Default::default(),
         cfg,
@@ -78,16 +92,19 @@ fn shutdown(
         let _ = w.join();
     }
     drop(server);
-    // Commit what is queued; its acks and broadcasts go out before the close frames.
-    app.store.close();
-    let peers = app.hub.all_peers();
-    for p in &peers {
+    // Commit what is queued and hand its acks and broadcasts to the sockets; the close
+    // frames go after them.
+    app.store.sync();
+    app.fanout.sync();
+    for p in app.hub.all_peers() {
         p.close_after_pending(close::GOING_AWAY, "server shutting down");
     }
+    // Each socket's thread ends by writing its disconnect to the audit trail.
     let deadline = Instant::now() + Duration::from_secs(3);
-    for p in &peers {
-        p.wait_drained(deadline.saturating_duration_since(Instant::now()));
+    while app.hub.socket_count() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
+    app.store.close();
     log::info!("stopped");
 }
 

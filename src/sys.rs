@@ -10,61 +10,128 @@
 //! even if the numbers changed hands while we looked.
 #![allow(unsafe_code)]
 
-use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::{Mutex, MutexGuard};
 
-/// Finds this process's TCP socket whose local port is `local_port` and whose peer is
-/// `peer`, and returns a duplicate of its descriptor.
-pub fn find_tcp_socket(local_port: u16, peer: SocketAddr) -> std::io::Result<Option<OwnedFd>> {
-    let mut found = None;
-    scan(|fd| {
-        if !is_connection(fd, local_port, peer) {
-            return true;
-        }
-        if let Some(dup) = verified_dup(fd, |d| is_connection(d, local_port, peer)) {
-            found = Some(dup);
-            return false;
-        }
-        true
-    })?;
-    Ok(found)
+/// A socket found by [`KnownSockets::claim`]: our duplicate of it, and every
+/// descriptor number of it (tiny_http's two and ours) that later scans skip.
+#[derive(Debug)]
+pub struct Claimed {
+    /// Our duplicate, for non-blocking writes.
+    pub fd: OwnedFd,
+    /// Numbers to hand back to [`KnownSockets::release`] before the connection closes.
+    pub numbers: Vec<i32>,
 }
 
-/// Every TCP connection of this process accepted on `local_port`, with its peer
-/// address and a duplicate of its descriptor.
-pub fn tcp_connections(local_port: u16) -> std::io::Result<Vec<(SocketAddr, OwnedFd)>> {
-    let mut out = Vec::new();
-    scan(|fd| {
-        let Some(peer) = peer_of(fd, local_port) else {
-            return true;
+/// Descriptor numbers known to belong to live WebSockets. Scans skip them, so finding
+/// a new connection costs a few system calls per *other* descriptor rather than per
+/// open socket — with thousands of WebSockets that is the difference between
+/// microseconds and tens of milliseconds per upgrade.
+#[derive(Default)]
+pub struct KnownSockets {
+    fds: Mutex<HashSet<i32>>,
+}
+
+impl KnownSockets {
+    fn known(&self) -> MutexGuard<'_, HashSet<i32>> {
+        self.fds.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Finds the TCP socket whose local port is `local_port` and whose peer is `peer`,
+    /// duplicates it, and records its descriptor numbers.
+    pub fn claim(&self, local_port: u16, peer: SocketAddr) -> std::io::Result<Option<Claimed>> {
+        let skip = self.known().clone();
+        let mut found = None;
+        scan(&skip, |fd| {
+            if !is_connection(fd, local_port, peer) {
+                return true;
+            }
+            if let Some(dup) = verified_dup(fd, |d| is_connection(d, local_port, peer)) {
+                found = Some((fd.as_raw_fd(), dup));
+                return false;
+            }
+            true
+        })?;
+        let Some((number, fd)) = found else {
+            return Ok(None);
         };
-        if let Some(dup) = verified_dup(fd, |d| is_connection(d, local_port, peer)) {
-            out.push((peer, dup));
+        // tiny_http holds the connection twice (try_clone), usually at a neighbouring
+        // number; skip that one too when it is ours.
+        let mut numbers = vec![number, fd.as_raw_fd()];
+        for n in [number - 1, number + 1] {
+            if n < 0 || numbers.contains(&n) {
+                continue;
+            }
+            if is_connection(borrow(n), local_port, peer) {
+                numbers.push(n);
+            }
         }
-        true
-    })?;
-    Ok(out)
+        self.known().extend(numbers.iter().copied());
+        Ok(Some(Claimed { fd, numbers }))
+    }
+
+    /// Forgets a WebSocket's numbers; call before its connection is closed, since
+    /// closed numbers are reused by new connections.
+    pub fn release(&self, numbers: &[i32]) {
+        let mut known = self.known();
+        for n in numbers {
+            known.remove(n);
+        }
+    }
+
+    /// The peers of our accepted connections that are not claimed WebSockets.
+    pub fn unclaimed_peers(&self, local_port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        let skip = self.known().clone();
+        let mut out = Vec::new();
+        scan(&skip, |fd| {
+            out.extend(peer_of(fd, local_port));
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Shuts down the unclaimed connection from `peer` (both directions).
+    pub fn shut_down(&self, local_port: u16, peer: SocketAddr) -> std::io::Result<bool> {
+        let skip = self.known().clone();
+        let mut done = false;
+        scan(&skip, |fd| {
+            if let Some(dup) = verified_dup(fd, |d| is_connection(d, local_port, peer)) {
+                done = rustix::net::shutdown(&dup, rustix::net::Shutdown::Both).is_ok();
+                return false;
+            }
+            true
+        })?;
+        Ok(done)
+    }
 }
 
-/// Calls `visit` on each open descriptor, newest numbers first, until it returns false.
-fn scan(mut visit: impl FnMut(BorrowedFd<'_>) -> bool) -> std::io::Result<()> {
+/// Calls `visit` on each open descriptor not in `skip`, highest numbers first, until
+/// it returns false.
+fn scan(skip: &HashSet<i32>, mut visit: impl FnMut(BorrowedFd<'_>) -> bool) -> std::io::Result<()> {
     let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|n| !skip.contains(n))
         .collect();
     // New connections usually hold the highest numbers: look there first.
     fds.sort_unstable_by(|a, b| b.cmp(a));
     for fd in fds {
-        // SAFETY: `borrow_raw` needs the fd to stay open while borrowed. Callers only
-        // make read-only queries (getsockname/getpeername) and an F_DUPFD_CLOEXEC on
-        // it; if another thread closed the number meanwhile these fail with EBADF, and
-        // if the number was reused they describe another file — which the check on the
-        // duplicate (`verified_dup`) rejects. No memory is reached through the fd.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-        if !visit(borrowed) {
+        if !visit(borrow(fd)) {
             break;
         }
     }
     Ok(())
+}
+
+/// Borrows a descriptor number for a few system calls.
+fn borrow<'a>(fd: i32) -> BorrowedFd<'a> {
+    // SAFETY: `borrow_raw` needs the fd to stay open while borrowed. Callers only make
+    // read-only queries (getsockname/getpeername) and an F_DUPFD_CLOEXEC on it; if
+    // another thread closed the number meanwhile these fail with EBADF, and if the
+    // number was reused they describe another file — which the check on the duplicate
+    // (`verified_dup`) rejects. No memory is reached through the fd.
+    unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
 /// Duplicates `fd` and keeps the duplicate only if it still passes `check`.
@@ -86,19 +153,29 @@ fn is_connection(fd: BorrowedFd<'_>, local_port: u16, peer: SocketAddr) -> bool 
     peer_of(fd, local_port) == Some(peer)
 }
 
-/// Raises the open-file soft limit to the hard limit; each WebSocket costs 2–3 fds
-/// and tiny_http's accept thread panics at EMFILE. Returns the limit in force.
+/// Raises the open-file limit as far as allowed — each WebSocket costs 3 descriptors
+/// and tiny_http's accept thread panics at EMFILE. A privileged process may lift the
+/// hard limit up to the kernel's `fs.nr_open`; others get their hard limit. Returns
+/// the soft limit in force.
 pub fn raise_fd_limit() -> u64 {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let lim = getrlimit(Resource::Nofile);
-    if let Some(max) = lim.maximum {
-        let _ = setrlimit(
+    let wanted = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        .min(1 << 20);
+    let set = |n: u64| {
+        setrlimit(
             Resource::Nofile,
             Rlimit {
-                current: Some(max),
-                maximum: Some(max),
+                current: Some(n),
+                maximum: Some(n),
             },
-        );
+        )
+    };
+    let hard = getrlimit(Resource::Nofile).maximum.unwrap_or(u64::MAX);
+    if wanted <= hard || set(wanted).is_err() {
+        let _ = set(hard);
     }
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
@@ -117,28 +194,35 @@ mod tests {
             .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
             .collect();
         let accepted: Vec<TcpStream> = (0..5).map(|_| listener.accept().unwrap().0).collect();
+        let known = KnownSockets::default();
+        let mut claims = Vec::new();
         for (i, client) in clients.iter().enumerate() {
             let peer = client.local_addr().unwrap();
-            let fd = find_tcp_socket(port, peer).unwrap().expect("socket found");
+            let claim = known.claim(port, peer).unwrap().expect("socket found");
             // Writing through the duplicate must reach exactly this client.
-            let mut dup = TcpStream::from(fd);
+            let mut dup = TcpStream::from(claim.fd.try_clone().unwrap());
             dup.write_all(&[i as u8]).unwrap();
             let mut c = client.try_clone().unwrap();
             let mut b = [0u8; 1];
             c.read_exact(&mut b).unwrap();
             assert_eq!(b[0], i as u8);
+            claims.push(claim);
         }
         let stranger: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        assert!(find_tcp_socket(port, stranger).unwrap().is_none());
-        let mut all: Vec<SocketAddr> = tcp_connections(port)
-            .unwrap()
-            .into_iter()
-            .map(|c| c.0)
-            .collect();
-        let mut want: Vec<SocketAddr> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
-        all.sort();
-        want.sort();
-        assert_eq!(all, want, "exactly the accepted connections");
+        assert!(known.claim(port, stranger).unwrap().is_none());
+        // Claimed sockets are skipped: nothing is left unclaimed.
+        assert!(known.unclaimed_peers(port).unwrap().is_empty());
+        let first = clients[0].local_addr().unwrap();
+        known.release(&claims.remove(0).numbers);
+        assert_eq!(known.unclaimed_peers(port).unwrap(), vec![first]);
+        assert!(known.shut_down(port, first).unwrap());
+        let mut c = clients[0].try_clone().unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(
+            c.read(&mut b).unwrap(),
+            0,
+            "the released connection was shut down"
+        );
         drop(accepted);
     }
 }

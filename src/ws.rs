@@ -10,6 +10,7 @@ use crate::actions::{self, Actor};
 use crate::app::App;
 use crate::auth::{AuthError, Identity};
 use crate::error::ApiError;
+use crate::fanout::Target;
 use crate::http::{bearer_token, header_value, peer_ip, query_param, with_header, Reply};
 use crate::limits::TokenBucket;
 use crate::metrics::{inc, METRICS};
@@ -72,8 +73,8 @@ fn admit(app: &App, request: &Request) -> Result<(Identity, String, bool), ApiEr
 /// Finds the connection's socket and registers its peer (not yet writable).
 fn attach(app: &App, request: &Request, identity: &Identity) -> Option<Arc<Peer>> {
     let peer_addr = request.remote_addr().copied()?;
-    let sock = match crate::sys::find_tcp_socket(app.local_addr.port(), peer_addr) {
-        Ok(Some(fd)) => fd,
+    let sock = match app.known_sockets.claim(app.local_addr.port(), peer_addr) {
+        Ok(Some(claimed)) => claimed,
         other => {
             log::error!("socket of the connection from {peer_addr} not found: {other:?}");
             return None;
@@ -252,6 +253,9 @@ fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {
     conn.audit("ws_disconnect", json!({}));
     peer.wait_drained(DRAIN_TIMEOUT);
     peer.kill();
+    // The numbers are reused once tiny_http closes the connection (dropping `io`).
+    app.known_sockets.release(&peer.fd_numbers);
+    drop(io);
 }
 
 fn read_loop(conn: &mut Conn, ctx: &mut WebSocketContext, io: &mut Duplex) {
@@ -441,16 +445,16 @@ impl Conn {
                 "join room {name:?} before sending to it"
             )));
         };
-        let (peer, reference) = (self.peer.clone(), reference.clone());
+        let (app, peer, reference) = (self.app.clone(), self.peer.clone(), reference.clone());
         actions::send_message(&self.app, &self.actor, room, body, move |res| {
-            ack(&peer, res.map(|m| m.id), &reference)
+            ack(&app, peer, res.map(|m| m.id), &reference)
         })
     }
 
     fn dm(&self, to: &str, body: String, reference: &Value) -> Result<(), ApiError> {
-        let (peer, reference) = (self.peer.clone(), reference.clone());
+        let (app, peer, reference) = (self.app.clone(), self.peer.clone(), reference.clone());
         actions::send_dm(&self.app, &self.actor, to, body, move |res| {
-            ack(&peer, res.map(|m| m.id), &reference)
+            ack(&app, peer, res.map(|m| m.id), &reference)
         })
     }
 
@@ -477,10 +481,14 @@ impl Conn {
 }
 
 /// Acknowledges a stored message, or reports why it was not stored.
-fn ack(peer: &Arc<Peer>, res: Result<i64, ApiError>, reference: &Value) {
+/// Acknowledges a stored message, or reports why it was not stored. Runs on the writer
+/// thread after the commit and goes through the fan-out, so the ack follows the
+/// message's own broadcast.
+fn ack(app: &App, peer: Arc<Peer>, res: Result<i64, ApiError>, reference: &Value) {
     let text = match res {
         Ok(id) => json!({"type": "ack", "ref": reference, "id": id}).to_string(),
         Err(e) => error_event(&e, reference),
     };
-    peer.send(&text_frame(&text));
+    app.fanout
+        .deliver(vec![(Target::Peer(peer), text_frame(&text))]);
 }

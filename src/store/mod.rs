@@ -157,6 +157,11 @@ impl Store {
         self.read(move |c| c.execute("VACUUM INTO ?1", [dest]).map(|_| ()))
     }
 
+    /// Waits until every write queued so far is committed and its completion has run.
+    pub fn sync(&self) {
+        let _ = self.write(|_| Ok(()));
+    }
+
     /// Commits what is queued, stops the writer and checkpoints the WAL into the file.
     pub fn close(&self) {
         self.writer.shutdown();

@@ -1,0 +1,2739 @@
+//! Load generator for parley: the benchmark behind the README's performance figures.
+//!
+//! ```text
+//! cargo build --release && cargo run --release --example loadgen -- SCENARIO [options]
+//! ```
+//!
+//! It starts `target/release/parley` itself on a fresh temporary database (or talks to a
+//! running server with `--addr`), creates its own accounts, opens the sockets, runs one
+//! scenario, prints the figures and the verdict against the targets, and stops the server.
+//! All traffic goes to loopback; every phase is bounded in count and time.
+//!
+//! Client design: the WebSocket handshake is done by hand over a `TcpStream` (keys from
+//! `tungstenite::handshake`), then every socket is non-blocking and served by a couple of
+//! epoll threads that parse frames in place, so 5,000 client sockets cost a few threads and
+//! little CPU next to the server on the same two cores.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rustix::event::epoll;
+use serde_json::Value;
+
+const USAGE: &str = "\
+parley load generator
+
+usage: cargo run --release --example loadgen -- SCENARIO [options]
+
+scenarios (defaults in brackets):
+  fanout   N sockets in one room [1000], S of them senders [10] at an aggregate paced
+           rate [200 msg/s] for [10 s]; send->receive latency p50/p99/max over every
+           delivery, deliveries expected vs received.      target: p99 < 50 ms, none lost
+  burst    N sockets in one room [100], one sender at full speed keeping W un-acked
+           messages in flight [256] for [5 s]; deliveries/s.  target: >= 250,000/s
+  idle     N idle authenticated sockets [5000] that join one room and hold [5 s];
+           server RSS and threads per socket; stops at the first failure (the ceiling).
+                                      target: < 40 KiB RSS and <= 2 threads per socket
+  acks     S senders [50], each in its own room, each keeping W messages in flight [8]
+           for [10 s]; acknowledged messages/s, ack latency.  target: >= 5,000/s
+
+options:
+  --sockets N          sockets in total (acks: defaults to --senders)
+  --senders N          sending sockets (the first N sockets)
+  --rate R             aggregate paced rate in msg/s (0 = windowed by acks)
+  --window W           un-acked messages in flight per sender (when --rate is 0)
+  --secs T             sending time: seconds (\"10\", \"2.5\") or a humantime (\"1m\")
+  --hold T             idle: how long to hold the sockets after they are all open [5s]
+  --poll-us N          client read coalescing: after a wake-up, wait N µs before the
+                       next poll [fanout, burst: 1000; others: 0]. Cuts the loadgen's
+                       CPU on the shared cores; adds up to N µs to measured latency
+  --body-bytes N       pad every message body to at least N bytes [0 = marker only]
+  --room NAME          room for fanout/burst/idle [general]
+  --one-room           acks: put every sender in --room instead of one room each
+  --per-user N         sockets per account [40]
+  --workers N          client epoll threads [2; idle: 1]
+  --connectors N       client threads opening sockets in parallel [4]
+  --addr HOST:PORT     use a running server instead of starting one (no RSS/CPU figures
+                       unless --server-pid is given too)
+  --server-pid PID     the running server's pid, for RSS/threads/CPU with --addr
+  --server-bin PATH    server binary to start [target/release/parley]
+  --server-arg ARG     extra argument for the started server (repeatable)
+  --password PW        password for the load-generator accounts [loadgen-password-1]
+  --keep               keep the temporary database directory and server log
+  -h, --help           this text
+
+exit status: 0 every target met, 3 a target missed, 1 the run failed, 2 bad usage.
+";
+
+// ---------------------------------------------------------------------------------------
+// options
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Scenario {
+    Fanout,
+    Burst,
+    Idle,
+    Acks,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Fanout => "fanout",
+            Scenario::Burst => "burst",
+            Scenario::Idle => "idle",
+            Scenario::Acks => "acks",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Opts {
+    scenario: Scenario,
+    sockets: usize,
+    senders: usize,
+    rate: f64,
+    window: usize,
+    secs: Duration,
+    hold: Duration,
+    poll: Duration,
+    body_bytes: usize,
+    room: String,
+    one_room: bool,
+    per_user: usize,
+    workers: usize,
+    connectors: usize,
+    addr: Option<String>,
+    server_pid: Option<u32>,
+    server_bin: PathBuf,
+    server_args: Vec<String>,
+    password: String,
+    keep: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(f) = s.parse::<f64>() {
+        if f.is_finite() && f >= 0.0 {
+            return Ok(Duration::from_secs_f64(f));
+        }
+    }
+    humantime::parse_duration(s).map_err(|e| format!("bad duration {s:?}: {e}"))
+}
+
+fn parse_args(args: Vec<String>) -> Result<Opts, String> {
+    let mut scenario = None;
+    let mut sockets = None;
+    let mut senders = None;
+    let mut rate = None;
+    let mut window = None;
+    let mut secs = None;
+    let mut hold = Duration::from_secs(5);
+    let mut poll = None;
+    let mut body_bytes = 0usize;
+    let mut room = "general".to_string();
+    let mut one_room = false;
+    let mut per_user = 40usize;
+    let mut workers = None;
+    let mut connectors = 4usize;
+    let mut addr = None;
+    let mut server_pid = None;
+    let mut server_bin = PathBuf::from("target/release/parley");
+    let mut server_args = Vec::new();
+    let mut password = "loadgen-password-1".to_string();
+    let mut keep = false;
+
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if arg.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = || -> Result<String, String> {
+            match &inline {
+                Some(v) => Ok(v.clone()),
+                None => it.next().ok_or_else(|| format!("{flag} needs a value")),
+            }
+        };
+        fn num<T: std::str::FromStr>(flag: &str, v: String) -> Result<T, String> {
+            v.parse::<T>()
+                .map_err(|_| format!("{flag}: not a valid number: {v:?}"))
+        }
+        match flag.as_str() {
+            "-h" | "--help" => return Err(String::new()),
+            "--sockets" => sockets = Some(num::<usize>(&flag, value()?)?),
+            "--senders" => senders = Some(num::<usize>(&flag, value()?)?),
+            "--rate" => rate = Some(num::<f64>(&flag, value()?)?),
+            "--window" => window = Some(num::<usize>(&flag, value()?)?),
+            "--secs" => secs = Some(parse_duration(&value()?)?),
+            "--hold" => hold = parse_duration(&value()?)?,
+            "--poll-us" => poll = Some(Duration::from_micros(num(&flag, value()?)?)),
+            "--body-bytes" => body_bytes = num(&flag, value()?)?,
+            "--room" => room = value()?,
+            "--one-room" => one_room = true,
+            "--per-user" => per_user = num(&flag, value()?)?,
+            "--workers" => workers = Some(num::<usize>(&flag, value()?)?),
+            "--connectors" => connectors = num(&flag, value()?)?,
+            "--addr" => addr = Some(value()?),
+            "--server-pid" => server_pid = Some(num::<u32>(&flag, value()?)?),
+            "--server-bin" => server_bin = PathBuf::from(value()?),
+            "--server-arg" => server_args.push(value()?),
+            "--password" => password = value()?,
+            "--keep" => keep = true,
+            s if s.starts_with('-') => return Err(format!("unknown option {s}")),
+            s => {
+                if scenario.is_some() {
+                    return Err(format!("unexpected argument {s:?}"));
+                }
+                scenario = Some(match s {
+                    "fanout" => Scenario::Fanout,
+                    "burst" => Scenario::Burst,
+                    "idle" => Scenario::Idle,
+                    "acks" => Scenario::Acks,
+                    _ => return Err(format!("unknown scenario {s:?}")),
+                });
+            }
+        }
+    }
+    let scenario = scenario.ok_or("missing SCENARIO (fanout, burst, idle or acks)")?;
+    let (d_sockets, d_senders, d_rate, d_window, d_secs, d_workers, d_poll) = match scenario {
+        Scenario::Fanout => (1000, 10, 200.0, 0, 10.0, 2, 1000),
+        Scenario::Burst => (100, 1, 0.0, 256, 5.0, 2, 1000),
+        Scenario::Idle => (5000, 0, 0.0, 0, 0.0, 1, 0),
+        Scenario::Acks => (0, 50, 0.0, 8, 10.0, 2, 0),
+    };
+    let senders = senders.unwrap_or(d_senders);
+    let mut sockets = sockets.unwrap_or(d_sockets);
+    if scenario == Scenario::Acks && sockets == 0 {
+        sockets = senders;
+    }
+    let rate = rate.unwrap_or(d_rate);
+    let window = window.unwrap_or(d_window);
+    let o = Opts {
+        scenario,
+        sockets,
+        senders: if scenario == Scenario::Idle {
+            0
+        } else {
+            senders
+        },
+        rate,
+        window,
+        secs: secs.unwrap_or(Duration::from_secs_f64(d_secs)),
+        hold,
+        poll: poll.unwrap_or(Duration::from_micros(d_poll)),
+        body_bytes,
+        room,
+        one_room,
+        per_user,
+        workers: workers.unwrap_or(d_workers),
+        connectors,
+        addr,
+        server_pid,
+        server_bin,
+        server_args,
+        password,
+        keep,
+    };
+    if o.sockets == 0 || o.sockets > 60_000 {
+        return Err("--sockets must be 1..=60000".into());
+    }
+    if o.scenario != Scenario::Idle {
+        if o.senders == 0 || o.senders > o.sockets {
+            return Err("--senders must be 1..=--sockets".into());
+        }
+        if o.rate <= 0.0 && o.window == 0 {
+            return Err("give a --rate or a --window".into());
+        }
+        if !(o.rate.is_finite() && o.rate <= 1_000_000.0) {
+            return Err("--rate is too high".into());
+        }
+        if o.secs.is_zero() || o.secs > Duration::from_secs(3600) {
+            return Err("--secs must be more than 0 and at most 1h".into());
+        }
+    }
+    if o.hold > Duration::from_secs(3600) {
+        return Err("--hold must be at most 1h".into());
+    }
+    if o.per_user == 0 || o.workers == 0 || o.workers > 64 || o.connectors == 0 {
+        return Err("--per-user, --workers and --connectors must be at least 1".into());
+    }
+    if o.connectors > 64 {
+        return Err("--connectors must be at most 64".into());
+    }
+    if o.window > 100_000 || o.body_bytes > 60_000 {
+        return Err("--window or --body-bytes too large".into());
+    }
+    Ok(o)
+}
+
+// ---------------------------------------------------------------------------------------
+// /proc helpers
+
+fn proc_status_field(pid: &str, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn rss_kib(pid: &str) -> Option<u64> {
+    proc_status_field(pid, "VmRSS:")
+}
+
+fn dir_entries(path: String) -> Option<usize> {
+    Some(std::fs::read_dir(path).ok()?.count())
+}
+
+fn threads(pid: &str) -> Option<usize> {
+    dir_entries(format!("/proc/{pid}/task"))
+}
+
+fn fds(pid: &str) -> Option<usize> {
+    dir_entries(format!("/proc/{pid}/fd"))
+}
+
+/// User + system CPU time of a process (all threads), in seconds. USER_HZ is 100 on Linux.
+fn cpu_secs(pid: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ut: u64 = f.get(11)?.parse().ok()?;
+    let st: u64 = f.get(12)?.parse().ok()?;
+    Some((ut + st) as f64 / 100.0)
+}
+
+/// CPU seconds per thread name (summed over threads of the same name).
+fn thread_cpu(pid: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let tid = e.file_name().to_string_lossy().into_owned();
+        let name = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        if let Some(c) = cpu_secs(&format!("{pid}/task/{tid}")) {
+            *out.entry(name).or_insert(0.0) += c;
+        }
+    }
+    out
+}
+
+/// The busiest thread names between two `thread_cpu` snapshots.
+fn thread_cpu_line(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>, secs: f64) -> String {
+    let mut v: Vec<(f64, &String)> = b
+        .iter()
+        .map(|(k, y)| (y - a.get(k).copied().unwrap_or(0.0), k))
+        .filter(|(d, _)| *d > 0.0)
+        .collect();
+    v.sort_by(|x, y| y.0.total_cmp(&x.0));
+    v.iter()
+        .take(4)
+        .map(|(d, k)| format!("{k} {:.0} %", 100.0 * d / secs))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+// ---------------------------------------------------------------------------------------
+// the server process
+
+struct Server {
+    child: Child,
+    pid: u32,
+    addr: SocketAddr,
+    dir: PathBuf,
+    log: PathBuf,
+    cmdline: String,
+    keep: bool,
+    stopped: bool,
+}
+
+impl Server {
+    fn start(bin: &PathBuf, extra: &[String], keep: bool) -> Result<Server, String> {
+        // A relative default also works from outside the repository.
+        let in_repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(bin);
+        let bin = if !bin.exists() && bin.is_relative() && in_repo.exists() {
+            &in_repo
+        } else {
+            bin
+        };
+        if !bin.exists() {
+            return Err(format!(
+                "server binary {} not found: run `cargo build --release` first or pass --server-bin",
+                bin.display()
+            ));
+        }
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!(
+            "parley-loadgen-{}-{}",
+            std::process::id(),
+            nanos % 1_000_000_000
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let db = dir.join("chat.db");
+        let log = dir.join("server.log");
+        let mut args: Vec<String> = [
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--db",
+            &db.to_string_lossy(),
+            "--bcrypt-cost",
+            "4",
+            "--max-sockets",
+            "20000",
+            "--max-sockets-per-user",
+            "10000",
+            "--msg-rate",
+            "0",
+            "--login-rate",
+            "0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().cloned());
+        let cmdline = std::iter::once(bin.display().to_string())
+            .chain(args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let logf = std::fs::File::create(&log).map_err(|e| format!("create log: {e}"))?;
+        let mut child = Command::new(bin)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(logf))
+            .spawn()
+            .map_err(|e| format!("start {}: {e}", bin.display()))?;
+        let pid = child.id();
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = mpsc::channel::<String>();
+        // Read the first line, then keep draining stdout so the server never blocks on it.
+        thread::Builder::new()
+            .name("server-stdout".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let mut first = true;
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if first {
+                        let _ = tx.send(line);
+                        first = false;
+                    }
+                }
+            })
+            .map_err(|e| format!("spawn: {e}"))?;
+        let mut server = Server {
+            child,
+            pid,
+            addr: "127.0.0.1:1".parse().expect("literal"),
+            dir,
+            log,
+            cmdline,
+            keep,
+            stopped: false,
+        };
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => l,
+            Err(_) => {
+                thread::sleep(Duration::from_millis(200));
+                let status = match server.child.try_wait() {
+                    Ok(Some(s)) => format!("exited with {s}"),
+                    _ => "still running, printed nothing on stdout within 60 s".to_string(),
+                };
+                return Err(format!(
+                    "server did not announce its address ({status}); command: {}\nserver log tail:\n{}",
+                    server.cmdline,
+                    server.log_tail(20)
+                ));
+            }
+        };
+        let prefix = "parley listening on http://";
+        let hostport = line
+            .strip_prefix(prefix)
+            .ok_or_else(|| format!("unexpected first stdout line from server: {line:?}"))?;
+        server.addr = hostport
+            .trim()
+            .trim_end_matches('/')
+            .parse()
+            .map_err(|e| format!("bad address in {line:?}: {e}"))?;
+        Ok(server)
+    }
+
+    fn log_tail(&self, n: usize) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        let from = lines.len().saturating_sub(n);
+        lines[from..]
+            .iter()
+            .map(|l| format!("    | {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// None while running, else a description of how it ended.
+    fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(s)) => Some(format!("{s}")),
+            Ok(None) => None,
+            Err(e) => Some(format!("wait failed: {e}")),
+        }
+    }
+
+    /// SIGTERM, wait up to 10 s, then SIGKILL. Returns a description.
+    fn stop(&mut self) -> String {
+        self.stopped = true;
+        if let Some(s) = self.exited() {
+            return format!("server had already exited: {s}");
+        }
+        let t = Instant::now();
+        let pid = rustix::process::Pid::from_raw(self.pid as i32);
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        while t.elapsed() < Duration::from_secs(10) {
+            if let Some(s) = self.exited() {
+                return format!(
+                    "server exited {:.0} ms after SIGTERM: {s}",
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        "server did NOT exit within 10 s of SIGTERM; killed with SIGKILL".to_string()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if self.keep {
+            eprintln!("kept {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// a tiny HTTP/1.1 client (Connection: close)
+
+struct HttpResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl HttpResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    let first = needle[0];
+    let last_start = hay.len() - needle.len();
+    let mut i = 0;
+    while i <= last_start {
+        let p = hay[i..=last_start].iter().position(|&b| b == first)?;
+        i += p;
+        if &hay[i..i + needle.len()] == needle {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+type Head = (u16, Vec<(String, String)>, usize);
+
+/// Parses a response head; returns (status, headers, head length) when complete.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
+    let Some(end) = find(buf, b"\r\n\r\n") else {
+        if buf.len() > 64 * 1024 {
+            return Err("response head over 64 KiB".into());
+        }
+        return Ok(None);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Ok(Some((status, headers, end + 4)))
+}
+
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    bearer: Option<&str>,
+) -> Result<HttpResponse, String> {
+    let timeout = Duration::from_secs(30);
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(timeout)).ok();
+    s.set_write_timeout(Some(timeout)).ok();
+    s.set_nodelay(true).ok();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = bearer {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() || method == "POST" || method == "PUT" {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes())
+        .map_err(|e| format!("{method} {path}: write: {e}"))?;
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    let started = Instant::now();
+    loop {
+        if let Some((status, headers, hlen)) = parse_head(&buf)? {
+            let clen = headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.parse::<usize>().ok());
+            if clen.is_some_and(|n| buf.len() >= hlen + n) {
+                let n = clen.unwrap_or(0);
+                return Ok(HttpResponse {
+                    status,
+                    headers,
+                    body: String::from_utf8_lossy(&buf[hlen..hlen + n]).into_owned(),
+                });
+            }
+        }
+        if started.elapsed() > timeout || buf.len() > 8 * 1024 * 1024 {
+            return Err(format!("{method} {path}: response too slow or too large"));
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {
+                return Err(format!("{method} {path}: no response within {timeout:?}"))
+            }
+            Err(e) => return Err(format!("{method} {path}: read: {e}")),
+        }
+    }
+    match parse_head(&buf)? {
+        Some((status, headers, hlen)) => Ok(HttpResponse {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&buf[hlen..]).into_owned(),
+        }),
+        None => Err(format!(
+            "{method} {path}: connection closed after {} bytes without a complete response",
+            buf.len()
+        )),
+    }
+}
+
+fn short(s: &str) -> String {
+    let s = s.trim();
+    if s.chars().count() > 200 {
+        format!("{}...", s.chars().take(200).collect::<String>())
+    } else {
+        s.to_string()
+    }
+}
+
+/// Registers (or reuses) an account and logs in; returns the access token.
+fn account_token(addr: SocketAddr, name: &str, password: &str) -> Result<String, String> {
+    let creds = serde_json::json!({"username": name, "password": password}).to_string();
+    for attempt in 0..6 {
+        let r = http(addr, "POST", "/api/register", Some(&creds), None)?;
+        match r.status {
+            201 | 409 => break,
+            429 if attempt < 5 => retry_after(&r),
+            s => return Err(format!("register {name}: HTTP {s}: {}", short(&r.body))),
+        }
+    }
+    for attempt in 0..6 {
+        let r = http(addr, "POST", "/api/login", Some(&creds), None)?;
+        match r.status {
+            200 => {
+                let v: Value = serde_json::from_str(&r.body)
+                    .map_err(|e| format!("login {name}: bad JSON ({e}): {}", short(&r.body)))?;
+                return v
+                    .get("access_token")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("login {name}: no access_token in {}", short(&r.body)));
+            }
+            429 if attempt < 5 => retry_after(&r),
+            s => return Err(format!("login {name}: HTTP {s}: {}", short(&r.body))),
+        }
+    }
+    Err(format!("login {name}: still rate limited after 6 attempts"))
+}
+
+fn retry_after(r: &HttpResponse) {
+    let secs = r
+        .header("retry-after")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(1)
+        .clamp(1, 60);
+    eprintln!("  rate limited (429); waiting {secs} s as Retry-After says");
+    thread::sleep(Duration::from_secs(secs));
+}
+
+/// Creates `n` accounts in parallel; returns their access tokens in order.
+fn make_accounts(
+    addr: SocketAddr,
+    run_id: &str,
+    n: usize,
+    password: &str,
+    threads: usize,
+) -> Result<Vec<String>, String> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let out = Arc::new(Mutex::new(vec![String::new(); n]));
+    let failed = Arc::new(Mutex::new(None::<String>));
+    let mut hs = Vec::new();
+    for _ in 0..threads.min(n).max(1) {
+        let (next, out, failed) = (next.clone(), out.clone(), failed.clone());
+        let run_id = run_id.to_string();
+        let password = password.to_string();
+        let h = thread::Builder::new()
+            .name("accounts".into())
+            .stack_size(256 * 1024)
+            .spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n || failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                    break;
+                }
+                match account_token(addr, &format!("lg{run_id}_{i}"), &password) {
+                    Ok(t) => {
+                        if let Ok(mut o) = out.lock() {
+                            o[i] = t;
+                        }
+                    }
+                    Err(e) => {
+                        if let Ok(mut f) = failed.lock() {
+                            f.get_or_insert(e);
+                        }
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| format!("spawn: {e}"))?;
+        hs.push(h);
+    }
+    for h in hs {
+        let _ = h.join();
+    }
+    if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {
+        return Err(e);
+    }
+    let v = out.lock().map_err(|_| "poisoned")?.clone();
+    Ok(v)
+}
+
+// ---------------------------------------------------------------------------------------
+// WebSocket framing (client side: our frames are masked, the server's are not)
+
+fn mask_key() -> [u8; 4] {
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
+            let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+            t | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        (x as u32).to_le_bytes()
+    })
+}
+
+fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    out.push(0x80 | opcode);
+    let n = payload.len();
+    if n < 126 {
+        out.push(0x80 | n as u8);
+    } else if n <= 0xffff {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    let m = mask_key();
+    out.extend_from_slice(&m);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ m[i & 3]));
+}
+
+struct FrameHead {
+    fin: bool,
+    opcode: u8,
+    start: usize,
+    end: usize,
+    masked: bool,
+}
+
+/// Parses one frame at the start of `buf`; `Ok(None)` when incomplete. A masked server
+/// frame (a protocol violation) is unmasked in place and flagged.
+fn parse_frame(buf: &mut [u8]) -> Result<Option<FrameHead>, String> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    if b0 & 0x70 != 0 {
+        return Err(format!("frame with RSV bits set (first byte {b0:#04x})"));
+    }
+    let mut len = (b1 & 0x7f) as u64;
+    let mut pos = 2;
+    if len == 126 {
+        if buf.len() < 4 {
+            return Ok(None);
+        }
+        len = u16::from_be_bytes([buf[2], buf[3]]) as u64;
+        pos = 4;
+    } else if len == 127 {
+        if buf.len() < 10 {
+            return Ok(None);
+        }
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&buf[2..10]);
+        len = u64::from_be_bytes(b);
+        pos = 10;
+    }
+    if len > 16 * 1024 * 1024 {
+        return Err(format!("frame of {len} bytes"));
+    }
+    let masked = b1 & 0x80 != 0;
+    let mut mask = [0u8; 4];
+    if masked {
+        if buf.len() < pos + 4 {
+            return Ok(None);
+        }
+        mask.copy_from_slice(&buf[pos..pos + 4]);
+        pos += 4;
+    }
+    let end = pos + len as usize;
+    if buf.len() < end {
+        return Ok(None);
+    }
+    if masked {
+        for (i, b) in buf[pos..end].iter_mut().enumerate() {
+            *b ^= mask[i & 3];
+        }
+    }
+    Ok(Some(FrameHead {
+        fin: b0 & 0x80 != 0,
+        opcode: b0 & 0x0f,
+        start: pos,
+        end,
+        masked,
+    }))
+}
+
+/// What one text frame from the server means to us.
+enum In {
+    /// A `message` event carrying one of our marker bodies.
+    Delivery {
+        sender: usize,
+        seq: u64,
+        t_us: u64,
+    },
+    Ack {
+        seq: Option<u64>,
+    },
+    Error {
+        code: String,
+        seq: Option<u64>,
+        text: String,
+    },
+    Joined(String),
+    Pong,
+    Presence,
+    Other(String),
+}
+
+const MARKER: &[u8] = b"\"body\":\"lg|";
+
+fn parse_marker(s: &[u8]) -> Option<(usize, u64, u64)> {
+    let mut nums = [0u64; 3];
+    let mut pos = 0;
+    for n in nums.iter_mut() {
+        let start = pos;
+        while pos < s.len() && s[pos].is_ascii_digit() {
+            *n = n.checked_mul(10)?.checked_add((s[pos] - b'0') as u64)?;
+            pos += 1;
+        }
+        if pos == start || pos >= s.len() || s[pos] != b'|' {
+            return None;
+        }
+        pos += 1;
+    }
+    Some((nums[0] as usize, nums[1], nums[2]))
+}
+
+fn ref_seq(v: &Value) -> Option<u64> {
+    match v.get("ref")? {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_u64(),
+        _ => None,
+    }
+}
+
+fn classify(p: &[u8]) -> In {
+    // Fast path for the bulk of the traffic: no JSON parse for our own messages.
+    if let Some(i) = find(p, MARKER) {
+        if let Some((sender, seq, t_us)) = parse_marker(&p[i + MARKER.len()..]) {
+            if find(p, b"\"type\":\"message\"").is_some() {
+                return In::Delivery { sender, seq, t_us };
+            }
+        }
+    }
+    let v: Value = match serde_json::from_slice(p) {
+        Ok(v) => v,
+        Err(_) => return In::Other("invalid JSON".into()),
+    };
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    match v.get("type").and_then(Value::as_str) {
+        Some("ack") => In::Ack { seq: ref_seq(&v) },
+        Some("error") => In::Error {
+            code: s("code"),
+            seq: ref_seq(&v),
+            text: s("message"),
+        },
+        Some("joined") => In::Joined(s("room")),
+        Some("pong") => In::Pong,
+        Some("presence") => In::Presence,
+        Some("message") => In::Other("message (not ours)".into()),
+        Some(t) => In::Other(t.to_string()),
+        None => In::Other("JSON without type".into()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// opening a socket: handshake, join, wait for `joined`
+
+struct Ws {
+    sock: TcpStream,
+    pending: Vec<u8>,
+}
+
+fn ws_open(
+    addr: SocketAddr,
+    token: &str,
+    room: &str,
+    timeout: Duration,
+) -> Result<(Ws, u32, u32), String> {
+    let t = Instant::now();
+    let mut sock =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    sock.set_nodelay(true).ok();
+    sock.set_read_timeout(Some(timeout)).ok();
+    sock.set_write_timeout(Some(timeout)).ok();
+    let key = tungstenite::handshake::client::generate_key();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    );
+    sock.write_all(req.as_bytes())
+        .map_err(|e| format!("upgrade request: {e}"))?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    let deadline = t + timeout;
+    let (status, headers, hlen) = loop {
+        if let Some(h) = parse_head(&buf)? {
+            break h;
+        }
+        if Instant::now() > deadline {
+            return Err("no upgrade response in time".into());
+        }
+        match sock.read(&mut chunk) {
+            Ok(0) => {
+                return Err(format!(
+                    "connection closed during the upgrade ({} bytes received)",
+                    buf.len()
+                ))
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {
+                return Err(format!(
+                    "no upgrade response within {timeout:?} ({} bytes received)",
+                    buf.len()
+                ))
+            }
+            Err(e) => return Err(format!("upgrade response: {e}")),
+        }
+    };
+    if status != 101 {
+        // Best effort: show the error body.
+        sock.set_read_timeout(Some(Duration::from_millis(300))).ok();
+        let mut rest = buf[hlen..].to_vec();
+        let _ = sock.take(4096).read_to_end(&mut rest);
+        return Err(format!(
+            "upgrade refused: HTTP {status}: {}",
+            short(&String::from_utf8_lossy(&rest))
+        ));
+    }
+    let accept = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-accept"))
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
+    if accept != tungstenite::handshake::derive_accept_key(key.as_bytes()) {
+        return Err(format!("bad Sec-WebSocket-Accept {accept:?}"));
+    }
+    let handshake_us = t.elapsed().as_micros() as u32;
+    let mut pending = buf[hlen..].to_vec();
+
+    let t2 = Instant::now();
+    let join = serde_json::json!({"type": "join", "room": room}).to_string();
+    let mut out = Vec::new();
+    encode_frame(&mut out, 1, join.as_bytes());
+    sock.write_all(&out).map_err(|e| format!("join: {e}"))?;
+    loop {
+        let mut off = 0;
+        while let Some(f) = parse_frame(&mut pending[off..])? {
+            let payload = &pending[off + f.start..off + f.end];
+            off += f.end;
+            match f.opcode {
+                1 => match classify(payload) {
+                    In::Joined(r) if r == room => {
+                        pending.drain(..off);
+                        let join_us = t2.elapsed().as_micros() as u32;
+                        return Ok((Ws { sock, pending }, handshake_us, join_us));
+                    }
+                    In::Error { code, text, .. } => {
+                        return Err(format!("join {room}: error {code}: {text}"))
+                    }
+                    _ => {}
+                },
+                8 => return Err(format!("closed while joining: {}", close_desc(payload))),
+                _ => {}
+            }
+        }
+        pending.drain(..off);
+        if Instant::now() > deadline + timeout {
+            return Err(format!("no `joined` reply within {timeout:?}"));
+        }
+        match sock.read(&mut chunk) {
+            Ok(0) => return Err("connection closed while joining".into()),
+            Ok(n) => pending.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {
+                return Err(format!("no `joined` reply within {timeout:?}"))
+            }
+            Err(e) => return Err(format!("waiting for joined: {e}")),
+        }
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+fn close_desc(payload: &[u8]) -> String {
+    if payload.len() >= 2 {
+        let code = u16::from_be_bytes([payload[0], payload[1]]);
+        let reason = String::from_utf8_lossy(&payload[2..]);
+        if reason.is_empty() {
+            format!("close {code}")
+        } else {
+            format!("close {code} ({reason})")
+        }
+    } else {
+        "close (no code)".to_string()
+    }
+}
+
+struct Opened {
+    socks: Vec<Ws>,
+    handshake_us: Vec<u32>,
+    join_us: Vec<u32>,
+    /// (socket index, error) of the first failure; sockets after it were not opened.
+    failure: Option<(usize, String)>,
+    elapsed: Duration,
+}
+
+/// Opens `n` sockets with `threads` threads; socket i uses tokens[i / per_user] and
+/// joins rooms[i % rooms.len()]. Stops at the first failure.
+fn open_sockets(
+    addr: SocketAddr,
+    tokens: &[String],
+    per_user: usize,
+    rooms: &[String],
+    n: usize,
+    threads: usize,
+) -> Opened {
+    let t = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let tokens = Arc::new(tokens.to_vec());
+    let rooms = Arc::new(rooms.to_vec());
+    type Part = (Vec<(usize, Ws, u32, u32)>, Option<(usize, String)>);
+    let mut hs: Vec<thread::JoinHandle<Part>> = Vec::new();
+    for _ in 0..threads.min(n) {
+        let (next, stop_c, done, tokens, rooms) = (
+            next.clone(),
+            stop.clone(),
+            done.clone(),
+            tokens.clone(),
+            rooms.clone(),
+        );
+        let h = thread::Builder::new()
+            .name("connector".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let mut got = Vec::new();
+                let mut err = None;
+                loop {
+                    if stop_c.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let token = &tokens[i / per_user];
+                    let room = &rooms[i % rooms.len()];
+                    match ws_open(addr, token, room, Duration::from_secs(15)) {
+                        Ok((ws, h, j)) => got.push((i, ws, h, j)),
+                        Err(e) => {
+                            err = Some((i, e));
+                            stop_c.store(true, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                    let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+                    if d % 1000 == 0 {
+                        eprintln!("  {d} sockets open ({:.1} s)", t.elapsed().as_secs_f64());
+                    }
+                }
+                (got, err)
+            });
+        match h {
+            Ok(h) => hs.push(h),
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                eprintln!("could not start a connector thread: {e}");
+                break;
+            }
+        }
+    }
+    let mut all = Vec::new();
+    let mut failure: Option<(usize, String)> = None;
+    for h in hs {
+        match h.join() {
+            Ok((got, err)) => {
+                all.extend(got);
+                if let Some((i, e)) = err {
+                    let earlier = match &failure {
+                        Some((j, _)) => i < *j,
+                        None => true,
+                    };
+                    if earlier {
+                        failure = Some((i, e));
+                    }
+                }
+            }
+            Err(_) => failure = Some((usize::MAX, "connector thread panicked".into())),
+        }
+    }
+    all.sort_by_key(|(i, ..)| *i);
+    let mut o = Opened {
+        socks: Vec::with_capacity(all.len()),
+        handshake_us: Vec::with_capacity(all.len()),
+        join_us: Vec::with_capacity(all.len()),
+        failure,
+        elapsed: t.elapsed(),
+    };
+    for (_, ws, h, j) in all {
+        o.socks.push(ws);
+        o.handshake_us.push(h);
+        o.join_us.push(j);
+    }
+    o
+}
+
+// ---------------------------------------------------------------------------------------
+// the epoll workers
+
+const WARM: u8 = 0;
+const SEND: u8 = 1;
+const DRAIN: u8 = 2;
+const STOP: u8 = 3;
+
+struct Shared {
+    base: Instant,
+    phase: AtomicU8,
+    /// When sending started, in µs since `base`.
+    t0_us: AtomicU64,
+    /// Paced senders: the aggregate rate in msg/s.
+    rate: f64,
+    /// After a wake-up with events, wait this long before polling again (0 = never).
+    poll: Duration,
+    ping_epoch: AtomicU64,
+    sent: AtomicU64,
+    acks: AtomicU64,
+    send_errors: AtomicU64,
+    deliveries: AtomicU64,
+    closed: AtomicU64,
+    pongs: AtomicU64,
+}
+
+impl Shared {
+    fn now_us(&self) -> u64 {
+        self.base.elapsed().as_micros() as u64
+    }
+}
+
+struct SenderState {
+    idx: usize,
+    room_json: String,
+    pad: String,
+    window: usize,
+    /// Paced: the time between two sends of this sender.
+    interval: Option<Duration>,
+    next_due: Option<Instant>,
+    next_seq: u64,
+    inflight: HashMap<u64, u64>,
+    sent: u64,
+    acked: u64,
+}
+
+struct Conn {
+    sock: TcpStream,
+    pending: Vec<u8>,
+    frag: Vec<u8>,
+    frag_op: u8,
+    out: Vec<u8>,
+    received: u64,
+    /// Last seq + 1 seen from each sender (0 = none yet).
+    last_seq: Vec<u64>,
+    closed: Option<String>,
+    sender: Option<SenderState>,
+    room: usize,
+}
+
+#[derive(Default)]
+struct Stats {
+    deliveries: u64,
+    lat_us: Vec<u32>,
+    ack_lat_us: Vec<u32>,
+    acks: u64,
+    unknown_acks: u64,
+    sent: u64,
+    send_errors: u64,
+    pacer_skipped: u64,
+    errors: BTreeMap<String, u64>,
+    error_samples: Vec<String>,
+    other: BTreeMap<String, u64>,
+    closes: BTreeMap<String, u64>,
+    reorders: u64,
+    pongs: u64,
+    presence: u64,
+    masked_frames: u64,
+    last_delivery_us: u64,
+    /// Per second of send time since t0: (deliveries, max latency µs, deliveries over 50 ms).
+    by_sec: Vec<(u64, u32, u64)>,
+    /// (sender idx, room, acked) for every sender.
+    senders: Vec<(usize, usize, u64)>,
+    /// (room, received) for every socket.
+    received: Vec<(usize, u64)>,
+    open_at_end: usize,
+}
+
+impl Stats {
+    fn merge(&mut self, o: Stats) {
+        self.deliveries += o.deliveries;
+        self.lat_us.extend(o.lat_us);
+        self.ack_lat_us.extend(o.ack_lat_us);
+        self.acks += o.acks;
+        self.unknown_acks += o.unknown_acks;
+        self.sent += o.sent;
+        self.send_errors += o.send_errors;
+        self.pacer_skipped += o.pacer_skipped;
+        for (k, v) in o.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+        for s in o.error_samples {
+            if self.error_samples.len() < 5 {
+                self.error_samples.push(s);
+            }
+        }
+        for (k, v) in o.other {
+            *self.other.entry(k).or_default() += v;
+        }
+        for (k, v) in o.closes {
+            *self.closes.entry(k).or_default() += v;
+        }
+        self.reorders += o.reorders;
+        self.pongs += o.pongs;
+        self.presence += o.presence;
+        self.masked_frames += o.masked_frames;
+        self.last_delivery_us = self.last_delivery_us.max(o.last_delivery_us);
+        if self.by_sec.len() < o.by_sec.len() {
+            self.by_sec.resize(o.by_sec.len(), (0, 0, 0));
+        }
+        for (a, b) in self.by_sec.iter_mut().zip(o.by_sec) {
+            a.0 += b.0;
+            a.1 = a.1.max(b.1);
+            a.2 += b.2;
+        }
+        self.senders.extend(o.senders);
+        self.received.extend(o.received);
+        self.open_at_end += o.open_at_end;
+    }
+}
+
+const LAT_CAP: usize = 20_000_000;
+
+struct Worker {
+    ep: rustix::fd::OwnedFd,
+    conns: Vec<Conn>,
+    scratch: Vec<u8>,
+    st: Stats,
+    sh: Arc<Shared>,
+    /// Connections whose read was cut short for fairness (edge-triggered: no new event).
+    again: Vec<usize>,
+}
+
+impl Worker {
+    fn close(&mut self, i: usize, why: String) {
+        let c = &mut self.conns[i];
+        if c.closed.is_none() {
+            let _ = epoll::delete(&self.ep, &c.sock);
+            let _ = c.sock.shutdown(std::net::Shutdown::Both);
+            *self.st.closes.entry(why.clone()).or_default() += 1;
+            c.closed = Some(why);
+            self.sh.closed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn flush(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        let mut written = 0;
+        let mut err = None;
+        while written < c.out.len() {
+            match (&c.sock).write(&c.out[written..]) {
+                Ok(0) => {
+                    err = Some("write returned 0".to_string());
+                    break;
+                }
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    err = Some(format!("write error: {}", e.kind()));
+                    break;
+                }
+            }
+        }
+        c.out.drain(..written);
+        if let Some(e) = err {
+            c.out.clear();
+            self.close(i, e);
+        }
+    }
+
+    fn send_one(c: &mut Conn, sh: &Shared, st: &mut Stats) {
+        let Some(s) = c.sender.as_mut() else { return };
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        let t_us = sh.now_us();
+        let msg = format!(
+            "{{\"type\":\"send\",\"room\":{},\"body\":\"lg|{}|{}|{}|{}\",\"ref\":\"{}\"}}",
+            s.room_json, s.idx, seq, t_us, s.pad, seq
+        );
+        encode_frame(&mut c.out, 1, msg.as_bytes());
+        s.inflight.insert(seq, t_us);
+        s.sent += 1;
+        st.sent += 1;
+    }
+
+    /// Windowed senders: fill the window.
+    fn top_up(&mut self, i: usize) {
+        if self.sh.phase.load(Ordering::Relaxed) != SEND {
+            return;
+        }
+        let c = &mut self.conns[i];
+        if c.closed.is_some() {
+            return;
+        }
+        let Some(s) = c.sender.as_ref() else { return };
+        if s.interval.is_some() {
+            return;
+        }
+        let need = s.window.saturating_sub(s.inflight.len());
+        for _ in 0..need {
+            Self::send_one(c, &self.sh, &mut self.st);
+        }
+        if need > 0 {
+            self.flush(i);
+        }
+    }
+
+    /// Paced senders: send what is due; returns the earliest next due time.
+    fn pace(&mut self, i: usize, now: Instant) -> Option<Instant> {
+        let sh = self.sh.clone();
+        let c = &mut self.conns[i];
+        if c.closed.is_some() {
+            return None;
+        }
+        let s = c.sender.as_mut()?;
+        let interval = s.interval?;
+        let due = *s.next_due.get_or_insert_with(|| {
+            let t0 = sh.base + Duration::from_micros(sh.t0_us.load(Ordering::Relaxed));
+            t0 + Duration::from_secs_f64(s.idx as f64 / sh.rate)
+        });
+        if due > now {
+            return Some(due);
+        }
+        let mut due = due;
+        let mut n = 0;
+        while due <= now {
+            if now.duration_since(due) > Duration::from_secs(1) {
+                // Far behind (the client was starved): skip rather than burst.
+                let behind = now.duration_since(due).as_secs_f64();
+                let skip = (behind / interval.as_secs_f64()) as u64;
+                self.st.pacer_skipped += skip;
+                due += interval * skip as u32;
+                continue;
+            }
+            n += 1;
+            due += interval;
+        }
+        s.next_due = Some(due);
+        for _ in 0..n {
+            Self::send_one(c, &sh, &mut self.st);
+        }
+        self.flush(i);
+        Some(due)
+    }
+
+    fn handle_message(&mut self, i: usize, opcode: u8, payload: &[u8], now_us: u64) {
+        match opcode {
+            1 => {}
+            2 => {
+                *self.st.other.entry("binary frame".into()).or_default() += 1;
+                return;
+            }
+            8 => {
+                let d = close_desc(payload);
+                // Answer the close (masked, echoing the code) and stop reading.
+                let c = &mut self.conns[i];
+                let code = if payload.len() >= 2 {
+                    &payload[..2]
+                } else {
+                    &[]
+                };
+                encode_frame(&mut c.out, 8, code);
+                self.flush(i);
+                self.close(i, format!("server sent {d}"));
+                return;
+            }
+            9 => {
+                encode_frame(&mut self.conns[i].out, 10, payload);
+                self.flush(i);
+                return;
+            }
+            10 => return,
+            op => {
+                *self.st.other.entry(format!("opcode {op}")).or_default() += 1;
+                return;
+            }
+        }
+        match classify(payload) {
+            In::Delivery { sender, seq, t_us } => {
+                let st = &mut self.st;
+                st.deliveries += 1;
+                let lat = now_us.saturating_sub(t_us).min(u32::MAX as u64) as u32;
+                if st.lat_us.len() < LAT_CAP {
+                    st.lat_us.push(lat);
+                }
+                let sec = (t_us.saturating_sub(self.sh.t0_us.load(Ordering::Relaxed)) / 1_000_000)
+                    .min(3600) as usize;
+                if st.by_sec.len() <= sec {
+                    st.by_sec.resize(sec + 1, (0, 0, 0));
+                }
+                let b = &mut st.by_sec[sec];
+                b.0 += 1;
+                b.1 = b.1.max(lat);
+                b.2 += (lat > 50_000) as u64;
+                st.last_delivery_us = st.last_delivery_us.max(now_us);
+                let c = &mut self.conns[i];
+                c.received += 1;
+                if let Some(last) = c.last_seq.get_mut(sender) {
+                    if seq < *last {
+                        st.reorders += 1;
+                    } else {
+                        *last = seq + 1;
+                    }
+                }
+            }
+            In::Ack { seq } => {
+                let c = &mut self.conns[i];
+                let hit = match (c.sender.as_mut(), seq) {
+                    (Some(s), Some(seq)) => s.inflight.remove(&seq).inspect(|_| s.acked += 1),
+                    _ => None,
+                };
+                match hit {
+                    Some(t) => {
+                        self.st.acks += 1;
+                        if self.st.ack_lat_us.len() < LAT_CAP {
+                            self.st
+                                .ack_lat_us
+                                .push(now_us.saturating_sub(t).min(u32::MAX as u64) as u32);
+                        }
+                    }
+                    None => self.st.unknown_acks += 1,
+                }
+            }
+            In::Error { code, seq, text } => {
+                *self.st.errors.entry(code.clone()).or_default() += 1;
+                if self.st.error_samples.len() < 5 {
+                    self.st
+                        .error_samples
+                        .push(format!("{code}: {text} (ref {seq:?})"));
+                }
+                if let (Some(s), Some(seq)) = (self.conns[i].sender.as_mut(), seq) {
+                    if s.inflight.remove(&seq).is_some() {
+                        self.st.send_errors += 1;
+                    }
+                }
+            }
+            In::Pong => self.st.pongs += 1,
+            In::Presence => self.st.presence += 1,
+            In::Joined(_) => *self.st.other.entry("joined".into()).or_default() += 1,
+            In::Other(t) => *self.st.other.entry(t).or_default() += 1,
+        }
+    }
+
+    /// Reads what is available (edge-triggered), handles every complete frame.
+    /// `hup`: the peer may have closed; read until EOF or EAGAIN.
+    fn on_readable(&mut self, i: usize, hup: bool) {
+        if self.conns[i].closed.is_some() {
+            return;
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        self.read_conn(i, &mut scratch, hup);
+        self.scratch = scratch;
+    }
+
+    fn read_conn(&mut self, i: usize, scratch: &mut Vec<u8>, hup: bool) {
+        let mut len = 0;
+        {
+            let mut p = std::mem::take(&mut self.conns[i].pending);
+            if scratch.len() < p.len() + 65536 {
+                scratch.resize(p.len() + 65536, 0);
+            }
+            scratch[..p.len()].copy_from_slice(&p);
+            len += p.len();
+            p.clear();
+            self.conns[i].pending = p;
+        }
+        let mut reads = 0;
+        let mut have_data = len > 0;
+        let mut drained = false;
+        loop {
+            if have_data {
+                have_data = false;
+                let now_us = self.sh.now_us();
+                let mut off = 0;
+                loop {
+                    let f = match parse_frame(&mut scratch[off..len]) {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break,
+                        Err(e) => {
+                            self.close(i, format!("client saw a protocol error: {e}"));
+                            return;
+                        }
+                    };
+                    if f.masked {
+                        self.st.masked_frames += 1;
+                    }
+                    let (ps, pe) = (off + f.start, off + f.end);
+                    off += f.end;
+                    // Fragments: collect until FIN.
+                    if f.opcode == 0 || (!f.fin && f.opcode < 8) {
+                        let c = &mut self.conns[i];
+                        if f.opcode != 0 {
+                            c.frag_op = f.opcode;
+                            c.frag.clear();
+                        }
+                        c.frag.extend_from_slice(&scratch[ps..pe]);
+                        if f.fin {
+                            let op = c.frag_op;
+                            let whole = std::mem::take(&mut c.frag);
+                            self.handle_message(i, op, &whole, now_us);
+                        }
+                    } else {
+                        self.handle_message(i, f.opcode, &scratch[ps..pe], now_us);
+                    }
+                    if self.conns[i].closed.is_some() {
+                        return;
+                    }
+                }
+                scratch.copy_within(off..len, 0);
+                len -= off;
+            }
+            if drained {
+                break;
+            }
+            if reads >= 16 {
+                // Fairness: come back to this one after the others.
+                self.again.push(i);
+                break;
+            }
+            if scratch.len() - len < 16384 {
+                let n = scratch.len() * 2;
+                scratch.resize(n, 0);
+            }
+            let room = scratch.len() - len;
+            let r = (&self.conns[i].sock).read(&mut scratch[len..]);
+            reads += 1;
+            match r {
+                Ok(0) => {
+                    self.close(
+                        i,
+                        "server closed the TCP connection without a close frame".into(),
+                    );
+                    return;
+                }
+                Ok(n) => {
+                    len += n;
+                    have_data = true;
+                    // A short read drained the socket: data arriving later raises a new
+                    // edge, so skip the read that would only return EAGAIN.
+                    drained = n < room && !hup;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.close(i, format!("read error: {}", e.kind()));
+                    return;
+                }
+            }
+        }
+        let c = &mut self.conns[i];
+        c.pending.extend_from_slice(&scratch[..len]);
+        if c.sender.is_some() {
+            self.top_up(i);
+        }
+    }
+
+    fn run(mut self) -> (Stats, Vec<Conn>) {
+        for (i, c) in self.conns.iter().enumerate() {
+            if let Err(e) = c.sock.set_nonblocking(true) {
+                eprintln!("set_nonblocking: {e}");
+            }
+            let flags = epoll::EventFlags::IN
+                | epoll::EventFlags::OUT
+                | epoll::EventFlags::RDHUP
+                | epoll::EventFlags::ET;
+            if let Err(e) = epoll::add(
+                &self.ep,
+                &c.sock,
+                epoll::EventData::new_u64(i as u64),
+                flags,
+            ) {
+                eprintln!("epoll add: {e}");
+            }
+        }
+        // Frames that arrived together with `joined`.
+        for i in 0..self.conns.len() {
+            if !self.conns[i].pending.is_empty() {
+                self.on_readable(i, false);
+            }
+        }
+        let senders: Vec<usize> = (0..self.conns.len())
+            .filter(|&i| self.conns[i].sender.is_some())
+            .collect();
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(1024);
+        let mut ping_epoch = 0u64;
+        let mut published = [0u64; 5];
+        loop {
+            let phase = self.sh.phase.load(Ordering::Relaxed);
+            if phase == STOP {
+                break;
+            }
+            let now = Instant::now();
+            let mut next_due: Option<Instant> = None;
+            if phase == SEND {
+                for &i in &senders {
+                    if self.conns[i]
+                        .sender
+                        .as_ref()
+                        .is_some_and(|s| s.interval.is_some())
+                    {
+                        if let Some(d) = self.pace(i, now) {
+                            next_due = Some(next_due.map_or(d, |n: Instant| n.min(d)));
+                        }
+                    } else {
+                        self.top_up(i);
+                    }
+                }
+            }
+            let pe = self.sh.ping_epoch.load(Ordering::Relaxed);
+            if pe != ping_epoch {
+                ping_epoch = pe;
+                for i in 0..self.conns.len() {
+                    if self.conns[i].closed.is_none() {
+                        encode_frame(&mut self.conns[i].out, 1, br#"{"type":"ping"}"#);
+                        self.flush(i);
+                    }
+                }
+            }
+            let timeout = if !self.again.is_empty() {
+                Duration::ZERO
+            } else {
+                match next_due {
+                    Some(d) => d
+                        .saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(50)),
+                    None => Duration::from_millis(50),
+                }
+            };
+            let ts = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: timeout.as_nanos() as _,
+            };
+            events.clear();
+            match epoll::wait(
+                &self.ep,
+                rustix::buffer::spare_capacity(&mut events),
+                Some(&ts),
+            ) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    eprintln!("epoll_wait: {e}");
+                    break;
+                }
+            }
+            let woke = Instant::now();
+            let again = std::mem::take(&mut self.again);
+            for i in again {
+                self.on_readable(i, true);
+            }
+            for ev in events.iter().copied() {
+                let flags = ev.flags;
+                let i = ev.data.u64() as usize;
+                if i >= self.conns.len() {
+                    continue;
+                }
+                if flags.intersects(
+                    epoll::EventFlags::IN
+                        | epoll::EventFlags::RDHUP
+                        | epoll::EventFlags::HUP
+                        | epoll::EventFlags::ERR,
+                ) {
+                    let hup = flags.intersects(
+                        epoll::EventFlags::RDHUP | epoll::EventFlags::HUP | epoll::EventFlags::ERR,
+                    );
+                    self.on_readable(i, hup);
+                }
+                if flags.contains(epoll::EventFlags::OUT) && !self.conns[i].out.is_empty() {
+                    self.flush(i);
+                }
+            }
+            // Coalesce: let frames pile up a little instead of waking up for each one.
+            if !self.sh.poll.is_zero() && !events.is_empty() {
+                let mut until = woke + self.sh.poll;
+                if let Some(d) = next_due {
+                    until = until.min(d);
+                }
+                let left = until.saturating_duration_since(Instant::now());
+                if !left.is_zero() {
+                    thread::sleep(left);
+                }
+            }
+            // Publish progress for the main thread.
+            let counters = [
+                (self.st.sent, &self.sh.sent),
+                (self.st.acks, &self.sh.acks),
+                (self.st.send_errors, &self.sh.send_errors),
+                (self.st.deliveries, &self.sh.deliveries),
+                (self.st.pongs, &self.sh.pongs),
+            ];
+            for (k, (now_val, target)) in counters.into_iter().enumerate() {
+                if now_val != published[k] {
+                    target.fetch_add(now_val - published[k], Ordering::Relaxed);
+                    published[k] = now_val;
+                }
+            }
+        }
+        let mut st = std::mem::take(&mut self.st);
+        for c in &self.conns {
+            if let Some(s) = &c.sender {
+                st.senders.push((s.idx, c.room, s.acked));
+            }
+            st.received.push((c.room, c.received));
+            if c.closed.is_none() {
+                st.open_at_end += 1;
+            }
+        }
+        (st, self.conns)
+    }
+}
+
+type WorkerHandle = thread::JoinHandle<(Stats, Vec<Conn>)>;
+
+fn spawn_workers(
+    socks: Vec<Ws>,
+    rooms_of: &[usize],
+    senders: Vec<Option<SenderState>>,
+    nworkers: usize,
+    nsenders: usize,
+    sh: &Arc<Shared>,
+) -> Result<Vec<WorkerHandle>, String> {
+    let mut parts: Vec<Vec<Conn>> = (0..nworkers).map(|_| Vec::new()).collect();
+    for (i, (ws, sender)) in socks.into_iter().zip(senders).enumerate() {
+        parts[i % nworkers].push(Conn {
+            sock: ws.sock,
+            pending: ws.pending,
+            frag: Vec::new(),
+            frag_op: 0,
+            out: Vec::new(),
+            received: 0,
+            last_seq: vec![0; nsenders],
+            closed: None,
+            sender,
+            room: rooms_of[i],
+        });
+    }
+    let mut hs = Vec::new();
+    for (k, conns) in parts.into_iter().enumerate() {
+        let ep = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| format!("epoll: {e}"))?;
+        let w = Worker {
+            ep,
+            conns,
+            scratch: vec![0; 256 * 1024],
+            st: Stats::default(),
+            sh: sh.clone(),
+            again: Vec::new(),
+        };
+        let h = thread::Builder::new()
+            .name(format!("worker-{k}"))
+            .stack_size(256 * 1024)
+            .spawn(move || w.run())
+            .map_err(|e| format!("spawn worker: {e}"))?;
+        hs.push(h);
+    }
+    Ok(hs)
+}
+
+fn join_workers(hs: Vec<WorkerHandle>) -> (Stats, Vec<Conn>) {
+    let mut st = Stats::default();
+    let mut conns = Vec::new();
+    for h in hs {
+        match h.join() {
+            Ok((s, c)) => {
+                st.merge(s);
+                conns.extend(c);
+            }
+            Err(_) => eprintln!("a worker thread panicked (loadgen bug)"),
+        }
+    }
+    (st, conns)
+}
+
+// ---------------------------------------------------------------------------------------
+// reporting helpers
+
+fn pct_ms(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[idx.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+fn lat_line(v: &mut [u32]) -> String {
+    v.sort_unstable();
+    if v.is_empty() {
+        return "no samples".into();
+    }
+    format!(
+        "p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  (n = {})",
+        pct_ms(v, 50.0),
+        pct_ms(v, 90.0),
+        pct_ms(v, 99.0),
+        pct_ms(v, 99.9),
+        v[v.len() - 1] as f64 / 1000.0,
+        v.len()
+    )
+}
+
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "FAIL"
+    }
+}
+
+struct Cpu {
+    server: Option<f64>,
+    threads: BTreeMap<String, f64>,
+    client: Option<f64>,
+    /// Machine-wide (process busy, irq + softirq, steal) CPU seconds from /proc/stat.
+    machine: Option<(f64, f64, f64)>,
+    at: Instant,
+}
+
+fn machine_cpu() -> Option<(f64, f64, f64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = s.lines().next()?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    if v.len() < 8 {
+        return None;
+    }
+    Some((
+        (v[0] + v[1] + v[2]) / 100.0,
+        (v[5] + v[6]) / 100.0,
+        v[7] / 100.0,
+    ))
+}
+
+fn cpu_now(pid: Option<&str>) -> Cpu {
+    Cpu {
+        server: pid.and_then(cpu_secs),
+        threads: pid.map(thread_cpu).unwrap_or_default(),
+        client: cpu_secs("self"),
+        machine: machine_cpu(),
+        at: Instant::now(),
+    }
+}
+
+fn cpu_report(a: &Cpu, b: &Cpu, per: Option<(u64, &str)>) {
+    let secs = b.at.duration_since(a.at).as_secs_f64();
+    if let (Some(x), Some(y)) = (a.server, b.server) {
+        let used = y - x;
+        let mut s = format!(
+            "  server CPU:   {:.0} % of one core ({used:.2} s in {secs:.1} s)",
+            100.0 * used / secs
+        );
+        if let Some((n, what)) = per {
+            if n > 0 {
+                s.push_str(&format!(", {:.2} µs per {what}", used * 1e6 / n as f64));
+            }
+        }
+        println!("{s}");
+        let busiest = thread_cpu_line(&a.threads, &b.threads, secs);
+        if !busiest.is_empty() {
+            println!("  server threads by CPU (one core = 100 %): {busiest}");
+        }
+    }
+    if let (Some(x), Some(y)) = (a.client, b.client) {
+        println!(
+            "  loadgen CPU:  {:.0} % of one core (on the same 2 cores)",
+            100.0 * (y - x) / secs
+        );
+        if let (Some(ma), Some(mb)) = (a.machine, b.machine) {
+            let ours = (y - x) + b.server.zip(a.server).map_or(0.0, |(q, p)| q - p);
+            let others = ((mb.0 - ma.0) - ours).max(0.0);
+            let steal = mb.2 - ma.2;
+            println!(
+                "  rest of the machine: irq/softirq {:.0} %, other processes {:.0} %, stolen by the host {:.0} % (of one core){}",
+                100.0 * (mb.1 - ma.1) / secs,
+                100.0 * others / secs,
+                100.0 * steal / secs,
+                if others / secs > 0.2 || steal / secs > 0.1 {
+                    "  <- noisy run, figures are not reliable"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// scenarios
+
+struct Target {
+    addr: SocketAddr,
+    pid: Option<String>,
+    server: Option<Server>,
+}
+
+fn run_id() -> String {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+        ^ ((std::process::id() as u64) << 20);
+    let mut x = t % 36u64.pow(6);
+    let mut s = Vec::new();
+    for _ in 0..6 {
+        s.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[(x % 36) as usize]);
+        x /= 36;
+    }
+    String::from_utf8(s).unwrap_or_else(|_| "run".into())
+}
+
+/// Is the server still up and answering? Adds what is wrong to `problems`.
+fn check_server(t: &mut Target, problems: &mut Vec<String>) {
+    if let Some(s) = t.server.as_mut() {
+        if let Some(st) = s.exited() {
+            problems.push(format!(
+                "the server process exited during the run: {st}\n  server log tail:\n{}",
+                s.log_tail(20)
+            ));
+            return;
+        }
+    }
+    let health = health(t.addr);
+    if let Err(e) = health {
+        let mut p = format!("GET /healthz after the run failed: {e}");
+        if let Some(s) = t.server.as_ref() {
+            p.push_str(&format!("\n  server log tail:\n{}", s.log_tail(12)));
+        }
+        problems.push(p);
+    }
+}
+
+fn health(addr: SocketAddr) -> Result<(), String> {
+    // A short timeout of its own: a deaf server must not stall the report.
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    s.write_all(
+        format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() > 65536 {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {
+                return Err(format!("no response within 5 s ({} bytes)", buf.len()))
+            }
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    match parse_head(&buf)? {
+        Some((200, ..)) => Ok(()),
+        Some((st, ..)) => Err(format!("HTTP {st}")),
+        None => Err(format!("no complete response ({} bytes)", buf.len())),
+    }
+}
+
+fn print_problems(problems: &[String], st: Option<&Stats>) {
+    let mut lines = problems.to_vec();
+    if let Some(st) = st {
+        if !st.closes.is_empty() {
+            for (why, n) in &st.closes {
+                lines.push(format!("{n} socket(s) ended: {why}"));
+            }
+        }
+        if !st.errors.is_empty() {
+            let e: Vec<String> = st.errors.iter().map(|(k, v)| format!("{k} x{v}")).collect();
+            lines.push(format!(
+                "error frames from the server: {}; first: {}",
+                e.join(", "),
+                st.error_samples.join(" | ")
+            ));
+        }
+        if st.masked_frames > 0 {
+            lines.push(format!(
+                "{} server frames were masked (RFC 6455 forbids it)",
+                st.masked_frames
+            ));
+        }
+        if st.unknown_acks > 0 {
+            lines.push(format!(
+                "{} acks did not match an in-flight ref",
+                st.unknown_acks
+            ));
+        }
+        if st.reorders > 0 {
+            lines.push(format!(
+                "{} deliveries arrived out of order or twice (per sender, per socket)",
+                st.reorders
+            ));
+        }
+        let interesting: Vec<String> = st
+            .other
+            .iter()
+            .filter(|(k, _)| k.as_str() != "joined")
+            .map(|(k, v)| format!("{k} x{v}"))
+            .collect();
+        if !interesting.is_empty() {
+            lines.push(format!("unexpected frames: {}", interesting.join(", ")));
+        }
+    }
+    if lines.is_empty() {
+        println!("  problems seen: none");
+    } else {
+        println!("  problems seen:");
+        for l in lines {
+            println!("    - {l}");
+        }
+    }
+}
+
+fn traffic(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
+    let addr = t.addr;
+    let mut problems = Vec::new();
+    let users = o.sockets.div_ceil(o.per_user);
+    let ts = Instant::now();
+    let tokens = make_accounts(addr, rid, users, &o.password, o.connectors)?;
+    println!(
+        "setup:    {users} accounts registered and logged in ({:.1} s)",
+        ts.elapsed().as_secs_f64()
+    );
+
+    // Rooms: fanout/burst/idle share one; acks gives each sender its own unless --one-room.
+    let mut rooms = vec![o.room.clone()];
+    if o.scenario == Scenario::Acks && !o.one_room {
+        rooms = (0..o.senders).map(|i| format!("lg{rid}-{i}")).collect();
+        for r in &rooms {
+            let body = serde_json::json!({"name": r}).to_string();
+            let resp = http(addr, "POST", "/api/rooms", Some(&body), Some(&tokens[0]))?;
+            if resp.status != 201 && resp.status != 409 {
+                return Err(format!(
+                    "POST /api/rooms {r}: HTTP {}: {} (use --one-room to skip room creation)",
+                    resp.status,
+                    short(&resp.body)
+                ));
+            }
+        }
+        println!("          {} rooms created, one per sender", rooms.len());
+    }
+    // Socket i joins rooms[i % rooms.len()]; the senders are sockets 0..senders.
+    let opened = open_sockets(addr, &tokens, o.per_user, &rooms, o.sockets, o.connectors);
+    let mut hs = opened.handshake_us.clone();
+    let mut js = opened.join_us.clone();
+    hs.sort_unstable();
+    js.sort_unstable();
+    println!(
+        "          {} sockets open and joined in {:.1} s; upgrade p50 {:.2} ms p99 {:.2} ms, join p50 {:.2} ms p99 {:.2} ms",
+        opened.socks.len(),
+        opened.elapsed.as_secs_f64(),
+        pct_ms(&hs, 50.0),
+        pct_ms(&hs, 99.0),
+        pct_ms(&js, 50.0),
+        pct_ms(&js, 99.0)
+    );
+    if let Some((i, e)) = &opened.failure {
+        check_server(t, &mut problems);
+        return Err(format!(
+            "socket {i} could not be opened: {e}{}",
+            problems
+                .first()
+                .map(|p| format!("\n{p}"))
+                .unwrap_or_default()
+        ));
+    }
+    let n = opened.socks.len();
+    let rooms_of: Vec<usize> = (0..n).map(|i| i % rooms.len()).collect();
+    let mut members = vec![0u64; rooms.len()];
+    for &r in &rooms_of {
+        members[r] += 1;
+    }
+    let paced = o.rate > 0.0;
+    let pad = "x".repeat(o.body_bytes.saturating_sub(24));
+    let senders: Vec<Option<SenderState>> = (0..n)
+        .map(|i| {
+            (i < o.senders).then(|| SenderState {
+                idx: i,
+                room_json: serde_json::to_string(&rooms[rooms_of[i]]).unwrap_or_default(),
+                pad: pad.clone(),
+                window: o.window,
+                interval: paced.then(|| Duration::from_secs_f64(o.senders as f64 / o.rate)),
+                next_due: None,
+                next_seq: 0,
+                inflight: HashMap::new(),
+                sent: 0,
+                acked: 0,
+            })
+        })
+        .collect();
+    let sh = Arc::new(Shared {
+        base: Instant::now(),
+        phase: AtomicU8::new(WARM),
+        t0_us: AtomicU64::new(0),
+        rate: o.rate,
+        poll: o.poll,
+        ping_epoch: AtomicU64::new(0),
+        sent: AtomicU64::new(0),
+        acks: AtomicU64::new(0),
+        send_errors: AtomicU64::new(0),
+        deliveries: AtomicU64::new(0),
+        closed: AtomicU64::new(0),
+        pongs: AtomicU64::new(0),
+    });
+    let workers = spawn_workers(opened.socks, &rooms_of, senders, o.workers, o.senders, &sh)?;
+    thread::sleep(Duration::from_millis(500)); // drain presence events
+
+    let pid = t.pid.clone();
+    let cpu0 = cpu_now(pid.as_deref());
+    let t0_us = sh.now_us();
+    sh.t0_us.store(t0_us, Ordering::SeqCst);
+    sh.phase.store(SEND, Ordering::SeqCst);
+    let t0 = sh.base + Duration::from_micros(t0_us);
+    let end = t0 + o.secs;
+    let mut last = (0u64, 0u64, 0u64, Instant::now());
+    let mut tick = t0 + Duration::from_secs(1);
+    while Instant::now() < end {
+        let now = Instant::now();
+        if now >= tick {
+            tick += Duration::from_secs(1);
+            let (s, a, d) = (
+                sh.sent.load(Ordering::Relaxed),
+                sh.acks.load(Ordering::Relaxed),
+                sh.deliveries.load(Ordering::Relaxed),
+            );
+            let dt = now.duration_since(last.3).as_secs_f64();
+            println!(
+                "  t={:>4.1}s  sent {:>8}/s  acked {:>8}/s  delivered {:>9}/s  closed sockets {}",
+                now.duration_since(t0).as_secs_f64(),
+                thousands(((s - last.0) as f64 / dt) as u64),
+                thousands(((a - last.1) as f64 / dt) as u64),
+                thousands(((d - last.2) as f64 / dt) as u64),
+                sh.closed.load(Ordering::Relaxed)
+            );
+            last = (s, a, d, now);
+            if t.server.as_mut().is_some_and(|s| s.exited().is_some()) {
+                break;
+            }
+        }
+        thread::sleep(
+            end.min(tick)
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(100)),
+        );
+    }
+    sh.phase.store(DRAIN, Ordering::SeqCst);
+    let stop_at = Instant::now();
+    let window_secs = stop_at.duration_since(t0).as_secs_f64();
+    let cpu1 = cpu_now(pid.as_deref());
+    let (acked_w, deliv_w) = (
+        sh.acks.load(Ordering::SeqCst),
+        sh.deliveries.load(Ordering::SeqCst),
+    );
+    // Drain: wait for outstanding acks and deliveries (bounded).
+    let factor = members.iter().sum::<u64>() / rooms.len() as u64;
+    let drain_deadline = stop_at + Duration::from_secs(10);
+    let mut last_change = (sh.deliveries.load(Ordering::SeqCst), Instant::now());
+    while Instant::now() < drain_deadline {
+        let s = sh.sent.load(Ordering::SeqCst);
+        let a = sh.acks.load(Ordering::SeqCst);
+        let e = sh.send_errors.load(Ordering::SeqCst);
+        let d = sh.deliveries.load(Ordering::SeqCst);
+        if a + e >= s && d >= a * factor {
+            break;
+        }
+        if d != last_change.0 {
+            last_change = (d, Instant::now());
+        } else if last_change.1.elapsed() > Duration::from_secs(3) && a + e >= s {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let drain_secs = stop_at.elapsed().as_secs_f64();
+    sh.phase.store(STOP, Ordering::SeqCst);
+    let (mut st, conns) = join_workers(workers);
+    check_server(t, &mut problems);
+
+    // Expected deliveries: every acknowledged message reaches every member of its room.
+    let mut acked_per_room = vec![0u64; rooms.len()];
+    for &(_, room, acked) in &st.senders {
+        acked_per_room[room] += acked;
+    }
+    let expected: u64 = (0..rooms.len())
+        .map(|r| acked_per_room[r] * members[r])
+        .sum();
+    let short_socks = st
+        .received
+        .iter()
+        .filter(|(room, got)| *got < acked_per_room[*room])
+        .count();
+    let lost = expected.saturating_sub(st.deliveries);
+
+    println!();
+    println!("results:");
+    println!(
+        "  messages:     {} sent, {} acknowledged, {} answered with an error, {} unanswered after a {:.1} s drain",
+        thousands(st.sent),
+        thousands(st.acks),
+        st.send_errors,
+        st.sent.saturating_sub(st.acks + st.send_errors),
+        drain_secs
+    );
+    if st.pacer_skipped > 0 {
+        println!(
+            "  pacer:        {} sends skipped because the loadgen fell > 1 s behind",
+            st.pacer_skipped
+        );
+    }
+    println!(
+        "  deliveries:   {} expected (acked messages x room members), {} received, {} missing, {} sockets short",
+        thousands(expected),
+        thousands(st.deliveries),
+        thousands(lost),
+        short_socks
+    );
+    println!(
+        "  sending window: {window_secs:.2} s; in it {} msgs acked/s, {} deliveries/s",
+        thousands((acked_w as f64 / window_secs) as u64),
+        thousands((deliv_w as f64 / window_secs) as u64)
+    );
+    println!("  send->receive latency: {}", lat_line(&mut st.lat_us));
+    println!("  ack latency:           {}", lat_line(&mut st.ack_lat_us));
+    if st.by_sec.len() > 1 {
+        let cells: Vec<String> = st
+            .by_sec
+            .iter()
+            .map(|(n, max, over)| {
+                if *over > 0 {
+                    format!(
+                        "{:.0}ms({:.1}%>50ms)",
+                        *max as f64 / 1e3,
+                        100.0 * *over as f64 / *n as f64
+                    )
+                } else {
+                    format!("{:.0}ms", *max as f64 / 1e3)
+                }
+            })
+            .collect();
+        println!("  max latency by second of send time: {}", cells.join(" "));
+    }
+    cpu_report(
+        &cpu0,
+        &cpu1,
+        Some(if o.scenario == Scenario::Acks {
+            (acked_w, "acked message")
+        } else {
+            (deliv_w, "delivery")
+        }),
+    );
+    drop(conns);
+    print_problems(&problems, Some(&st));
+
+    println!();
+    let ok = match o.scenario {
+        Scenario::Fanout => {
+            let p99 = pct_ms(&st.lat_us, 99.0);
+            let ok1 = p99 < 50.0;
+            let ok2 = lost == 0 && st.acks > 0 && st.acks == st.sent;
+            println!(
+                "verdict:  p99 send->receive {p99:.2} ms (target < 50 ms): {}",
+                verdict(ok1)
+            );
+            println!(
+                "          nothing lost ({} of {} deliveries, {} of {} messages acked): {}",
+                thousands(st.deliveries),
+                thousands(expected),
+                thousands(st.acks),
+                thousands(st.sent),
+                verdict(ok2)
+            );
+            ok1 && ok2
+        }
+        Scenario::Burst => {
+            let rate = deliv_w as f64 / window_secs;
+            let ok1 = rate >= 250_000.0;
+            println!(
+                "verdict:  {} deliveries/s (target >= 250,000): {}",
+                thousands(rate as u64),
+                verdict(ok1)
+            );
+            if lost > 0 {
+                println!(
+                    "          {} deliveries missing after the drain: FAIL",
+                    thousands(lost)
+                );
+            }
+            ok1 && lost == 0
+        }
+        Scenario::Acks => {
+            let rate = acked_w as f64 / window_secs;
+            let ok1 = rate >= 5000.0;
+            println!(
+                "verdict:  {} acknowledged messages/s from {} senders (target >= 5,000): {}",
+                thousands(rate as u64),
+                o.senders,
+                verdict(ok1)
+            );
+            ok1
+        }
+        Scenario::Idle => unreachable!(),
+    };
+    Ok(ok && problems.is_empty())
+}
+
+fn idle(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
+    let addr = t.addr;
+    let mut problems = Vec::new();
+    let users = o.sockets.div_ceil(o.per_user);
+    let ts = Instant::now();
+    let tokens = make_accounts(addr, rid, users, &o.password, o.connectors)?;
+    println!(
+        "setup:    {users} accounts registered and logged in ({:.1} s)",
+        ts.elapsed().as_secs_f64()
+    );
+    let pid = t.pid.clone();
+    thread::sleep(Duration::from_secs(1));
+    let p = pid.as_deref();
+    let (rss0, thr0, fd0) = (p.and_then(rss_kib), p.and_then(threads), p.and_then(fds));
+    let rooms = vec![o.room.clone()];
+    let opened = open_sockets(addr, &tokens, o.per_user, &rooms, o.sockets, o.connectors);
+    let n = opened.socks.len();
+    let mut hs = opened.handshake_us.clone();
+    let mut js = opened.join_us.clone();
+    hs.sort_unstable();
+    js.sort_unstable();
+    println!(
+        "          {n} sockets open and joined in {:.1} s; upgrade p50 {:.2} ms p99 {:.2} ms, join p50 {:.2} ms p99 {:.2} ms",
+        opened.elapsed.as_secs_f64(),
+        pct_ms(&hs, 50.0),
+        pct_ms(&hs, 99.0),
+        pct_ms(&js, 50.0),
+        pct_ms(&js, 99.0)
+    );
+    if let Some((i, e)) = &opened.failure {
+        println!("          stopped at socket {i} of {}: {e}", o.sockets);
+        problems.push(format!(
+            "socket {i} (after {n} open) could not be opened: {e}"
+        ));
+    }
+    if n == 0 {
+        check_server(t, &mut problems);
+        print_problems(&problems, None);
+        return Err("no socket could be opened".into());
+    }
+    let rooms_of = vec![0usize; n];
+    let senders = (0..n).map(|_| None).collect();
+    let sh = Arc::new(Shared {
+        base: Instant::now(),
+        phase: AtomicU8::new(WARM),
+        t0_us: AtomicU64::new(0),
+        rate: 0.0,
+        poll: o.poll,
+        ping_epoch: AtomicU64::new(0),
+        sent: AtomicU64::new(0),
+        acks: AtomicU64::new(0),
+        send_errors: AtomicU64::new(0),
+        deliveries: AtomicU64::new(0),
+        closed: AtomicU64::new(0),
+        pongs: AtomicU64::new(0),
+    });
+    let workers = spawn_workers(opened.socks, &rooms_of, senders, o.workers, 0, &sh)?;
+    // Let presence settle and idle pool threads of the server go.
+    thread::sleep(Duration::from_secs(2));
+    let (rss1, thr1, fd1) = (p.and_then(rss_kib), p.and_then(threads), p.and_then(fds));
+    let cpu_a = cpu_now(p);
+    println!("holding {n} sockets for {:.1} s ...", o.hold.as_secs_f64());
+    thread::sleep(o.hold);
+    let cpu_b = cpu_now(p);
+    let (rss2, thr2, fd2) = (p.and_then(rss_kib), p.and_then(threads), p.and_then(fds));
+    // Liveness: every socket should still answer a ping.
+    let tp = Instant::now();
+    let open_before_ping = n as u64 - sh.closed.load(Ordering::SeqCst);
+    sh.ping_epoch.store(1, Ordering::SeqCst);
+    while tp.elapsed() < Duration::from_secs(15)
+        && sh.pongs.load(Ordering::SeqCst) < open_before_ping
+    {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let ping_secs = tp.elapsed().as_secs_f64();
+    sh.phase.store(STOP, Ordering::SeqCst);
+    let (st, conns) = join_workers(workers);
+    check_server(t, &mut problems);
+
+    println!();
+    println!("results:");
+    let kib = |v: Option<u64>| v.map_or("n/a".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+    let cnt = |v: Option<usize>| v.map_or("n/a".into(), |k| k.to_string());
+    println!(
+        "  server RSS:     before {}  after open {}  after hold {}",
+        kib(rss0),
+        kib(rss1),
+        kib(rss2)
+    );
+    println!(
+        "  server threads: before {}  after open {}  after hold {}",
+        cnt(thr0),
+        cnt(thr1),
+        cnt(thr2)
+    );
+    println!(
+        "  server fds:     before {}  after open {}  after hold {}",
+        cnt(fd0),
+        cnt(fd1),
+        cnt(fd2)
+    );
+    let mut ok = true;
+    match (rss0, rss2, thr0, thr2) {
+        (Some(r0), Some(r2), Some(t0), Some(t2)) => {
+            let per = (r2 as f64 - r0 as f64) / n as f64;
+            let tper = (t2 as f64 - t0 as f64) / n as f64;
+            println!(
+                "  per socket:     {per:.1} KiB RSS, {tper:.2} threads{}",
+                match (fd0, fd2) {
+                    (Some(a), Some(b)) => format!(", {:.2} fds", (b as f64 - a as f64) / n as f64),
+                    _ => String::new(),
+                }
+            );
+            cpu_report(&cpu_a, &cpu_b, None);
+            println!(
+                "  liveness:       {} of {} sockets answered a ping within {ping_secs:.1} s; {} open at the end",
+                st.pongs, open_before_ping, st.open_at_end
+            );
+            if st.pongs < open_before_ping {
+                problems.push(format!(
+                    "{} sockets did not answer a ping",
+                    open_before_ping - st.pongs
+                ));
+            }
+            if let Some(me) = rss_kib("self") {
+                println!("  loadgen RSS:    {:.1} MiB", me as f64 / 1024.0);
+            }
+            drop(conns);
+            print_problems(&problems, Some(&st));
+            println!();
+            let ok1 = per < 40.0;
+            let ok2 = tper <= 2.0;
+            println!(
+                "verdict:  {per:.1} KiB RSS per socket (target < 40): {}",
+                verdict(ok1)
+            );
+            println!(
+                "          {tper:.2} server threads per socket (target <= 2): {}",
+                verdict(ok2)
+            );
+            if n < o.sockets {
+                println!(
+                    "          only {n} of {} sockets could be opened: FAIL (see problems above)",
+                    o.sockets
+                );
+                ok = false;
+            }
+            ok = ok && ok1 && ok2;
+        }
+        _ => {
+            println!(
+                "  (no server pid: RSS and threads not measured; pass --server-pid with --addr)"
+            );
+            println!(
+                "  liveness:       {} of {} sockets answered a ping within {ping_secs:.1} s",
+                st.pongs, open_before_ping
+            );
+            drop(conns);
+            print_problems(&problems, Some(&st));
+            ok = n == o.sockets;
+        }
+    }
+    Ok(ok && problems.is_empty())
+}
+
+fn raise_nofile() -> String {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let cur = getrlimit(Resource::Nofile);
+    let want = cur.maximum;
+    match setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: want,
+            maximum: cur.maximum,
+        },
+    ) {
+        Ok(()) => want.map_or("unlimited".into(), |v| v.to_string()),
+        Err(e) => format!(
+            "{} (raising failed: {e})",
+            cur.current.map_or("unlimited".into(), |v| v.to_string())
+        ),
+    }
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    let o = match parse_args(argv[1..].to_vec()) {
+        Ok(o) => o,
+        Err(e) if e.is_empty() => {
+            print!("{USAGE}");
+            return;
+        }
+        Err(e) => {
+            eprintln!("loadgen: {e}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    let nofile = raise_nofile();
+    println!("parley loadgen: scenario {}", o.scenario.name());
+    println!("command:  {}", argv.join(" "));
+    println!(
+        "          (= cargo run --release --example loadgen -- {})",
+        argv[1..].join(" ")
+    );
+    let cores = thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "machine:  {cores} cores, Linux {}, loadgen RLIMIT_NOFILE {nofile}, client threads: {} epoll + {} connectors",
+        kernel.trim(),
+        o.workers,
+        o.connectors
+    );
+    let mut target = if let Some(a) = &o.addr {
+        let addr = match a.to_socket_addrs().ok().and_then(|mut i| i.next()) {
+            Some(a) => a,
+            None => {
+                eprintln!("loadgen: cannot resolve --addr {a}");
+                std::process::exit(2);
+            }
+        };
+        if !addr.ip().is_loopback() {
+            eprintln!("loadgen: --addr must be a loopback address (127.0.0.0/8 or ::1)");
+            std::process::exit(2);
+        }
+        println!(
+            "server:   running server at {addr} (settings unknown to the loadgen; rate limits must be off){}",
+            o.server_pid.map_or(String::new(), |p| format!(", pid {p}"))
+        );
+        Target {
+            addr,
+            pid: o.server_pid.map(|p| p.to_string()),
+            server: None,
+        }
+    } else {
+        match Server::start(&o.server_bin, &o.server_args, o.keep) {
+            Ok(s) => {
+                println!("server:   {}", s.cmdline);
+                println!(
+                    "          pid {}, listening on {}, log {}, RUST_LOG={}",
+                    s.pid,
+                    s.addr,
+                    s.log.display(),
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "(unset)".into())
+                );
+                Target {
+                    addr: s.addr,
+                    pid: Some(s.pid.to_string()),
+                    server: Some(s),
+                }
+            }
+            Err(e) => {
+                eprintln!("loadgen: {e}");
+                std::process::exit(1);
+            }
+        }
+    };
+    let settings = match o.scenario {
+        Scenario::Idle => format!(
+            "sockets={} per-user={} room={} hold={:.1}s",
+            o.sockets,
+            o.per_user,
+            o.room,
+            o.hold.as_secs_f64()
+        ),
+        _ => format!(
+            "sockets={} senders={} {} secs={:.1} body-bytes={} per-user={} rooms={} poll-us={}",
+            o.sockets,
+            o.senders,
+            if o.rate > 0.0 {
+                format!("rate={}/s (paced, open loop)", o.rate)
+            } else {
+                format!("window={} in flight per sender", o.window)
+            },
+            o.secs.as_secs_f64(),
+            o.body_bytes,
+            o.per_user,
+            if o.scenario == Scenario::Acks && !o.one_room {
+                "one per sender".to_string()
+            } else {
+                o.room.clone()
+            },
+            o.poll.as_micros()
+        ),
+    };
+    println!("settings: {settings}");
+    let rid = run_id();
+    let res = match o.scenario {
+        Scenario::Idle => idle(&o, &mut target, &rid),
+        _ => traffic(&o, &mut target, &rid),
+    };
+    if let Some(s) = target.server.as_mut() {
+        thread::sleep(Duration::from_millis(200));
+        println!("shutdown: {}", s.stop());
+    }
+    drop(target);
+    match res {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(3),
+        Err(e) => {
+            eprintln!("loadgen: run failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}
