@@ -411,10 +411,21 @@ pub fn require(
 }
 
 /// A room by name, or 404.
+///
+/// Rooms are only ever added, so found ones are remembered: joining and sending then
+/// cost no database read, and idle sockets' threads keep small stacks.
 pub fn find_room(app: &App, name: &str) -> Result<Room, ApiError> {
-    app.store
+    if let Some(room) = app.rooms.lock().ok().and_then(|r| r.get(name).cloned()) {
+        return Ok(room);
+    }
+    let room = app
+        .store
         .room(name)?
-        .ok_or_else(|| ApiError::not_found(format!("no room named {name:?}")))
+        .ok_or_else(|| ApiError::not_found(format!("no room named {name:?}")))?;
+    if let Ok(mut rooms) = app.rooms.lock() {
+        rooms.insert(room.name.clone(), room.clone());
+    }
+    Ok(room)
 }
 
 /// A page of a room's history.

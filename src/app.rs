@@ -18,6 +18,8 @@ pub struct App {
     pub store: Store,
     /// Passwords and tokens.
     pub auth: Auth,
+    /// Rooms found so far, by name (rooms are never renamed or removed).
+    pub rooms: std::sync::Mutex<std::collections::HashMap<String, crate::model::Room>>,
     /// Live sockets and rooms.
     pub hub: Arc<Hub>,
     /// Delivers committed events in commit order.

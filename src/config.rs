@@ -77,7 +77,7 @@ impl Default for Config {
             max_body_bytes: 64 * 1024,
             max_frame_bytes: 64 * 1024,
             max_message_chars: 4000,
-            ws_read_buffer: 4096,
+            ws_read_buffer: 1024,
             http_workers: 16,
             socket_thread_stack: 128 * 1024,
         }

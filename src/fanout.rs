@@ -22,6 +22,13 @@ pub enum Target {
         /// Message id, for room messages only.
         id: Option<i64>,
     },
+    /// Every socket in a room but one (presence about the joiner).
+    RoomExcept {
+        /// Room name.
+        name: String,
+        /// The socket left out.
+        except: u64,
+    },
     /// Every socket of a user.
     User(i64),
     /// One socket.
@@ -112,9 +119,14 @@ fn queue(hub: &Hub, target: &Target, frame: &Frame, touched: &mut HashMap<u64, A
     };
     match target {
         Target::Room { name, id } => {
-            for p in hub.room_sockets(name).iter() {
-                put(p, id.map(|id| (name.as_str(), id)));
-            }
+            hub.for_each_in_room(name, |p| put(p, id.map(|id| (name.as_str(), id))));
+        }
+        Target::RoomExcept { name, except } => {
+            hub.for_each_in_room(name, |p| {
+                if p.id != *except {
+                    put(p, None)
+                }
+            });
         }
         Target::User(user_id) => {
             for p in &hub.user_peers(*user_id) {

@@ -1,19 +1,19 @@
-//! Who is connected, who is in which room, and fan-out.
+//! Who is connected and who is in which room.
 //!
-//! Room member lists are copy-on-write (`Arc<[Arc<Peer>]>`): a broadcast clones the
-//! list's pointer under a short lock and then writes to each peer without holding
-//! anything, so a 1,000-way fan-out never blocks a join (NOTES.md). Presence is per
-//! user: a user is online in a room while at least one of their sockets is in it.
+//! Delivery is elsewhere ([`crate::fanout`]): the hub only answers "which sockets?".
+//! Walking a room's members happens under its lock but costs only a queue push per
+//! socket (no system call), so a 1,000-way walk holds a join up for tens of
+//! microseconds, and joins never copy the member list. Presence is per user: a user
+//! is online in a room while at least one of their sockets is in it.
 
-use crate::peer::{Frame, Peer};
-use serde_json::json;
+use crate::peer::Peer;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 #[derive(Default)]
 struct RoomMembers {
-    sockets: Arc<[Arc<Peer>]>,
+    sockets: Vec<Arc<Peer>>,
     /// user id → (username, how many of their sockets are in the room)
     users: HashMap<i64, (String, usize)>,
 }
@@ -49,9 +49,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn presence(user: &str, room: &str, status: &str) -> Frame {
-    let v = json!({"type": "presence", "user": user, "room": room, "status": status});
-    crate::peer::text_frame(&v.to_string())
+/// What joining a room changed.
+pub struct Joined {
+    /// Distinct usernames online in the room, the joiner included, sorted.
+    pub online: Vec<String>,
+    /// Whether this was the user's first socket in the room (others hear `online`).
+    pub first_of_user: bool,
 }
 
 impl Hub {
@@ -115,11 +118,14 @@ impl Hub {
         s.by_id.insert(peer.id, peer);
     }
 
-    /// Removes a socket from its rooms and the registry.
-    pub fn unregister(&self, peer: &Arc<Peer>, rooms: &[String]) {
-        for room in rooms {
-            self.leave(peer, room);
-        }
+    /// Removes a socket from its rooms and the registry; returns the rooms it was the
+    /// user's last socket in.
+    pub fn unregister(&self, peer: &Arc<Peer>, rooms: &[String]) -> Vec<String> {
+        let gone = rooms
+            .iter()
+            .filter(|room| self.leave(peer, room) == Some(true))
+            .cloned()
+            .collect();
         let mut s = lock(&self.sockets);
         s.by_id.remove(&peer.id);
         if let Some(list) = s.by_user.get_mut(&peer.user_id) {
@@ -128,6 +134,7 @@ impl Hub {
                 s.by_user.remove(&peer.user_id);
             }
         }
+        gone
     }
 
     /// Open sockets.
@@ -149,76 +156,49 @@ impl Hub {
             .unwrap_or_default()
     }
 
-    /// Adds `peer` to `room`; returns the online usernames (the joiner included).
-    /// Others hear `presence online` if this is the user's first socket in the room.
-    pub fn join(&self, peer: &Arc<Peer>, room: &str) -> Vec<String> {
-        let (online, others) = {
-            let mut rooms = lock(&self.rooms);
-            let members = rooms.entry(room.to_owned()).or_default();
+    /// Adds `peer` to `room` (joining twice is harmless).
+    pub fn join(&self, peer: &Arc<Peer>, room: &str) -> Joined {
+        let mut rooms = lock(&self.rooms);
+        let members = rooms.entry(room.to_owned()).or_default();
+        let mut first_of_user = false;
+        if !members.sockets.iter().any(|p| p.id == peer.id) {
+            members.sockets.push(peer.clone());
             let entry = members
                 .users
                 .entry(peer.user_id)
                 .or_insert_with(|| (peer.username.clone(), 0));
             entry.1 += 1;
-            let first = entry.1 == 1;
-            let others = first.then(|| members.sockets.clone());
-            let mut list: Vec<Arc<Peer>> = members.sockets.iter().cloned().collect();
-            list.push(peer.clone());
-            members.sockets = list.into();
-            let mut online: Vec<String> = members.users.values().map(|u| u.0.clone()).collect();
-            online.sort();
-            (online, others)
-        };
-        if let Some(others) = others {
-            let frame = presence(&peer.username, room, "online");
-            for p in others.iter().filter(|p| p.id != peer.id) {
-                p.send(&frame);
-            }
+            first_of_user = entry.1 == 1;
         }
-        online
+        let mut online: Vec<String> = members.users.values().map(|u| u.0.clone()).collect();
+        online.sort();
+        Joined {
+            online,
+            first_of_user,
+        }
     }
 
-    /// Removes `peer` from `room`; returns whether it was there. Others hear
-    /// `presence offline` when the user's last socket leaves.
-    pub fn leave(&self, peer: &Arc<Peer>, room: &str) -> bool {
-        let remaining = {
-            let mut rooms = lock(&self.rooms);
-            let Some(members) = rooms.get_mut(room) else {
-                return false;
-            };
-            if !members.sockets.iter().any(|p| p.id == peer.id) {
-                return false;
+    /// Removes `peer` from `room`. Returns `None` if it was not there, else whether it
+    /// was the user's last socket in the room (others hear `offline`).
+    pub fn leave(&self, peer: &Arc<Peer>, room: &str) -> Option<bool> {
+        let mut rooms = lock(&self.rooms);
+        let members = rooms.get_mut(room)?;
+        let at = members.sockets.iter().position(|p| p.id == peer.id)?;
+        members.sockets.swap_remove(at);
+        let last = match members.users.get_mut(&peer.user_id) {
+            Some(u) => {
+                u.1 -= 1;
+                u.1 == 0
             }
-            members.sockets = members
-                .sockets
-                .iter()
-                .filter(|p| p.id != peer.id)
-                .cloned()
-                .collect::<Vec<_>>()
-                .into();
-            let last = match members.users.get_mut(&peer.user_id) {
-                Some(u) => {
-                    u.1 -= 1;
-                    u.1 == 0
-                }
-                None => false,
-            };
-            if last {
-                members.users.remove(&peer.user_id);
-            }
-            let remaining = last.then(|| members.sockets.clone());
-            if members.sockets.is_empty() {
-                rooms.remove(room);
-            }
-            remaining
+            None => false,
         };
-        if let Some(others) = remaining {
-            let frame = presence(&peer.username, room, "offline");
-            for p in others.iter() {
-                p.send(&frame);
-            }
+        if last {
+            members.users.remove(&peer.user_id);
         }
-        true
+        if members.sockets.is_empty() {
+            rooms.remove(room);
+        }
+        Some(last)
     }
 
     /// Distinct users online in `room`.
@@ -226,12 +206,12 @@ impl Hub {
         lock(&self.rooms).get(room).map_or(0, |m| m.users.len())
     }
 
-    /// The sockets in `room` now (a snapshot; the lock is held only to copy a pointer).
-    pub fn room_sockets(&self, room: &str) -> Arc<[Arc<Peer>]> {
-        lock(&self.rooms)
-            .get(room)
-            .map(|m| m.sockets.clone())
-            .unwrap_or_else(|| Arc::from(Vec::new()))
+    /// Calls `f` on every socket in `room`, under the room lock: `f` must be quick
+    /// (a queue push, no system call).
+    pub fn for_each_in_room(&self, room: &str, mut f: impl FnMut(&Arc<Peer>)) {
+        if let Some(members) = lock(&self.rooms).get(room) {
+            members.sockets.iter().for_each(&mut f);
+        }
     }
 
     /// Closes every socket of `user_id` with `code`.

@@ -56,6 +56,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         expiry: ExpiryTimer::start().map_err(|e| e.to_string())?,
         activity: Default::default(),
         known_sockets: Default::default(),
+        rooms: Default::default(),
         local_addr: local,
         shutting_down: Default::default(),
         cfg,

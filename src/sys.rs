@@ -42,18 +42,27 @@ impl KnownSockets {
     /// Finds the TCP socket whose local port is `local_port` and whose peer is `peer`,
     /// duplicates it, and records its descriptor numbers.
     pub fn claim(&self, local_port: u16, peer: SocketAddr) -> std::io::Result<Option<Claimed>> {
-        let skip = self.known().clone();
-        let mut found = None;
-        scan(&skip, |fd| {
+        let mut known = self.known();
+        let matches = |fd: BorrowedFd<'_>| -> Option<(i32, OwnedFd)> {
             if !is_connection(fd, local_port, peer) {
-                return true;
+                return None;
             }
-            if let Some(dup) = verified_dup(fd, |d| is_connection(d, local_port, peer)) {
-                found = Some((fd.as_raw_fd(), dup));
-                return false;
-            }
-            true
-        })?;
+            let dup = verified_dup(fd, |d| is_connection(d, local_port, peer))?;
+            Some((fd.as_raw_fd(), dup))
+        };
+        // The kernel hands out the lowest free number, so a new connection sits low:
+        // counting up past the known numbers finds it without listing /proc (which
+        // costs milliseconds with thousands of descriptors open).
+        let upto = known.iter().max().copied().unwrap_or(0).saturating_add(256);
+        let mut found = (0..=upto)
+            .filter(|n| !known.contains(n))
+            .find_map(|n| matches(borrow(n)));
+        if found.is_none() {
+            scan(&known, |fd| {
+                found = matches(fd);
+                found.is_none()
+            })?;
+        }
         let Some((number, fd)) = found else {
             return Ok(None);
         };
@@ -61,14 +70,11 @@ impl KnownSockets {
         // number; skip that one too when it is ours.
         let mut numbers = vec![number, fd.as_raw_fd()];
         for n in [number - 1, number + 1] {
-            if n < 0 || numbers.contains(&n) {
-                continue;
-            }
-            if is_connection(borrow(n), local_port, peer) {
+            if n >= 0 && !numbers.contains(&n) && is_connection(borrow(n), local_port, peer) {
                 numbers.push(n);
             }
         }
-        self.known().extend(numbers.iter().copied());
+        known.extend(numbers.iter().copied());
         Ok(Some(Claimed { fd, numbers }))
     }
 

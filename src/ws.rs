@@ -51,6 +51,10 @@ pub fn upgrade(app: &Arc<App>, request: Request) {
     }
     let stream = request.upgrade("websocket", response);
     peer.start_writing();
+    // Done here rather than on the socket's own thread, whose stack (resident for the
+    // socket's whole life) stays smaller for it.
+    nudge_http_pool(app.local_addr);
+    audit_socket(app, &peer, "ws_connect");
     let app2 = app.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("ws-{}", peer.id))
@@ -216,7 +220,6 @@ fn nudge_http_pool(listening: std::net::SocketAddr) {
 }
 
 fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {
-    nudge_http_pool(app.local_addr);
     let identity = Identity {
         user_id: peer.user_id,
         username: peer.username.clone(),
@@ -231,7 +234,6 @@ fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {
         rate: (app.cfg.msg_rate > 0)
             .then(|| TokenBucket::new(app.cfg.msg_rate, Duration::from_secs(1))),
     };
-    conn.audit("ws_connect", json!({}));
     let config = WebSocketConfig::default()
         .read_buffer_size(app.cfg.ws_read_buffer)
         .max_message_size(Some(app.cfg.max_frame_bytes))
@@ -249,8 +251,10 @@ fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {
         peer.close(1011, "internal error");
     }
     let rooms: Vec<String> = conn.rooms.iter().map(|r| r.name.clone()).collect();
-    app.hub.unregister(&peer, &rooms);
-    conn.audit("ws_disconnect", json!({}));
+    for room in app.hub.unregister(&peer, &rooms) {
+        presence(app, &peer, room, "offline");
+    }
+    audit_socket(app, &peer, "ws_disconnect");
     peer.wait_drained(DRAIN_TIMEOUT);
     peer.kill();
     // The numbers are reused once tiny_http closes the connection (dropping `io`).
@@ -298,17 +302,18 @@ fn read_loop(conn: &mut Conn, ctx: &mut WebSocketContext, io: &mut Duplex) {
     }
 }
 
-impl Conn {
-    fn audit(&self, action: &'static str, detail: Value) {
-        self.app.store.audit(AuditEntry {
-            actor: Some(self.actor.username.clone()),
-            action,
-            target: None,
-            ip: self.actor.ip.clone(),
-            detail: json!({"socket": self.peer.id, "detail": detail}),
-        });
-    }
+/// Records a socket's connect or disconnect.
+fn audit_socket(app: &App, peer: &Peer, action: &'static str) {
+    app.store.audit(AuditEntry {
+        actor: Some(peer.username.clone()),
+        action,
+        target: None,
+        ip: Some(peer.ip.clone()),
+        detail: json!({"socket": peer.id}),
+    });
+}
 
+impl Conn {
     fn send_json(&self, json: &str) {
         self.peer.send(&text_frame(json));
     }
@@ -386,16 +391,15 @@ impl Conn {
         if since.is_some() {
             self.peer.hold();
         }
-        let online = if already {
-            self.app.hub.leave(&self.peer, name);
-            self.app.hub.join(&self.peer, name)
-        } else {
-            self.app.hub.join(&self.peer, name)
-        };
+        let joined = self.app.hub.join(&self.peer, name);
+        if joined.first_of_user {
+            presence(&self.app, &self.peer, name.to_owned(), "online");
+        }
         if !already {
             self.rooms.push(room.clone());
         }
-        let joined = json!({"type": "joined", "room": name, "online": online, "ref": reference});
+        let joined =
+            json!({"type": "joined", "room": name, "online": joined.online, "ref": reference});
         self.peer.send_direct(&text_frame(&joined.to_string()));
         if let Some(since) = since {
             let last = self.replay(&room, since);
@@ -433,7 +437,9 @@ impl Conn {
         if before == self.rooms.len() {
             return Err(ApiError::bad_request(format!("not in room {name:?}")));
         }
-        self.app.hub.leave(&self.peer, name);
+        if self.app.hub.leave(&self.peer, name) == Some(true) {
+            presence(&self.app, &self.peer, name.to_owned(), "offline");
+        }
         self.send_json(&json!({"type": "left", "room": name, "ref": reference}).to_string());
         Ok(())
     }
@@ -480,7 +486,25 @@ impl Conn {
     }
 }
 
-/// Acknowledges a stored message, or reports why it was not stored.
+/// Tells a room that `peer`'s user came online (to everyone but `peer`) or went
+/// offline.
+fn presence(app: &App, peer: &Peer, room: String, status: &str) {
+    let v = json!({"type": "presence", "user": peer.username, "room": room, "status": status});
+    let target = if status == "online" {
+        Target::RoomExcept {
+            name: room,
+            except: peer.id,
+        }
+    } else {
+        Target::Room {
+            name: room,
+            id: None,
+        }
+    };
+    app.fanout
+        .deliver(vec![(target, text_frame(&v.to_string()))]);
+}
+
 /// Acknowledges a stored message, or reports why it was not stored. Runs on the writer
 /// thread after the commit and goes through the fan-out, so the ack follows the
 /// message's own broadcast.
