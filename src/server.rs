@@ -21,16 +21,7 @@ use std::time::{Duration, Instant};
 pub fn serve(cfg: Config) -> Result<(), String> {
     let mut cfg = cfg;
     let fd_limit = crate::sys::raise_fd_limit();
-    // Each WebSocket holds 3 descriptors; keep room for the database, HTTP and spares
-    // so the accept thread never meets EMFILE (tiny_http's accept loop panics on it).
-    let fits = (fd_limit.saturating_sub(512) / 3) as usize;
-    if cfg.max_sockets > fits {
-        log::warn!(
-            "--max-sockets {} lowered to {fits} to fit the open-file limit {fd_limit}",
-            cfg.max_sockets
-        );
-        cfg.max_sockets = fits.max(1);
-    }
+    cfg.max_sockets = fit_socket_limit(cfg.max_sockets, fd_limit);
     let store = Store::open(&cfg.db).map_err(|e| format!("opening {}: {e}", cfg.db.display()))?;
     let auth = Auth::new(&store, &cfg).map_err(|e| e.to_string())?;
     let listener =
@@ -78,6 +69,27 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     log::info!("signal {sig:?}: shutting down");
     shutdown(&app, server, workers);
     Ok(())
+}
+
+/// Lowers `--max-sockets` to what the process can hold, so a flood of sockets meets
+/// 429 rather than a failed thread or descriptor — tiny_http's accept thread panics on
+/// either, leaving the server deaf. Each WebSocket holds 3 descriptors and 2 threads;
+/// each thread costs 4 memory mappings (stack, guard, signal stack, its guard) out of
+/// the kernel's `vm.max_map_count`.
+fn fit_socket_limit(wanted: usize, fd_limit: u64) -> usize {
+    let by_fds = fd_limit.saturating_sub(512) / 3;
+    let max_maps = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(u64::MAX);
+    let by_maps = max_maps.saturating_sub(2000) / 8;
+    let fits = by_fds.min(by_maps).max(1) as usize;
+    if wanted > fits {
+        log::warn!(
+            "--max-sockets {wanted} lowered to {fits}: open-file limit {fd_limit}, vm.max_map_count {max_maps}"
+        );
+    }
+    wanted.min(fits)
 }
 
 fn shutdown(

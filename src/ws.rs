@@ -55,13 +55,16 @@ pub fn upgrade(app: &Arc<App>, request: Request) {
     // socket's whole life) stays smaller for it.
     nudge_http_pool(app.local_addr);
     audit_socket(app, &peer, "ws_connect");
-    let app2 = app.clone();
+    let (app2, peer2) = (app.clone(), peer.clone());
     let spawned = std::thread::Builder::new()
         .name(format!("ws-{}", peer.id))
         .stack_size(app.cfg.socket_thread_stack)
-        .spawn(move || run(&app2, peer, stream));
+        .spawn(move || run(&app2, peer2, stream));
     if let Err(e) = spawned {
         log::error!("could not start a socket thread: {e}");
+        app.hub.unregister(&peer, &[]);
+        app.known_sockets.release(&peer.fd_numbers);
+        peer.kill();
     }
 }
 
