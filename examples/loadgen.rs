@@ -55,6 +55,12 @@ options:
                        next poll [fanout, burst: 1000; others: 0]. Cuts the loadgen's
                        CPU on the shared cores; adds up to N µs to measured latency
   --body-bytes N       pad every message body to at least N bytes [0 = marker only]
+  --login-flood N      fanout, burst, acks: while the sending phase runs, N more client
+                       threads hammer POST /api/login with an unknown user and a wrong
+                       password (a fresh connection each, Connection: close), so the server
+                       checks the password against its dummy hash; reports their answers
+                       by status, requests/s and answer latency [0 = off]. A started
+                       server then runs with --bcrypt-cost 12 (its default) instead of 4
   --room NAME          room for fanout/burst/idle [general]
   --one-room           acks: put every sender in --room instead of one room each
   --per-user N         sockets per account [40]
@@ -105,6 +111,7 @@ struct Opts {
     hold: Duration,
     poll: Duration,
     body_bytes: usize,
+    login_flood: usize,
     room: String,
     one_room: bool,
     per_user: usize,
@@ -137,6 +144,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
     let mut hold = Duration::from_secs(5);
     let mut poll = None;
     let mut body_bytes = 0usize;
+    let mut login_flood = 0usize;
     let mut room = "general".to_string();
     let mut one_room = false;
     let mut per_user = 40usize;
@@ -175,6 +183,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             "--hold" => hold = parse_duration(&value()?)?,
             "--poll-us" => poll = Some(Duration::from_micros(num(&flag, value()?)?)),
             "--body-bytes" => body_bytes = num(&flag, value()?)?,
+            "--login-flood" => login_flood = num(&flag, value()?)?,
             "--room" => room = value()?,
             "--one-room" => one_room = true,
             "--per-user" => per_user = num(&flag, value()?)?,
@@ -229,6 +238,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         hold,
         poll: poll.unwrap_or(Duration::from_micros(d_poll)),
         body_bytes,
+        login_flood,
         room,
         one_room,
         per_user,
@@ -266,6 +276,14 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
     }
     if o.connectors > 64 {
         return Err("--connectors must be at most 64".into());
+    }
+    if o.login_flood > 0 && o.scenario == Scenario::Idle {
+        return Err(
+            "--login-flood runs during a sending phase: use it with fanout, burst or acks".into(),
+        );
+    }
+    if o.login_flood > 1000 {
+        return Err("--login-flood must be at most 1000".into());
     }
     if o.window > 100_000 || o.body_bytes > 60_000 {
         return Err("--window or --body-bytes too large".into());
@@ -361,7 +379,13 @@ struct Server {
 }
 
 impl Server {
-    fn start(bin: &PathBuf, extra: &[String], keep: bool) -> Result<Server, String> {
+    /// `bcrypt_cost` is passed unless `extra` sets `--bcrypt-cost` itself.
+    fn start(
+        bin: &PathBuf,
+        extra: &[String],
+        keep: bool,
+        bcrypt_cost: u32,
+    ) -> Result<Server, String> {
         // A relative default also works from outside the repository.
         let in_repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(bin);
         let bin = if !bin.exists() && bin.is_relative() && in_repo.exists() {
@@ -387,26 +411,27 @@ impl Server {
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let db = dir.join("chat.db");
         let log = dir.join("server.log");
-        let mut args: Vec<String> = [
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--db",
-            &db.to_string_lossy(),
-            "--bcrypt-cost",
-            "4",
-            "--max-sockets",
-            "20000",
-            "--max-sockets-per-user",
-            "10000",
-            "--msg-rate",
-            "0",
-            "--login-rate",
-            "0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let cost = bcrypt_cost.to_string();
+        let mut args: Vec<&str> = vec!["serve", "--addr", "127.0.0.1:0", "--db"];
+        let db = db.to_string_lossy();
+        args.push(&db);
+        if !extra.iter().any(|a| a.starts_with("--bcrypt-cost")) {
+            args.extend(["--bcrypt-cost", &cost]);
+        }
+        let mut args: Vec<String> = args
+            .iter()
+            .chain(&[
+                "--max-sockets",
+                "20000",
+                "--max-sockets-per-user",
+                "10000",
+                "--msg-rate",
+                "0",
+                "--login-rate",
+                "0",
+            ])
+            .map(|s| s.to_string())
+            .collect();
         args.extend(extra.iter().cloned());
         let cmdline = std::iter::once(bin.display().to_string())
             .chain(args.iter().cloned())
@@ -603,7 +628,19 @@ fn http(
     body: Option<&str>,
     bearer: Option<&str>,
 ) -> Result<HttpResponse, String> {
-    let timeout = Duration::from_secs(30);
+    http_timeout(addr, method, path, body, bearer, Duration::from_secs(30))
+}
+
+/// One request on a fresh connection (`Connection: close`); `timeout` bounds the connect,
+/// each read and write, and the whole wait for the response.
+fn http_timeout(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    bearer: Option<&str>,
+    timeout: Duration,
+) -> Result<HttpResponse, String> {
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(timeout)).ok();
     s.set_write_timeout(Some(timeout)).ok();
@@ -765,6 +802,231 @@ fn make_accounts(
     }
     let v = out.lock().map_err(|_| "poisoned")?.clone();
     Ok(v)
+}
+
+// ---------------------------------------------------------------------------------------
+// the login flood
+
+/// Upper bound on flood requests in one run; the time bound is the sending phase.
+const FLOOD_MAX_REQUESTS: u64 = 5_000_000;
+/// Connect, read and write timeout of one flood request, and the most it may take.
+const FLOOD_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct FloodStats {
+    sent: u64,
+    /// Answers by HTTP status.
+    status: BTreeMap<u16, u64>,
+    /// Answer latency (connect to complete response) by status, µs.
+    lat_us: BTreeMap<u16, Vec<u32>>,
+    /// Requests without an answer, by error.
+    errors: BTreeMap<String, u64>,
+    /// Requests answered (or failed) after the sending phase ended.
+    late: u64,
+    /// A few answers other than 401 and 429.
+    samples: Vec<String>,
+}
+
+impl FloodStats {
+    fn merge(&mut self, o: FloodStats) {
+        self.sent += o.sent;
+        for (k, v) in o.status {
+            *self.status.entry(k).or_default() += v;
+        }
+        for (k, v) in o.lat_us {
+            self.lat_us.entry(k).or_default().extend(v);
+        }
+        for (k, v) in o.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+        self.late += o.late;
+        for x in o.samples {
+            if self.samples.len() < 3 {
+                self.samples.push(x);
+            }
+        }
+    }
+}
+
+/// Client threads that hammer `POST /api/login` until `stop`.
+struct Flood {
+    clients: usize,
+    stop: Arc<AtomicBool>,
+    /// Requests started so far (also the next `flood-<i>` number).
+    started: Arc<AtomicU64>,
+    /// Answers so far: [401, 429, other status, no answer].
+    answers: Arc<[AtomicU64; 4]>,
+    t0: Instant,
+    t1: Option<Instant>,
+    hs: Vec<thread::JoinHandle<FloodStats>>,
+}
+
+impl Flood {
+    /// Starts `clients` threads; each sends one login at a time on a fresh connection,
+    /// for an unknown user, until `stop_flood` (or `limit` has passed, as a safety net).
+    fn start(addr: SocketAddr, clients: usize, limit: Duration) -> Flood {
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Arc::new(AtomicU64::new(0));
+        let answers = Arc::new(std::array::from_fn(|_| AtomicU64::new(0)));
+        let t0 = Instant::now();
+        let deadline = t0 + limit;
+        let mut hs = Vec::new();
+        for _ in 0..clients {
+            let (stop, started, answers) = (stop.clone(), started.clone(), answers.clone());
+            let h = thread::Builder::new()
+                .name("login-flood".into())
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    let mut st = FloodStats::default();
+                    let answers: &[AtomicU64; 4] = &answers;
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let i = started.fetch_add(1, Ordering::Relaxed);
+                        if i >= FLOOD_MAX_REQUESTS {
+                            break;
+                        }
+                        let body = format!(
+                            "{{\"username\":\"flood-{i}\",\"password\":\"wrong-password-123\"}}"
+                        );
+                        let t = Instant::now();
+                        let r = http_timeout(
+                            addr,
+                            "POST",
+                            "/api/login",
+                            Some(&body),
+                            None,
+                            FLOOD_TIMEOUT,
+                        );
+                        let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                        st.sent += 1;
+                        if stop.load(Ordering::Relaxed) {
+                            st.late += 1;
+                        }
+                        match r {
+                            Ok(resp) => {
+                                *st.status.entry(resp.status).or_default() += 1;
+                                st.lat_us.entry(resp.status).or_default().push(us);
+                                let slot = match resp.status {
+                                    401 => 0,
+                                    429 => 1,
+                                    _ => 2,
+                                };
+                                answers[slot].fetch_add(1, Ordering::Relaxed);
+                                if slot == 2 && st.samples.len() < 3 {
+                                    st.samples.push(format!(
+                                        "HTTP {}: {}",
+                                        resp.status,
+                                        short(&resp.body)
+                                    ));
+                                }
+                            }
+                            Err(e) => {
+                                *st.errors.entry(e).or_default() += 1;
+                                answers[3].fetch_add(1, Ordering::Relaxed);
+                                // Do not spin on a refused or failed connection.
+                                thread::sleep(Duration::from_millis(5));
+                            }
+                        }
+                    }
+                    st
+                });
+            match h {
+                Ok(h) => hs.push(h),
+                Err(e) => {
+                    eprintln!("could not start a login-flood thread: {e}");
+                    break;
+                }
+            }
+        }
+        Flood {
+            clients: hs.len(),
+            stop,
+            started,
+            answers,
+            t0,
+            t1: None,
+            hs,
+        }
+    }
+
+    fn stop_flood(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.t1.get_or_insert_with(Instant::now);
+    }
+
+    /// Stops the threads, waits for their last requests, and returns the merged figures
+    /// and the flood's duration (start to stop) in seconds.
+    fn join(mut self) -> (FloodStats, f64) {
+        self.stop_flood();
+        let mut st = FloodStats::default();
+        for h in self.hs {
+            match h.join() {
+                Ok(s) => st.merge(s),
+                Err(_) => eprintln!("a login-flood thread panicked (loadgen bug)"),
+            }
+        }
+        let secs = self
+            .t1
+            .unwrap_or_else(Instant::now)
+            .duration_since(self.t0)
+            .as_secs_f64();
+        (st, secs)
+    }
+}
+
+fn flood_report(f: &mut FloodStats, clients: usize, secs: f64, cost: &str) {
+    let answered: u64 = f.status.values().sum();
+    let failed: u64 = f.errors.values().sum();
+    let statuses: Vec<String> = f
+        .status
+        .iter()
+        .map(|(k, v)| format!("{} x {k}", thousands(*v)))
+        .collect();
+    println!(
+        "  login flood:  {clients} clients, POST /api/login for unknown users (wrong password), a fresh connection each; server bcrypt cost {cost}"
+    );
+    println!(
+        "                {} requests sent in {secs:.2} s = {} requests/s; {} answered ({}), {} without an answer",
+        thousands(f.sent),
+        thousands((f.sent as f64 / secs.max(1e-9)) as u64),
+        thousands(answered),
+        if statuses.is_empty() {
+            "none".to_string()
+        } else {
+            statuses.join(", ")
+        },
+        thousands(failed)
+    );
+    if f.late > 0 {
+        println!(
+            "                ({} of them were in flight when the sending phase ended and were answered during the drain)",
+            thousands(f.late)
+        );
+    }
+    let mut all: Vec<u32> = f.lat_us.values().flatten().copied().collect();
+    println!("    answer latency, all:  {}", lat_line(&mut all));
+    for (code, v) in f.lat_us.iter_mut() {
+        println!("    answer latency, {code}:  {}", lat_line(v));
+    }
+    let odd: Vec<String> = f
+        .status
+        .iter()
+        .filter(|(k, _)| !matches!(**k, 401 | 429))
+        .map(|(k, v)| format!("{} x HTTP {k}", thousands(*v)))
+        .chain(
+            f.errors
+                .iter()
+                .map(|(e, n)| format!("{} x {e}", thousands(*n))),
+        )
+        .collect();
+    if !odd.is_empty() {
+        println!(
+            "    unexpected flood answers (only 401 and 429 are expected): {}",
+            odd.join("; ")
+        );
+        if !f.samples.is_empty() {
+            println!("      first: {}", f.samples.join(" | "));
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2142,6 +2404,26 @@ fn print_problems(problems: &[String], st: Option<&Stats>) {
     }
 }
 
+/// The bcrypt cost the server runs at, as far as the loadgen knows.
+fn server_cost(o: &Opts) -> String {
+    if o.addr.is_some() {
+        return "unknown (a running server)".into();
+    }
+    let mut it = o.server_args.iter();
+    while let Some(a) = it.next() {
+        if let Some(v) = a.strip_prefix("--bcrypt-cost=") {
+            return format!("{v} (from --server-arg)");
+        }
+        if a == "--bcrypt-cost" {
+            return format!(
+                "{} (from --server-arg)",
+                it.next().map_or("?", |v| v.as_str())
+            );
+        }
+    }
+    if o.login_flood > 0 { "12" } else { "4" }.into()
+}
+
 fn traffic(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
     let addr = t.addr;
     let mut problems = Vec::new();
@@ -2149,8 +2431,10 @@ fn traffic(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
     let ts = Instant::now();
     let tokens = make_accounts(addr, rid, users, &o.password, o.connectors)?;
     println!(
-        "setup:    {users} accounts registered and logged in ({:.1} s)",
-        ts.elapsed().as_secs_f64()
+        "setup:    {users} accounts registered and logged in ({:.1} s, {} at a time, bcrypt cost {})",
+        ts.elapsed().as_secs_f64(),
+        o.connectors.min(users),
+        server_cost(o)
     );
 
     // Rooms: fanout/burst/idle share one; acks gives each sender its own unless --one-room.
@@ -2243,6 +2527,16 @@ fn traffic(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
     sh.phase.store(SEND, Ordering::SeqCst);
     let t0 = sh.base + Duration::from_micros(t0_us);
     let end = t0 + o.secs;
+    // The login flood runs for exactly the sending phase (the limit is a safety net).
+    let mut flood = (o.login_flood > 0)
+        .then(|| Flood::start(addr, o.login_flood, o.secs + Duration::from_secs(5)));
+    if let Some(f) = &flood {
+        println!(
+            "login flood: {} clients hammering POST /api/login during the sending phase",
+            f.clients
+        );
+    }
+    let mut flood_last = [0u64; 5];
     let mut last = (0u64, 0u64, 0u64, Instant::now());
     let mut tick = t0 + Duration::from_secs(1);
     while Instant::now() < end {
@@ -2255,8 +2549,31 @@ fn traffic(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
                 sh.deliveries.load(Ordering::Relaxed),
             );
             let dt = now.duration_since(last.3).as_secs_f64();
+            let flood_cell = match &flood {
+                Some(f) => {
+                    let cur = [
+                        f.started.load(Ordering::Relaxed),
+                        f.answers[0].load(Ordering::Relaxed),
+                        f.answers[1].load(Ordering::Relaxed),
+                        f.answers[2].load(Ordering::Relaxed),
+                        f.answers[3].load(Ordering::Relaxed),
+                    ];
+                    let r = |k: usize| thousands(((cur[k] - flood_last[k]) as f64 / dt) as u64);
+                    let c = format!(
+                        "  | flood {}/s: 401 {}/s, 429 {}/s, other {}/s, failed {}/s",
+                        r(0),
+                        r(1),
+                        r(2),
+                        r(3),
+                        r(4)
+                    );
+                    flood_last = cur;
+                    c
+                }
+                None => String::new(),
+            };
             println!(
-                "  t={:>4.1}s  sent {:>8}/s  acked {:>8}/s  delivered {:>9}/s  closed sockets {}",
+                "  t={:>4.1}s  sent {:>8}/s  acked {:>8}/s  delivered {:>9}/s  closed sockets {}{flood_cell}",
                 now.duration_since(t0).as_secs_f64(),
                 thousands(((s - last.0) as f64 / dt) as u64),
                 thousands(((a - last.1) as f64 / dt) as u64),
@@ -2275,6 +2592,9 @@ fn traffic(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
         );
     }
     sh.phase.store(DRAIN, Ordering::SeqCst);
+    if let Some(f) = flood.as_mut() {
+        f.stop_flood();
+    }
     let stop_at = Instant::now();
     let window_secs = stop_at.duration_since(t0).as_secs_f64();
     let cpu1 = cpu_now(pid.as_deref());
@@ -2304,6 +2624,7 @@ fn traffic(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
     let drain_secs = stop_at.elapsed().as_secs_f64();
     sh.phase.store(STOP, Ordering::SeqCst);
     let (mut st, conns) = join_workers(workers);
+    let flood = flood.map(|f| (f.clients, f.join()));
     check_server(t, &mut problems);
 
     // Expected deliveries: every acknowledged message reaches every member of its room.
@@ -2322,7 +2643,13 @@ fn traffic(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
     let lost = expected.saturating_sub(st.deliveries);
 
     println!();
-    println!("results:");
+    match &flood {
+        Some((clients, _)) => println!(
+            "results (everything below was measured UNDER A LOGIN FLOOD of {clients} clients, server bcrypt cost {}):",
+            server_cost(o)
+        ),
+        None => println!("results:"),
+    }
     println!(
         "  messages:     {} sent, {} acknowledged, {} answered with an error, {} unanswered after a {:.1} s drain",
         thousands(st.sent),
@@ -2378,6 +2705,9 @@ fn traffic(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
             (deliv_w, "delivery")
         }),
     );
+    if let Some((clients, (mut fs, secs))) = flood {
+        flood_report(&mut fs, clients, secs, &server_cost(o));
+    }
     drop(conns);
     print_problems(&problems, Some(&st));
 
@@ -2430,6 +2760,13 @@ fn traffic(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
         }
         Scenario::Idle => unreachable!(),
     };
+    if o.login_flood > 0 {
+        println!(
+            "          (the {} figures above were measured under the login flood of {} clients)",
+            o.scenario.name(),
+            o.login_flood
+        );
+    }
     Ok(ok && problems.is_empty())
 }
 
@@ -2667,7 +3004,9 @@ fn main() {
             server: None,
         }
     } else {
-        match Server::start(&o.server_bin, &o.server_args, o.keep) {
+        // A login flood is only realistic at the production cost (the server's default).
+        let cost = if o.login_flood > 0 { 12 } else { 4 };
+        match Server::start(&o.server_bin, &o.server_args, o.keep, cost) {
             Ok(s) => {
                 println!("server:   {}", s.cmdline);
                 println!(
@@ -2698,7 +3037,7 @@ fn main() {
             o.hold.as_secs_f64()
         ),
         _ => format!(
-            "sockets={} senders={} {} secs={:.1} body-bytes={} per-user={} rooms={} poll-us={}",
+            "sockets={} senders={} {} secs={:.1} body-bytes={} per-user={} rooms={} poll-us={}{}",
             o.sockets,
             o.senders,
             if o.rate > 0.0 {
@@ -2714,7 +3053,16 @@ fn main() {
             } else {
                 o.room.clone()
             },
-            o.poll.as_micros()
+            o.poll.as_micros(),
+            if o.login_flood > 0 {
+                format!(
+                    " login-flood={} (server bcrypt cost {})",
+                    o.login_flood,
+                    server_cost(&o)
+                )
+            } else {
+                String::new()
+            }
         ),
     };
     println!("settings: {settings}");

@@ -4,7 +4,7 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::enforce::ExpiryTimer;
 use crate::hub::Hub;
-use crate::limits::{KeyedLimiter, SlowLane};
+use crate::limits::{KeyedLimiter, SlowLane, Tarpit};
 use crate::peer::Flusher;
 use crate::store::Store;
 use std::sync::atomic::AtomicBool;
@@ -30,6 +30,8 @@ pub struct App {
     pub login_limiter: KeyedLimiter,
     /// Runs bcrypt on a bounded number of threads.
     pub slow_lane: SlowLane,
+    /// Answers refused password requests after a pause.
+    pub tarpit: Arc<Tarpit>,
     /// Closes sockets whose token expires.
     pub expiry: Arc<ExpiryTimer>,
     /// Descriptor numbers of live WebSockets (skipped when looking for new ones).

@@ -270,17 +270,21 @@ fn password_route(app: &Arc<App>, mut rq: Request, is_login: bool) {
         if is_login {
             actions::check_login_rate(app, &c.username, ip.as_deref())?;
         }
-        let permit = app.slow_lane.reserve().ok_or_else(|| {
-            ApiError::rate_limited("too many password checks in progress; retry shortly", 1)
-        })?;
+        let permit = app.slow_lane.reserve().ok_or_else(busy)?;
         Ok((c, permit))
     });
     let (c, permit) = match admitted {
         Ok(ok) => ok,
+        Err(e) if e.code == crate::error::Code::RateLimited => {
+            return app.tarpit.hold(move || respond(rq, Reply::error(&e)));
+        }
         Err(e) => return respond(rq, Reply::error(&e)),
     };
     let app2 = app.clone();
-    app.slow_lane.run(permit, move || {
+    app.slow_lane.run(permit, move |waited| {
+        if waited > PASSWORD_QUEUE_WAIT {
+            return respond(rq, Reply::error(&busy()));
+        }
         let result = if is_login {
             actions::login(&app2, &c.username, &c.password, ip.as_deref())
                 .map(|p| Reply::json(200, json!(p)))
@@ -290,6 +294,13 @@ fn password_route(app: &Arc<App>, mut rq: Request, is_login: bool) {
         };
         respond(rq, result.unwrap_or_else(|e| Reply::error(&e)));
     });
+}
+
+/// Longest a login waits for a password thread before it is refused.
+const PASSWORD_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn busy() -> ApiError {
+    ApiError::rate_limited("too many password checks in progress; retry shortly", 1)
 }
 
 fn respond(rq: Request, reply: Reply) {

@@ -1,10 +1,13 @@
-//! Abuse limits: token buckets for login attempts and socket messages, and the
-//! bounded "slow lane" that runs bcrypt.
+//! Abuse limits: token buckets for login attempts and socket messages, the bounded
+//! "slow lane" that runs bcrypt, and the tarpit that slows refused clients down.
 //!
 //! bcrypt at cost 12 takes about half a second of a core, so a flood of logins could
 //! otherwise occupy every HTTP worker and starve chat. Password work runs on as many
-//! threads as there are cores, behind a short queue; when the queue is full the request
-//! gets 429 at once instead of waiting.
+//! threads as there are cores, at a lower scheduling priority than chat, behind a
+//! queue whose jobs give up (429) after waiting too long. Refusals themselves are
+//! answered after a pause: a client that retries at once would otherwise turn cheap
+//! 429s into tens of thousands of connections a second, which costs chat more than
+//! the hashing did.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -113,6 +116,9 @@ impl Drop for Permit {
     }
 }
 
+/// Nice value of the password threads: chat threads win the CPU when both want it.
+const SLOW_LANE_NICE: i32 = 10;
+
 impl SlowLane {
     /// `threads` workers; at most `threads + queue` jobs admitted at once.
     pub fn start(threads: usize, queue: usize) -> std::io::Result<SlowLane> {
@@ -123,14 +129,19 @@ impl SlowLane {
             std::thread::Builder::new()
                 .name(format!("bcrypt-{i}"))
                 .stack_size(256 * 1024)
-                .spawn(move || loop {
-                    let job = match rx.lock() {
-                        Ok(r) => r.recv(),
-                        Err(_) => return,
-                    };
-                    let Ok(job) = job else { return };
-                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
-                        log::error!("a password job panicked");
+                .spawn(move || {
+                    // Per-thread on Linux: only this thread is deprioritised.
+                    let me = rustix::thread::gettid();
+                    let _ = rustix::process::setpriority_process(Some(me), SLOW_LANE_NICE);
+                    loop {
+                        let job = match rx.lock() {
+                            Ok(r) => r.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(job) = job else { return };
+                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                            log::error!("a password job panicked");
+                        }
                     }
                 })?;
         }
@@ -150,14 +161,78 @@ impl SlowLane {
         (admitted < self.max).then_some(permit)
     }
 
-    /// Runs `job` in the lane, holding `permit` until it ends.
-    pub fn run(&self, permit: Permit, job: impl FnOnce() + Send + 'static) {
+    /// Runs `job` in the lane, holding `permit` until it ends; `job` is told how long
+    /// it waited in the queue, so it can give up instead of hashing for a client that
+    /// has waited too long.
+    pub fn run(&self, permit: Permit, job: impl FnOnce(Duration) + Send + 'static) {
+        let queued = Instant::now();
         let job: Job = Box::new(move || {
-            job();
+            job(queued.elapsed());
             drop(permit);
         });
         if let Ok(tx) = self.tx.lock() {
             let _ = tx.send(job);
+        }
+    }
+}
+
+/// Runs each held action a fixed delay after it was held, in order, on one thread;
+/// used to answer refused requests slowly. When full, actions run at once.
+pub struct Tarpit {
+    held: Mutex<std::collections::VecDeque<(Instant, Job)>>,
+    wake: std::sync::Condvar,
+    delay: Duration,
+    capacity: usize,
+}
+
+impl Tarpit {
+    /// Starts the tarpit thread.
+    pub fn start(delay: Duration, capacity: usize) -> std::io::Result<Arc<Tarpit>> {
+        let t = Arc::new(Tarpit {
+            held: Mutex::new(std::collections::VecDeque::new()),
+            wake: std::sync::Condvar::new(),
+            delay,
+            capacity,
+        });
+        let me = t.clone();
+        std::thread::Builder::new()
+            .name("tarpit".into())
+            .stack_size(256 * 1024)
+            .spawn(move || me.run())?;
+        Ok(t)
+    }
+
+    /// Runs `action` after the delay (or now, if the tarpit is full).
+    pub fn hold(&self, action: impl FnOnce() + Send + 'static) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.len() >= self.capacity {
+            drop(held);
+            return action();
+        }
+        held.push_back((Instant::now() + self.delay, Box::new(action)));
+        self.wake.notify_one();
+    }
+
+    fn run(&self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let now = Instant::now();
+            match held.front().map(|(due, _)| *due) {
+                Some(due) if due <= now => {
+                    if let Some((_, action)) = held.pop_front() {
+                        drop(held);
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(action));
+                        held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+                    }
+                }
+                next => {
+                    let wait = next.map_or(Duration::from_secs(60), |due| due - now);
+                    held = match self.wake.wait_timeout(held, wait) {
+                        Ok((g, _)) => g,
+                        Err(e) => e.into_inner().0,
+                    };
+                }
+            }
         }
     }
 }
@@ -199,7 +274,7 @@ mod tests {
         let (hold_tx, hold_rx) = mpsc::channel::<()>();
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let first = lane.reserve().expect("a thread is free");
-        lane.run(first, move || {
+        lane.run(first, move |_waited| {
             let _ = hold_rx.recv();
             let _ = done_tx.send(());
         });
@@ -209,5 +284,24 @@ mod tests {
         assert!(lane.reserve().is_some(), "an unused permit is given back");
         drop(hold_tx);
         done_rx.recv().unwrap();
+    }
+
+    #[test]
+    fn tarpit_delays_in_order_and_runs_at_once_when_full() {
+        let pit = Tarpit::start(Duration::from_millis(200), 2).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let start = Instant::now();
+        for i in 0..3 {
+            let tx = tx.clone();
+            pit.hold(move || tx.send((i, start.elapsed())).unwrap());
+        }
+        let order: Vec<(i32, Duration)> = (0..3).map(|_| rx.recv().unwrap()).collect();
+        assert_eq!(
+            order[0].0, 2,
+            "the third action found the tarpit full and ran at once"
+        );
+        assert!(order[0].1 < Duration::from_millis(150));
+        assert_eq!((order[1].0, order[2].0), (0, 1));
+        assert!(order[1].1 >= Duration::from_millis(200));
     }
 }

@@ -7,7 +7,7 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::enforce::ExpiryTimer;
 use crate::hub::Hub;
-use crate::limits::{KeyedLimiter, SlowLane};
+use crate::limits::{KeyedLimiter, SlowLane, Tarpit};
 use crate::peer::{close, Flusher};
 use crate::store::Store;
 use std::io::Write;
@@ -43,7 +43,8 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         hub,
         flusher: Flusher::start().map_err(|e| e.to_string())?,
         login_limiter: KeyedLimiter::new(cfg.login_rate, Duration::from_secs(60)),
-        slow_lane: SlowLane::start(cores, 4 * cores).map_err(|e| e.to_string())?,
+        slow_lane: SlowLane::start(cores, 64).map_err(|e| e.to_string())?,
+        tarpit: Tarpit::start(Duration::from_secs(1), 4096).map_err(|e| e.to_string())?,
         expiry: ExpiryTimer::start().map_err(|e| e.to_string())?,
         activity: Default::default(),
         known_sockets: Default::default(),
