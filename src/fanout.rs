@@ -22,13 +22,8 @@ pub enum Target {
         /// Message id, for room messages only.
         id: Option<i64>,
     },
-    /// Every socket in a room but one (presence about the joiner).
-    RoomExcept {
-        /// Room name.
-        name: String,
-        /// The socket left out.
-        except: u64,
-    },
+    /// These sockets (presence, addressed to who was in the room at that moment).
+    Peers(Vec<Arc<Peer>>),
     /// Every socket of a user.
     User(i64),
     /// One socket.
@@ -121,13 +116,7 @@ fn queue(hub: &Hub, target: &Target, frame: &Frame, touched: &mut HashMap<u64, A
         Target::Room { name, id } => {
             hub.for_each_in_room(name, |p| put(p, id.map(|id| (name.as_str(), id))));
         }
-        Target::RoomExcept { name, except } => {
-            hub.for_each_in_room(name, |p| {
-                if p.id != *except {
-                    put(p, None)
-                }
-            });
-        }
+        Target::Peers(peers) => peers.iter().for_each(|p| put(p, None)),
         Target::User(user_id) => {
             for p in &hub.user_peers(*user_id) {
                 put(p, None);

@@ -53,8 +53,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Joined {
     /// Distinct usernames online in the room, the joiner included, sorted.
     pub online: Vec<String>,
-    /// Whether this was the user's first socket in the room (others hear `online`).
-    pub first_of_user: bool,
+    /// If this was the user's first socket in the room: who was there to hear it.
+    pub tell: Option<Vec<Arc<Peer>>>,
 }
 
 impl Hub {
@@ -118,13 +118,12 @@ impl Hub {
         s.by_id.insert(peer.id, peer);
     }
 
-    /// Removes a socket from its rooms and the registry; returns the rooms it was the
-    /// user's last socket in.
-    pub fn unregister(&self, peer: &Arc<Peer>, rooms: &[String]) -> Vec<String> {
+    /// Removes a socket from its rooms and the registry; returns, for each room it was
+    /// the user's last socket in, who is left to hear `offline`.
+    pub fn unregister(&self, peer: &Arc<Peer>, rooms: &[String]) -> Vec<(String, Vec<Arc<Peer>>)> {
         let gone = rooms
             .iter()
-            .filter(|room| self.leave(peer, room) == Some(true))
-            .cloned()
+            .filter_map(|room| Some((room.clone(), self.leave(peer, room)??)))
             .collect();
         let mut s = lock(&self.sockets);
         s.by_id.remove(&peer.id);
@@ -160,27 +159,28 @@ impl Hub {
     pub fn join(&self, peer: &Arc<Peer>, room: &str) -> Joined {
         let mut rooms = lock(&self.rooms);
         let members = rooms.entry(room.to_owned()).or_default();
-        let mut first_of_user = false;
+        let mut tell = None;
         if !members.sockets.iter().any(|p| p.id == peer.id) {
-            members.sockets.push(peer.clone());
             let entry = members
                 .users
                 .entry(peer.user_id)
                 .or_insert_with(|| (peer.username.clone(), 0));
             entry.1 += 1;
-            first_of_user = entry.1 == 1;
+            // Presence is about who was there when it happened, so copy the list now
+            // (only on a user's first socket, not on every join).
+            if entry.1 == 1 {
+                tell = Some(members.sockets.clone());
+            }
+            members.sockets.push(peer.clone());
         }
         let mut online: Vec<String> = members.users.values().map(|u| u.0.clone()).collect();
         online.sort();
-        Joined {
-            online,
-            first_of_user,
-        }
+        Joined { online, tell }
     }
 
-    /// Removes `peer` from `room`. Returns `None` if it was not there, else whether it
-    /// was the user's last socket in the room (others hear `offline`).
-    pub fn leave(&self, peer: &Arc<Peer>, room: &str) -> Option<bool> {
+    /// Removes `peer` from `room`. Returns `None` if it was not there; else, if it was
+    /// the user's last socket in the room, who is left to hear `offline`.
+    pub fn leave(&self, peer: &Arc<Peer>, room: &str) -> Option<Option<Vec<Arc<Peer>>>> {
         let mut rooms = lock(&self.rooms);
         let members = rooms.get_mut(room)?;
         let at = members.sockets.iter().position(|p| p.id == peer.id)?;
@@ -195,10 +195,11 @@ impl Hub {
         if last {
             members.users.remove(&peer.user_id);
         }
+        let tell = last.then(|| members.sockets.clone());
         if members.sockets.is_empty() {
             rooms.remove(room);
         }
-        Some(last)
+        Some(tell)
     }
 
     /// Distinct users online in `room`.

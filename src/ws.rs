@@ -254,8 +254,8 @@ fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {
         peer.close(1011, "internal error");
     }
     let rooms: Vec<String> = conn.rooms.iter().map(|r| r.name.clone()).collect();
-    for room in app.hub.unregister(&peer, &rooms) {
-        presence(app, &peer, room, "offline");
+    for (room, tell) in app.hub.unregister(&peer, &rooms) {
+        presence(app, &peer, &room, "offline", tell);
     }
     audit_socket(app, &peer, "ws_disconnect");
     peer.wait_drained(DRAIN_TIMEOUT);
@@ -395,8 +395,8 @@ impl Conn {
             self.peer.hold();
         }
         let joined = self.app.hub.join(&self.peer, name);
-        if joined.first_of_user {
-            presence(&self.app, &self.peer, name.to_owned(), "online");
+        if let Some(tell) = joined.tell {
+            presence(&self.app, &self.peer, name, "online", tell);
         }
         if !already {
             self.rooms.push(room.clone());
@@ -440,8 +440,8 @@ impl Conn {
         if before == self.rooms.len() {
             return Err(ApiError::bad_request(format!("not in room {name:?}")));
         }
-        if self.app.hub.leave(&self.peer, name) == Some(true) {
-            presence(&self.app, &self.peer, name.to_owned(), "offline");
+        if let Some(Some(tell)) = self.app.hub.leave(&self.peer, name) {
+            presence(&self.app, &self.peer, name, "offline", tell);
         }
         self.send_json(&json!({"type": "left", "room": name, "ref": reference}).to_string());
         Ok(())
@@ -489,23 +489,15 @@ impl Conn {
     }
 }
 
-/// Tells a room that `peer`'s user came online (to everyone but `peer`) or went
-/// offline.
-fn presence(app: &App, peer: &Peer, room: String, status: &str) {
+/// Tells `tell` (the room's other sockets at that moment) that `peer`'s user came
+/// online in `room` or went offline.
+fn presence(app: &App, peer: &Peer, room: &str, status: &str, tell: Vec<Arc<Peer>>) {
+    if tell.is_empty() {
+        return;
+    }
     let v = json!({"type": "presence", "user": peer.username, "room": room, "status": status});
-    let target = if status == "online" {
-        Target::RoomExcept {
-            name: room,
-            except: peer.id,
-        }
-    } else {
-        Target::Room {
-            name: room,
-            id: None,
-        }
-    };
     app.fanout
-        .deliver(vec![(target, text_frame(&v.to_string()))]);
+        .deliver(vec![(Target::Peers(tell), text_frame(&v.to_string()))]);
 }
 
 /// Acknowledges a stored message, or reports why it was not stored. Runs on the writer
