@@ -18,30 +18,6 @@ use std::time::{Duration, Instant};
 // helpers
 // ---------------------------------------------------------------------------------
 
-fn start(extra: &[&str]) -> Server {
-    let mut args = vec!["--login-rate", "0", "--msg-rate", "0"];
-    args.extend_from_slice(extra);
-    Server::start(&args)
-}
-
-fn put_roles(srv: &Server, token: &str, user: &str, roles: &[&str]) -> Resp {
-    let b = serde_json::to_vec(&json!({ "roles": roles })).unwrap();
-    srv.request(
-        "PUT",
-        &format!("/api/admin/users/{user}/roles"),
-        Some(token),
-        Some(("application/json", &b)),
-    )
-}
-
-fn login_resp(srv: &Server, name: &str, pw: &str) -> Resp {
-    srv.post(
-        "/api/login",
-        None,
-        &json!({"username": name, "password": pw}),
-    )
-}
-
 /// `GET /api/admin/audit?{query}` as `admin`; the events.
 #[track_caller]
 fn events(srv: &Server, admin: &str, query: &str) -> Vec<Value> {
@@ -107,18 +83,6 @@ fn assert_event_shape(e: &Value) {
     assert!(e["detail"].is_object(), "detail should be an object: {e}");
 }
 
-#[track_caller]
-fn assert_exit(out: &Output, code: i32, what: &str) {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "{what}: exit status {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn output_text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -147,7 +111,7 @@ fn stop(srv: &mut Server) {
 
 #[test]
 fn every_action_writes_an_audit_row() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     register(&srv, "alice");
     let alice = access(&login(&srv, "alice"));
     register(&srv, "bob");
@@ -167,18 +131,10 @@ fn every_action_writes_an_audit_row() {
 
     // refresh, then refresh_reuse.
     let pb1 = login(&srv, "bob");
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&pb1)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&pb1));
     assert_status(&r, 200);
     let pb2 = r.json();
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&pb1)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&pb1));
     assert_error(&r, 401, "unauthorized");
 
     // ws_connect, ws_disconnect; ws_rejected (the token must not be recorded).
@@ -341,7 +297,7 @@ fn every_action_writes_an_audit_row() {
 
 #[test]
 fn socket_actions_are_audited_too() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let alice = new_user(&srv, "alice");
     let bob = new_user(&srv, "bob");
     let mut a = Ws::connect(&srv, &alice);
@@ -386,7 +342,7 @@ fn socket_actions_are_audited_too() {
 
 #[test]
 fn audit_paging_and_limits() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let alice = new_user(&srv, "alice");
     // 1005 failed logins: 1005 rows, enough to see every clamp.
     for i in 0..1005 {
@@ -434,7 +390,7 @@ fn audit_paging_and_limits() {
 
 #[test]
 fn parley_audit_cli_lists_the_trail() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let alice = new_user(&srv, "alice");
     register(&srv, "bob");
     assert_error(
@@ -543,20 +499,12 @@ fn full_session_leaks_nothing(rust_log: &str) {
     keep(&pair1, &mut tokens, &mut refresh_tokens);
     assert_error(&login_resp(&srv, "alice", &p2), 401, "unauthorized");
     assert_error(&login_resp(&srv, "ghost", &p2), 401, "unauthorized");
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&pair1)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&pair1));
     assert_status(&r, 200);
     let pair2 = r.json();
     keep(&pair2, &mut tokens, &mut refresh_tokens);
     // Refresh-token reuse (revokes that login).
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&pair1)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&pair1));
     assert_error(&r, 401, "unauthorized");
 
     let pair3 = login_pw(&srv, "alice", &p1);
@@ -575,11 +523,7 @@ fn full_session_leaks_nothing(rust_log: &str) {
     let mut ws2 = Ws::try_connect(&srv, req).expect("ws with bearer subprotocol");
     ws2.ping();
     // A socket refresh.
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&pair3)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&pair3));
     assert_status(&r, 200);
     let pair4 = r.json();
     keep(&pair4, &mut tokens, &mut refresh_tokens);
@@ -774,7 +718,7 @@ fn audit_ids(db: &Path) -> Vec<(i64, String)> {
 
 #[test]
 fn audit_verify_detects_changed_deleted_and_inserted_rows() {
-    let mut srv = start(&[]);
+    let mut srv = start_unlimited(&[]);
     let alice = new_user(&srv, "alice");
     let bob = new_user(&srv, "bob");
     let mut b = Ws::connect(&srv, &bob);
@@ -967,7 +911,7 @@ fn audit_verify_detects_a_deleted_newest_row_once_more_rows_follow() {
     // The incident case: someone with the database file deletes the row recording
     // their latest action (the newest one) while the server runs; the server then goes
     // on appending. The deleted row must still be detected.
-    let mut srv = start(&[]);
+    let mut srv = start_unlimited(&[]);
     let alice = new_user(&srv, "alice");
     new_user(&srv, "bob");
     assert_status(
@@ -1018,7 +962,7 @@ fn audit_verify_detects_a_deleted_newest_row_once_more_rows_follow() {
 
 #[test]
 fn the_chain_stays_whole_under_concurrent_server_and_cli_writes() {
-    let mut srv = start(&[]);
+    let mut srv = start_unlimited(&[]);
     let alice = new_user(&srv, "alice");
     register(&srv, "bob");
     let db = srv.db_path().to_str().unwrap().to_string();

@@ -161,11 +161,7 @@ fn registration_closed_is_forbidden() {
 fn login_returns_token_pair() {
     let srv = Server::start(&[]);
     let user = register(&srv, "alice");
-    let r = srv.post(
-        "/api/login",
-        None,
-        &json!({"username": "alice", "password": PW}),
-    );
+    let r = login_resp(&srv, "alice", PW);
     assert_status(&r, 200);
     assert!(r.is_json());
     let pair = r.json();
@@ -227,17 +223,9 @@ fn access_ttl_flag_sets_expires_in() {
 fn login_failures_share_one_message() {
     let srv = Server::start(&[]);
     register(&srv, "alice");
-    let unknown = srv.post(
-        "/api/login",
-        None,
-        &json!({"username": "nobody", "password": PW}),
-    );
+    let unknown = login_resp(&srv, "nobody", PW);
     let m1 = assert_error(&unknown, 401, "unauthorized");
-    let wrong = srv.post(
-        "/api/login",
-        None,
-        &json!({"username": "alice", "password": "wrong password"}),
-    );
+    let wrong = login_resp(&srv, "alice", "wrong password");
     let m2 = assert_error(&wrong, 401, "unauthorized");
     assert_eq!(
         m1, m2,
@@ -318,11 +306,7 @@ fn expired_access_token_is_rejected() {
     sleep(Duration::from_millis(2600));
     assert_error(&srv.get("/api/me", Some(&at)), 401, "unauthorized");
     // The refresh token still works and gives a fresh, working access token.
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&pair)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&pair));
     assert_status(&r, 200);
     let at2 = access(&r.json());
     assert_status(&srv.get("/api/me", Some(&at2)), 200);
@@ -333,11 +317,7 @@ fn refresh_rotates_the_pair() {
     let srv = Server::start(&[]);
     register(&srv, "alice");
     let p1 = login(&srv, "alice");
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&p1)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&p1));
     assert_status(&r, 200);
     let p2 = r.json();
     assert_eq!(p2["token_type"], "Bearer");
@@ -356,11 +336,7 @@ fn refresh_rotates_the_pair() {
     // Both tokens work while the login lives.
     assert_status(&srv.get("/api/me", Some(&access(&p2))), 200);
     // The new refresh token can be rotated again.
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&p2)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&p2));
     assert_status(&r, 200);
     let p3 = r.json();
     assert_status(&srv.get("/api/me", Some(&access(&p3))), 200);
@@ -370,21 +346,13 @@ fn refresh_rotates_the_pair() {
 fn refresh_failures() {
     let srv = Server::start(&[]);
     register(&srv, "alice");
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": "no-such-token-0123456789abcdef"}),
-    );
+    let r = refresh_resp(&srv, "no-such-token-0123456789abcdef");
     assert_error(&r, 401, "unauthorized");
-    let r = srv.post("/api/refresh", None, &json!({"refresh_token": ""}));
+    let r = refresh_resp(&srv, "");
     assert_error(&r, 401, "unauthorized");
     // An access token is not a refresh token.
     let pair = login(&srv, "alice");
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": access(&pair)}),
-    );
+    let r = refresh_resp(&srv, &access(&pair));
     assert_error(&r, 401, "unauthorized");
     // Missing field / malformed body.
     assert_error(
@@ -400,11 +368,7 @@ fn refresh_failures() {
     );
     assert_error(&r, 400, "bad_request");
     // The failures above did not harm the real login.
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&pair)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&pair));
     assert_status(&r, 200);
 }
 
@@ -414,11 +378,7 @@ fn expired_refresh_token_is_rejected() {
     register(&srv, "alice");
     let pair = login(&srv, "alice");
     sleep(Duration::from_millis(2600));
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&pair)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&pair));
     assert_error(&r, 401, "unauthorized");
 }
 
@@ -430,29 +390,17 @@ fn refresh_reuse_revokes_the_whole_login() {
     // A second, independent login of the same user.
     let other = login(&srv, "alice");
 
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&p1)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&p1));
     assert_status(&r, 200);
     let p2 = r.json();
     assert_status(&srv.get("/api/me", Some(&access(&p2))), 200);
 
     // Reuse of the retired refresh token.
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&p1)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&p1));
     assert_error(&r, 401, "unauthorized");
 
     // The whole login is now dead: its current refresh token...
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&p2)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&p2));
     assert_error(&r, 401, "unauthorized");
     // ...its current access token, and the older one.
     assert_error(&srv.get("/api/me", Some(&access(&p2))), 401, "unauthorized");
@@ -460,11 +408,7 @@ fn refresh_reuse_revokes_the_whole_login() {
 
     // The other login of the same user is untouched.
     assert_status(&srv.get("/api/me", Some(&access(&other))), 200);
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&other)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&other));
     assert_status(&r, 200);
     // And the user can still log in afresh.
     let fresh = login(&srv, "alice");
@@ -491,11 +435,7 @@ fn logout_revokes_the_login() {
     assert_status(&r, 204);
     assert!(r.body.is_empty(), "204 has no body");
     assert_error(&srv.get("/api/me", Some(&access(&p1))), 401, "unauthorized");
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&p1)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&p1));
     assert_error(&r, 401, "unauthorized");
     // Logging out again with the dead token: 401.
     assert_error(
@@ -527,11 +467,7 @@ fn logout_with_body_revokes_that_login_of_the_same_user_only() {
     assert_status(&r, 204);
     assert_error(&srv.get("/api/me", Some(&access(&a1))), 401, "unauthorized");
     assert_error(&srv.get("/api/me", Some(&access(&a2))), 401, "unauthorized");
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&a2)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&a2));
     assert_error(&r, 401, "unauthorized");
     // a3 lives.
     assert_status(&srv.get("/api/me", Some(&access(&a3))), 200);
@@ -549,11 +485,7 @@ fn logout_with_body_revokes_that_login_of_the_same_user_only() {
         r.text()
     );
     assert_status(&srv.get("/api/me", Some(&access(&b1))), 200);
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&b1)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&b1));
     assert_status(&r, 200);
 }
 
@@ -680,7 +612,7 @@ fn tokens_survive_a_restart() {
     let r = srv.get("/api/me", Some(&at));
     assert_status(&r, 200);
     assert_eq!(r.json()["user"]["username"], "alice");
-    let r = srv.post("/api/refresh", None, &json!({"refresh_token": rt}));
+    let r = refresh_resp(&srv, &rt);
     assert_status(&r, 200);
     // The key never shows up in the logs or on stdout.
     let key = find_signing_key(dir.path(), &at).expect("locate the signing key");

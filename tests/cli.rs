@@ -4,27 +4,10 @@
 mod common;
 
 use common::*;
-use serde_json::json;
 use std::path::Path;
 use std::process::Output;
 use std::thread;
 use std::time::{Duration, Instant};
-
-fn db_arg(dir: &Path) -> String {
-    dir.join("chat.db").to_str().unwrap().to_string()
-}
-
-#[track_caller]
-fn assert_exit(out: &Output, code: i32, what: &str) {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "{what}: expected exit {code}, got {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn user_add(dir: &Path, name: &str, role: Option<&str>, password_line: &str) -> Output {
     let db = db_arg(dir);
@@ -51,11 +34,7 @@ fn user_add_with_role_then_login() {
     // The trailing newline was stripped: the password is exactly "s3cret-pass".
     let pair = login_pw(&srv, "mod1", "s3cret-pass");
     assert_user_shape(&pair["user"], "mod1", &["moderator"]);
-    let r = srv.post(
-        "/api/login",
-        None,
-        &json!({"username": "mod1", "password": "s3cret-pass\n"}),
-    );
+    let r = login_resp(&srv, "mod1", "s3cret-pass\n");
     assert_error(&r, 401, "unauthorized");
     // The token works.
     let r = srv.get("/api/me", Some(&access(&pair)));
@@ -182,11 +161,7 @@ fn user_add_failures() {
     // None of the failures created an account.
     let srv = Server::start_in(dir.path(), &[]);
     for name in ["bob", "xy"] {
-        let r = srv.post(
-            "/api/login",
-            None,
-            &json!({"username": name, "password": "password-two"}),
-        );
+        let r = login_resp(&srv, name, "password-two");
         assert_error(&r, 401, "unauthorized");
     }
     login_pw(&srv, "alice", "password-one");
@@ -200,11 +175,7 @@ fn user_add_reaches_a_running_server() {
     assert_exit(&out, 0, "user add next to a running server");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let r = srv.post(
-            "/api/login",
-            None,
-            &json!({"username": "dave", "password": "dave-password"}),
-        );
+        let r = login_resp(&srv, "dave", "dave-password");
         if r.status == 200 {
             assert_user_shape(&r.json()["user"], "dave", &["moderator"]);
             break;
@@ -380,11 +351,7 @@ fn settings_from_environment_variables() {
         ("PARLEY_REGISTRATION", "closed"),
     ];
     let srv = Server::spawn_raw(dir2.path(), &args, &envs);
-    let r = srv.post(
-        "/api/register",
-        None,
-        &json!({"username": "alice", "password": PW}),
-    );
+    let r = register_resp(&srv, "alice", PW);
     assert_error(&r, 403, "forbidden");
 
     // A flag overrides its environment variable.
@@ -407,11 +374,7 @@ fn closed_registration_with_cli_accounts() {
         "user add",
     );
     let srv = Server::start_in(dir.path(), &["--registration", "closed"]);
-    let r = srv.post(
-        "/api/register",
-        None,
-        &json!({"username": "bob", "password": PW}),
-    );
+    let r = register_resp(&srv, "bob", PW);
     assert_error(&r, 403, "forbidden");
     let pair = login_pw(&srv, "alice", "password-one");
     assert_user_shape(&pair["user"], "alice", &["admin"]);

@@ -7,29 +7,12 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::process::Output;
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 // ---------------------------------------------------------------------------------
 // helpers
 // ---------------------------------------------------------------------------------
-
-fn start(extra: &[&str]) -> Server {
-    let mut args = vec!["--login-rate", "0", "--msg-rate", "0"];
-    args.extend_from_slice(extra);
-    Server::start(&args)
-}
-
-fn put_roles(srv: &Server, token: &str, user: &str, roles: &[&str]) -> Resp {
-    let b = serde_json::to_vec(&json!({ "roles": roles })).unwrap();
-    srv.request(
-        "PUT",
-        &format!("/api/admin/users/{user}/roles"),
-        Some(token),
-        Some(("application/json", &b)),
-    )
-}
 
 fn now_f64() -> f64 {
     SystemTime::now()
@@ -74,29 +57,8 @@ fn rfc3339_unix(s: &str) -> i64 {
     t
 }
 
-/// Reads until a close frame arrives (within `within`); returns its code.
-#[track_caller]
-fn wait_close(ws: &mut Ws, within: Duration) -> Option<u16> {
-    let deadline = Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "no close frame within {within:?}");
-        ws.stream()
-            .set_read_timeout(Some(left.max(Duration::from_millis(10))))
-            .unwrap();
-        match ws.ws.read() {
-            Ok(tungstenite::Message::Close(f)) => return f.map(|f| u16::from(f.code)),
-            Ok(_) => continue,
-            Err(tungstenite::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                panic!("no close frame within {within:?}")
-            }
-            Err(e) => panic!("connection ended without a close frame: {e:?}"),
-        }
-    }
-}
+/// What a live socket may send before the reply to a request: it is passed over.
+const CHATTER: &[&str] = &["presence", "message"];
 
 /// Proves the socket is open: a ping with a fresh ref is answered (presence and
 /// message frames before it are skipped).
@@ -115,32 +77,6 @@ fn alive(ws: &mut Ws) {
     }
 }
 
-/// Next frame (presence and messages skipped) answering `ref` r.
-#[track_caller]
-fn reply_to(ws: &mut Ws, r: &str) -> Value {
-    loop {
-        let v = ws.recv();
-        if v["ref"] == r {
-            return v;
-        }
-        match v["type"].as_str() {
-            Some("presence") | Some("message") => continue,
-            _ => panic!("expected the reply to {r}, got {v}"),
-        }
-    }
-}
-
-#[track_caller]
-fn expect_ws_error(ws: &mut Ws, code: &str, r: &str) {
-    let v = reply_to(ws, r);
-    assert_eq!(v["type"], "error", "expected error {code}, got {v}");
-    assert_eq!(v["code"], code, "wrong code in {v}");
-    assert!(
-        v["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "error message in {v}"
-    );
-}
-
 /// The upgrade, by hand, with `token` in the Authorization header.
 fn upgrade_header(srv: &Server, token: &str) -> Resp {
     let v = format!("Bearer {token}");
@@ -154,34 +90,6 @@ fn upgrade_query(srv: &Server, token: &str) -> Resp {
 fn upgrade_subprotocol(srv: &Server, token: &str) -> Resp {
     let v = format!("parley.v1, bearer.{token}");
     ws_handshake_raw(srv, "/ws", &[("Sec-WebSocket-Protocol", &v)])
-}
-
-fn db_arg(srv: &Server) -> String {
-    srv.db_path().to_str().unwrap().to_string()
-}
-
-#[track_caller]
-fn assert_exit(out: &Output, code: i32, what: &str) {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "{what}: exit status {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn refresh_req(srv: &Server, rt: &str) -> Resp {
-    srv.post("/api/refresh", None, &json!({ "refresh_token": rt }))
-}
-
-fn login_resp(srv: &Server, name: &str, pw: &str) -> Resp {
-    srv.post(
-        "/api/login",
-        None,
-        &json!({"username": name, "password": pw}),
-    )
 }
 
 /// Polls the audit trail (as admin) until an event matches; returns it.
@@ -209,7 +117,7 @@ fn wait_audit(srv: &Server, admin: &str, pred: impl Fn(&Value) -> bool, what: &s
 
 #[test]
 fn a_role_change_takes_effect_at_once_on_a_live_socket() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let alice = new_user(&srv, "alice");
     let bob = new_user(&srv, "bob");
     let mut a = Ws::connect(&srv, &alice);
@@ -221,7 +129,7 @@ fn a_role_change_takes_effect_at_once_on_a_live_socket() {
     b.join("general");
 
     b.send(&json!({"type": "delete", "id": m1, "ref": "before"}));
-    expect_ws_error(&mut b, "forbidden", "before");
+    expect_ws_error(&mut b, "forbidden", "before", CHATTER);
 
     // Promote bob; his socket (and his token, whose roles claim still says member)
     // may delete on the very next action.
@@ -247,9 +155,9 @@ fn a_role_change_takes_effect_at_once_on_a_live_socket() {
     let r = put_roles(&srv, &alice, "bob", &["member"]);
     assert_status(&r, 200);
     b.send(&json!({"type": "delete", "id": m3, "ref": "demoted"}));
-    expect_ws_error(&mut b, "forbidden", "demoted");
+    expect_ws_error(&mut b, "forbidden", "demoted", CHATTER);
     b.send(&json!({"type": "kick", "user": "alice", "ref": "kick"}));
-    expect_ws_error(&mut b, "forbidden", "kick");
+    expect_ws_error(&mut b, "forbidden", "kick", CHATTER);
     let r = srv.request("DELETE", &format!("/api/messages/{m3}"), Some(&bob), None);
     assert_error(&r, 403, "forbidden");
     alive(&mut a);
@@ -258,7 +166,7 @@ fn a_role_change_takes_effect_at_once_on_a_live_socket() {
 
 #[test]
 fn the_roles_claim_in_a_token_is_not_trusted() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let alice = new_user(&srv, "alice");
     let bob = new_user(&srv, "bob");
     let (_, p, _) = jwt_parts(&alice);
@@ -290,9 +198,9 @@ fn the_roles_claim_in_a_token_is_not_trusted() {
         "forbidden",
     );
     a.send(&json!({"type": "announce", "body": "x", "ref": "an"}));
-    expect_ws_error(&mut a, "forbidden", "an");
+    expect_ws_error(&mut a, "forbidden", "an", CHATTER);
     a.send(&json!({"type": "kick", "user": "bob", "ref": "k"}));
-    expect_ws_error(&mut a, "forbidden", "k");
+    expect_ws_error(&mut a, "forbidden", "k", CHATTER);
     // bob, whose token claims member, is admin.
     assert_status(&srv.get("/api/admin/audit", Some(&bob)), 200);
     alive(&mut a);
@@ -304,7 +212,7 @@ fn the_roles_claim_in_a_token_is_not_trusted() {
 
 #[test]
 fn the_ban_flow_end_to_end() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let alice = new_user(&srv, "alice");
     register(&srv, "bob");
     let carol = new_user(&srv, "carol");
@@ -346,7 +254,7 @@ fn the_ban_flow_end_to_end() {
     }
     // Login and refresh: 403.
     assert_error(&login_resp(&srv, "bob", PW), 403, "forbidden");
-    assert_error(&refresh_req(&srv, &refresh_tok(&p2)), 403, "forbidden");
+    assert_error(&refresh_resp(&srv, &refresh_tok(&p2)), 403, "forbidden");
     // Others are unaffected.
     assert_status(&srv.get("/api/me", Some(&carol)), 200);
     alive(&mut c);
@@ -358,8 +266,8 @@ fn the_ban_flow_end_to_end() {
         assert_error(&srv.get("/api/me", Some(t)), 401, "unauthorized");
         assert_ws_rejected(&upgrade_header(&srv, t), 401, "unauthorized");
     }
-    assert_error(&refresh_req(&srv, &refresh_tok(&p1)), 401, "unauthorized");
-    assert_error(&refresh_req(&srv, &refresh_tok(&p2)), 401, "unauthorized");
+    assert_error(&refresh_resp(&srv, &refresh_tok(&p1)), 401, "unauthorized");
+    assert_error(&refresh_resp(&srv, &refresh_tok(&p2)), 401, "unauthorized");
     let fresh = access(&login(&srv, "bob"));
     assert_status(&srv.get("/api/me", Some(&fresh)), 200);
     let mut b3 = Ws::connect(&srv, &fresh);
@@ -384,7 +292,7 @@ fn the_ban_flow_end_to_end() {
 #[test]
 fn a_banned_user_cannot_open_a_socket_even_between_checks() {
     // The ban is checked at the upgrade itself, not only by a later sweep.
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let alice = new_user(&srv, "alice");
     let bob = new_user(&srv, "bob");
     assert_status(
@@ -409,7 +317,7 @@ fn a_banned_user_cannot_open_a_socket_even_between_checks() {
 
 #[test]
 fn an_expired_token_closes_its_socket_with_4001() {
-    let srv = start(&["--access-ttl", "2"]);
+    let srv = start_unlimited(&["--access-ttl", "2"]);
     register(&srv, "alice");
     let token = access(&login(&srv, "alice"));
     let exp = exp_of(&token);
@@ -428,7 +336,7 @@ fn an_expired_token_closes_its_socket_with_4001() {
 
 #[test]
 fn refresh_on_a_live_socket_keeps_it_open_until_the_new_expiry() {
-    let srv = start(&["--access-ttl", "4"]);
+    let srv = start_unlimited(&["--access-ttl", "4"]);
     register(&srv, "alice");
     let p1 = login(&srv, "alice");
     let old = access(&p1);
@@ -437,7 +345,7 @@ fn refresh_on_a_live_socket_keeps_it_open_until_the_new_expiry() {
     alive(&mut ws);
 
     sleep(Duration::from_millis(2200));
-    let r = refresh_req(&srv, &refresh_tok(&p1));
+    let r = refresh_resp(&srv, &refresh_tok(&p1));
     assert_status(&r, 200);
     let new = access(&r.json());
     let new_exp = exp_of(&new);
@@ -447,7 +355,7 @@ fn refresh_on_a_live_socket_keeps_it_open_until_the_new_expiry() {
     );
 
     ws.send(&json!({"type": "refresh", "access_token": new, "ref": "r1"}));
-    let v = reply_to(&mut ws, "r1");
+    let v = reply_to(&mut ws, "r1", CHATTER);
     assert_eq!(v["type"], "refreshed", "{v}");
     let at = v["expires_at"]
         .as_str()
@@ -472,7 +380,7 @@ fn refresh_on_a_live_socket_keeps_it_open_until_the_new_expiry() {
 
 #[test]
 fn refresh_errors_leave_the_socket_as_it_was() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     register(&srv, "alice");
     let bob = new_user(&srv, "bob");
     let mine = login(&srv, "alice");
@@ -480,10 +388,10 @@ fn refresh_errors_leave_the_socket_as_it_was() {
 
     // Another user's valid token: forbidden.
     ws.send(&json!({"type": "refresh", "access_token": bob, "ref": "other"}));
-    expect_ws_error(&mut ws, "forbidden", "other");
+    expect_ws_error(&mut ws, "forbidden", "other", CHATTER);
     // Garbage: unauthorized.
     ws.send(&json!({"type": "refresh", "access_token": "not.a.jwt", "ref": "junk"}));
-    expect_ws_error(&mut ws, "unauthorized", "junk");
+    expect_ws_error(&mut ws, "unauthorized", "junk", CHATTER);
     // A tampered token of alice: unauthorized.
     let t = access(&login(&srv, "alice"));
     let parts: Vec<&str> = t.split('.').collect();
@@ -497,15 +405,15 @@ fn refresh_errors_leave_the_socket_as_it_was() {
         parts[2]
     );
     ws.send(&json!({"type": "refresh", "access_token": forged, "ref": "tampered"}));
-    expect_ws_error(&mut ws, "unauthorized", "tampered");
+    expect_ws_error(&mut ws, "unauthorized", "tampered", CHATTER);
     // A revoked (logged out) token of alice: unauthorized.
     let gone = login(&srv, "alice");
     assert_status(&srv.post_empty("/api/logout", Some(&access(&gone))), 204);
     ws.send(&json!({"type": "refresh", "access_token": access(&gone), "ref": "revoked"}));
-    expect_ws_error(&mut ws, "unauthorized", "revoked");
+    expect_ws_error(&mut ws, "unauthorized", "revoked", CHATTER);
     // Missing field: bad_request.
     ws.send(&json!({"type": "refresh", "ref": "missing"}));
-    expect_ws_error(&mut ws, "bad_request", "missing");
+    expect_ws_error(&mut ws, "bad_request", "missing", CHATTER);
 
     // The socket is open and still alice's, on her original login.
     alive(&mut ws);
@@ -517,13 +425,13 @@ fn refresh_errors_leave_the_socket_as_it_was() {
 
 #[test]
 fn refresh_moves_the_socket_to_the_new_tokens_login() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     register(&srv, "alice");
     let l1 = login(&srv, "alice");
     let l2 = login(&srv, "alice");
     let mut ws = Ws::connect(&srv, &access(&l1));
     ws.send(&json!({"type": "refresh", "access_token": access(&l2), "ref": "r"}));
-    let v = reply_to(&mut ws, "r");
+    let v = reply_to(&mut ws, "r", CHATTER);
     assert_eq!(v["type"], "refreshed", "{v}");
     assert!(v["expires_at"].as_str().is_some_and(is_rfc3339), "{v}");
 
@@ -542,7 +450,7 @@ fn refresh_moves_the_socket_to_the_new_tokens_login() {
 
 #[test]
 fn cli_ban_and_unban_reach_a_running_server() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let alice = new_user(&srv, "alice");
     register(&srv, "bob");
     let p = login(&srv, "bob");
@@ -551,7 +459,7 @@ fn cli_ban_and_unban_reach_a_running_server() {
     b.join("general");
     let mut a = Ws::connect(&srv, &alice);
     a.join("general");
-    let db = db_arg(&srv);
+    let db = db_arg(&srv.dir);
 
     let out = run_cli(&["user", "ban", "bob", "--db", &db], "");
     assert_exit(&out, 0, "parley user ban bob");
@@ -560,7 +468,7 @@ fn cli_ban_and_unban_reach_a_running_server() {
     assert_error(&srv.get("/api/me", Some(&bob)), 403, "forbidden");
     assert_ws_rejected(&upgrade_header(&srv, &bob), 403, "forbidden");
     assert_error(&login_resp(&srv, "bob", PW), 403, "forbidden");
-    assert_error(&refresh_req(&srv, &refresh_tok(&p)), 403, "forbidden");
+    assert_error(&refresh_resp(&srv, &refresh_tok(&p)), 403, "forbidden");
     alive(&mut a);
 
     let out = run_cli(&["user", "unban", "bob", "--db", &db], "");
@@ -603,7 +511,7 @@ fn cli_ban_and_unban_reach_a_running_server() {
 
 #[test]
 fn cli_role_changes_reach_a_live_socket() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let alice = new_user(&srv, "alice");
     let bob = new_user(&srv, "bob");
     let mut a = Ws::connect(&srv, &alice);
@@ -612,8 +520,8 @@ fn cli_role_changes_reach_a_live_socket() {
     let mut b = Ws::connect(&srv, &bob);
     b.join("general");
     b.send(&json!({"type": "delete", "id": m1, "ref": "d0"}));
-    expect_ws_error(&mut b, "forbidden", "d0");
-    let db = db_arg(&srv);
+    expect_ws_error(&mut b, "forbidden", "d0", CHATTER);
+    let db = db_arg(&srv.dir);
 
     let out = run_cli(&["user", "role", "bob", "moderator", "--db", &db], "");
     assert_exit(&out, 0, "parley user role bob moderator");
@@ -652,7 +560,7 @@ fn cli_role_changes_reach_a_live_socket() {
     loop {
         let r = format!("k{}", unique());
         b.send(&json!({"type": "kick", "user": "nobody", "ref": r}));
-        let v = reply_to(&mut b, &r);
+        let v = reply_to(&mut b, &r, CHATTER);
         assert_eq!(v["type"], "error", "{v}");
         if v["code"] == "forbidden" {
             break;
@@ -685,7 +593,7 @@ fn cli_role_changes_reach_a_live_socket() {
 
 #[test]
 fn cli_passwd_revokes_every_login_and_closes_its_sockets() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     new_user(&srv, "alice");
     register(&srv, "bob");
     let carol = new_user(&srv, "carol");
@@ -694,7 +602,7 @@ fn cli_passwd_revokes_every_login_and_closes_its_sockets() {
     let mut b1 = Ws::connect(&srv, &access(&p1));
     let mut b2 = Ws::connect(&srv, &access(&p2));
     let mut c = Ws::connect(&srv, &carol);
-    let db = db_arg(&srv);
+    let db = db_arg(&srv.dir);
 
     let new_pw = "a brand new secret";
     let out = run_cli(
@@ -709,7 +617,7 @@ fn cli_passwd_revokes_every_login_and_closes_its_sockets() {
     for p in [&p1, &p2] {
         assert_error(&srv.get("/api/me", Some(&access(p))), 401, "unauthorized");
         assert_ws_rejected(&upgrade_header(&srv, &access(p)), 401, "unauthorized");
-        assert_error(&refresh_req(&srv, &refresh_tok(p)), 401, "unauthorized");
+        assert_error(&refresh_resp(&srv, &refresh_tok(p)), 401, "unauthorized");
     }
     assert_error(&login_resp(&srv, "bob", PW), 401, "unauthorized");
     let fresh = access(&login_pw(&srv, "bob", new_pw));
@@ -721,7 +629,7 @@ fn cli_passwd_revokes_every_login_and_closes_its_sockets() {
 
 #[test]
 fn refresh_with_an_expired_token_is_unauthorized() {
-    let srv = start(&["--access-ttl", "3"]);
+    let srv = start_unlimited(&["--access-ttl", "3"]);
     register(&srv, "alice");
     let old = access(&login(&srv, "alice"));
     let old_exp = exp_of(&old);
@@ -735,7 +643,7 @@ fn refresh_with_an_expired_token_is_unauthorized() {
     let mut ws = Ws::connect(&srv, &newer);
     sleep_until(old_exp as f64 + 0.3);
     ws.send(&json!({"type": "refresh", "access_token": old, "ref": "stale"}));
-    expect_ws_error(&mut ws, "unauthorized", "stale");
+    expect_ws_error(&mut ws, "unauthorized", "stale", CHATTER);
     alive(&mut ws);
     // The socket keeps its own token, and expires with it.
     assert_eq!(wait_close(&mut ws, Duration::from_secs(10)), Some(4001));
@@ -746,7 +654,7 @@ fn refresh_with_an_expired_token_is_unauthorized() {
 fn sqlite_changes_reach_a_live_server() {
     // PROTOCOL.md: changes made with sqlite3 while the server runs reach it within 5 s,
     // live sockets included.
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let alice = new_user(&srv, "alice");
     let bob = new_user(&srv, "bob");
     let carol = new_user(&srv, "carol");
@@ -766,7 +674,7 @@ fn sqlite_changes_reach_a_live_server() {
     loop {
         let r = format!("k{}", unique());
         c.send(&json!({"type": "kick", "user": "nobody", "ref": r}));
-        let v = reply_to(&mut c, &r);
+        let v = reply_to(&mut c, &r, CHATTER);
         if v["code"] == "not_found" {
             break;
         }

@@ -31,63 +31,6 @@ fn connect_from(src: Ipv4Addr, port: u16) -> TcpStream {
     s
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Reads one HTTP response (Content-Length framed, or up to EOF) from `s`.
-fn read_one_response(s: &mut TcpStream) -> Resp {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = find(&buf, b"\r\n\r\n") {
-            break i;
-        }
-        let n = s.read(&mut chunk).expect("reading a response head");
-        assert!(n > 0, "connection closed before a response: {buf:?}");
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let mut body = buf[head_end + 4..].to_vec();
-    let len = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .map(|(_, v)| v.parse::<usize>().unwrap());
-    match len {
-        Some(n) => {
-            while body.len() < n {
-                let k = s.read(&mut chunk).expect("reading a response body");
-                assert!(k > 0, "eof inside the body");
-                body.extend_from_slice(&chunk[..k]);
-            }
-            body.truncate(n);
-        }
-        None => {
-            while let Ok(k) = s.read(&mut chunk) {
-                if k == 0 {
-                    break;
-                }
-                body.extend_from_slice(&chunk[..k]);
-            }
-        }
-    }
-    Resp {
-        status,
-        headers,
-        body,
-    }
-}
-
 /// `POST /api/login` from the source address `src`.
 fn login_from(srv: &Server, src: Ipv4Addr, name: &str, pw: &str) -> Resp {
     let mut s = connect_from(src, srv.port);
@@ -98,7 +41,7 @@ fn login_from(srv: &Server, src: Ipv4Addr, name: &str, pw: &str) -> Resp {
         body.len()
     );
     s.write_all(req.as_bytes()).unwrap();
-    read_one_response(&mut s)
+    read_response(&mut s, false).unwrap_or_else(|e| panic!("reading a response: {e}"))
 }
 
 fn ip(last: u8) -> Ipv4Addr {
@@ -118,14 +61,6 @@ fn assert_429(r: &Resp) -> u64 {
         .unwrap_or_else(|_| panic!("Retry-After should be whole seconds, got {ra:?}"));
     assert!(secs >= 1, "Retry-After {secs} should be at least 1");
     secs
-}
-
-fn login_resp(srv: &Server, name: &str, pw: &str) -> Resp {
-    srv.post(
-        "/api/login",
-        None,
-        &json!({"username": name, "password": pw}),
-    )
 }
 
 // ---------------------------------------------------------------------------------
@@ -587,7 +522,7 @@ fn idle_keep_alive_connection_is_closed_after_its_last_response() {
     // Requests spaced well inside the timeout keep it open, past the timeout in total.
     for i in 0..6 {
         s.write_all(req.as_bytes()).unwrap();
-        let r = read_one_response(&mut s);
+        let r = read_response(&mut s, false).unwrap_or_else(|e| panic!("reading a response: {e}"));
         assert_eq!(r.status, 200, "request {i} on the kept-alive connection");
         assert_eq!(r.json()["status"], "ok");
         sleep(Duration::from_millis(800));

@@ -13,24 +13,6 @@ use std::time::{Duration, Instant};
 // helpers
 // ---------------------------------------------------------------------------------
 
-/// A server with the login and message rate limits off (every test connects from
-/// 127.0.0.1 and would otherwise trip them).
-fn start(extra: &[&str]) -> Server {
-    let mut args = vec!["--login-rate", "0", "--msg-rate", "0"];
-    args.extend_from_slice(extra);
-    Server::start(&args)
-}
-
-fn put_roles(srv: &Server, token: &str, user: &str, roles: &[&str]) -> Resp {
-    let b = serde_json::to_vec(&json!({ "roles": roles })).unwrap();
-    srv.request(
-        "PUT",
-        &format!("/api/admin/users/{user}/roles"),
-        Some(token),
-        Some(("application/json", &b)),
-    )
-}
-
 fn delete_msg(srv: &Server, token: &str, id: i64) -> Resp {
     srv.request("DELETE", &format!("/api/messages/{id}"), Some(token), None)
 }
@@ -75,22 +57,6 @@ fn roles_of(user: &Value) -> Vec<String> {
     v
 }
 
-/// Reads frames (skipping presence) until an `error` with `ref` r; asserts its code.
-#[track_caller]
-fn expect_ws_error(ws: &mut Ws, code: &str, r: &str) {
-    let v = ws.recv_skipping(&["presence"]);
-    assert_eq!(
-        v["type"], "error",
-        "expected error {code} for ref {r}, got {v}"
-    );
-    assert_eq!(v["code"], code, "wrong code in {v}");
-    assert_eq!(v["ref"], r, "ref not echoed in {v}");
-    assert!(
-        v["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "error message in {v}"
-    );
-}
-
 /// Next frame other than presence and messages must be `deleted` for `id` by `by` in `room`.
 #[track_caller]
 fn expect_deleted(ws: &mut Ws, id: i64, room: &str, by: &str) {
@@ -109,30 +75,6 @@ fn expect_announcement(ws: &mut Ws, from: &str, body: &str) {
     assert_eq!(v["body"], body, "{v}");
     let ts = v["ts"].as_str().unwrap_or_else(|| panic!("ts in {v}"));
     assert!(is_rfc3339(ts), "ts {ts:?} is not RFC 3339");
-}
-
-/// Reads until a close frame arrives (within `within`); returns its code.
-#[track_caller]
-fn wait_close(ws: &mut Ws, within: Duration) -> Option<u16> {
-    let deadline = Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "no close frame within {within:?}");
-        ws.stream()
-            .set_read_timeout(Some(left.max(Duration::from_millis(10))))
-            .unwrap();
-        match ws.ws.read() {
-            Ok(tungstenite::Message::Close(f)) => return f.map(|f| u16::from(f.code)),
-            Ok(_) => continue,
-            Err(tungstenite::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                panic!("no close frame within {within:?}")
-            }
-            Err(e) => panic!("connection ended without a close frame: {e:?}"),
-        }
-    }
 }
 
 /// Polls `/metrics` until `parley_open_sockets` is `n`.
@@ -168,7 +110,7 @@ fn history_ids(srv: &Server, token: &str, room: &str) -> Vec<i64> {
 
 #[test]
 fn delete_over_rest_needs_message_delete() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let c = cast(&srv);
     let mut poster = Ws::connect(&srv, &c.admin);
     poster.join("general");
@@ -208,7 +150,7 @@ fn delete_over_rest_needs_message_delete() {
 
 #[test]
 fn delete_over_the_socket_needs_message_delete() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let c = cast(&srv);
     let mut a = Ws::connect(&srv, &c.admin);
     a.join("general");
@@ -222,7 +164,7 @@ fn delete_over_the_socket_needs_message_delete() {
 
     // member, even deleting their own message: forbidden, the socket stays.
     b.send(&json!({"type": "delete", "id": m1, "ref": "d1"}));
-    expect_ws_error(&mut b, "forbidden", "d1");
+    expect_ws_error(&mut b, "forbidden", "d1", &["presence"]);
     b.ping();
 
     // moderator: every socket in the room gets `deleted`.
@@ -237,7 +179,7 @@ fn delete_over_the_socket_needs_message_delete() {
     }
     // unknown id: not_found.
     m.send(&json!({"type": "delete", "id": m3 + 1000, "ref": "d4"}));
-    expect_ws_error(&mut m, "not_found", "d4");
+    expect_ws_error(&mut m, "not_found", "d4", &["presence"]);
     assert_eq!(history_ids(&srv, &c.member, "general"), vec![m3]);
     for ws in [&mut a, &mut m, &mut b] {
         ws.ping();
@@ -250,7 +192,7 @@ fn delete_over_the_socket_needs_message_delete() {
 
 #[test]
 fn kick_over_rest_needs_user_kick() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let c = cast(&srv);
     let mut molly = Ws::connect(&srv, &c.moder);
     let mut b1 = Ws::connect(&srv, &c.member);
@@ -296,7 +238,7 @@ fn kick_over_rest_needs_user_kick() {
 
 #[test]
 fn kick_over_the_socket_needs_user_kick() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let c = cast(&srv);
     let mut a = Ws::connect(&srv, &c.admin);
     let mut m = Ws::connect(&srv, &c.moder);
@@ -304,7 +246,7 @@ fn kick_over_the_socket_needs_user_kick() {
 
     // member tries to kick the moderator.
     b.send(&json!({"type": "kick", "user": "molly", "ref": "k1"}));
-    expect_ws_error(&mut b, "forbidden", "k1");
+    expect_ws_error(&mut b, "forbidden", "k1", &["presence"]);
     m.ping();
     b.ping();
 
@@ -321,7 +263,7 @@ fn kick_over_the_socket_needs_user_kick() {
     a.ping();
 
     a.send(&json!({"type": "kick", "user": "nobody", "ref": "k4"}));
-    expect_ws_error(&mut a, "not_found", "k4");
+    expect_ws_error(&mut a, "not_found", "k4", &["presence"]);
     a.ping();
 }
 
@@ -331,7 +273,7 @@ fn kick_over_the_socket_needs_user_kick() {
 
 #[test]
 fn ban_and_unban_need_user_ban() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let c = cast(&srv);
     let carol = new_user(&srv, "carol");
 
@@ -351,11 +293,7 @@ fn ban_and_unban_need_user_ban() {
         assert_eq!(r.status, 403, "{who} unban: {}", r.text());
         assert_error(&r, 403, "forbidden");
     }
-    let r = srv.post(
-        "/api/login",
-        None,
-        &json!({"username": "carol", "password": PW}),
-    );
+    let r = login_resp(&srv, "carol", PW);
     assert_error(&r, 403, "forbidden");
 
     let r = srv.post_empty("/api/admin/users/carol/unban", Some(&c.admin));
@@ -376,7 +314,7 @@ fn ban_and_unban_need_user_ban() {
 
 #[test]
 fn role_assignment_needs_role_assign() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let c = cast(&srv);
     let carol = new_user(&srv, "carol");
 
@@ -421,7 +359,7 @@ fn role_assignment_needs_role_assign() {
 
 #[test]
 fn the_last_admin_cannot_be_removed() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let c = cast(&srv);
 
     // alice is the only admin.
@@ -457,7 +395,7 @@ fn the_last_admin_cannot_be_removed() {
 
 #[test]
 fn announce_needs_announce_and_reaches_every_socket() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let c = cast(&srv);
     let mut a = Ws::connect(&srv, &c.admin);
     let mut m = Ws::connect(&srv, &c.moder);
@@ -470,9 +408,9 @@ fn announce_needs_announce_and_reaches_every_socket() {
         assert_error(&r, 403, "forbidden");
     }
     b1.send(&json!({"type": "announce", "body": "nope", "ref": "n1"}));
-    expect_ws_error(&mut b1, "forbidden", "n1");
+    expect_ws_error(&mut b1, "forbidden", "n1", &["presence"]);
     m.send(&json!({"type": "announce", "body": "nope", "ref": "n2"}));
-    expect_ws_error(&mut m, "forbidden", "n2");
+    expect_ws_error(&mut m, "forbidden", "n2", &["presence"]);
     // Nothing was announced: each socket's next frame is its pong.
     for ws in [&mut a, &mut m, &mut b1, &mut b2] {
         ws.ping();
@@ -503,7 +441,7 @@ fn announce_needs_announce_and_reaches_every_socket() {
 
 #[test]
 fn announce_to_roles_reaches_only_their_holders() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let c = cast(&srv);
     register(&srv, "carol");
     assert_status(
@@ -579,7 +517,7 @@ fn announce_to_roles_reaches_only_their_holders() {
 
 #[test]
 fn audit_read_needs_audit_read() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let c = cast(&srv);
     for (who, tok) in [("member", &c.member), ("moderator", &c.moder)] {
         let r = srv.get("/api/admin/audit", Some(tok));
@@ -599,7 +537,7 @@ fn audit_read_needs_audit_read() {
 
 #[test]
 fn every_role_may_create_rooms() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let c = cast(&srv);
     for (room, tok) in [
         ("by-admin", &c.admin),
@@ -673,7 +611,7 @@ fn permissions_come_from_the_role_permissions_table() {
     // The moderator's socket is refused too.
     let mut m = Ws::connect(&srv, &c.moder);
     m.send(&json!({"type": "delete", "id": m1, "ref": "d"}));
-    expect_ws_error(&mut m, "forbidden", "d");
+    expect_ws_error(&mut m, "forbidden", "d", &["presence"]);
     // The admin still may.
     assert_status(&delete_msg(&srv, &c.admin, m1), 204);
     // And kicking (untouched) still works for the moderator.
@@ -688,7 +626,7 @@ fn permissions_come_from_the_role_permissions_table() {
 fn a_kick_right_after_the_upgrade_still_closes_the_socket() {
     // Once the client holds an upgraded socket, that socket is subject to kick: the
     // server must not answer 101 before the socket can be found.
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let c = cast(&srv);
     for i in 0..100 {
         let mut b = Ws::connect(&srv, &c.member);
@@ -712,7 +650,7 @@ fn a_kick_right_after_the_upgrade_still_closes_the_socket() {
 
 #[test]
 fn an_announcement_right_after_the_upgrade_reaches_the_socket() {
-    let srv = start(&[]);
+    let srv = start_unlimited(&[]);
     let c = cast(&srv);
     for i in 0..100 {
         let mut b = Ws::connect(&srv, &c.member);

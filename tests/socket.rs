@@ -1394,21 +1394,13 @@ fn refresh_reuse_closes_the_logins_live_sockets_with_4003() {
     doomed.join("general");
     let mut survivor = Ws::connect(&srv, &access(&other));
     survivor.ping();
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&p1)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&p1));
     assert_status(&r, 200);
     let p2 = r.json();
     let mut doomed2 = Ws::connect(&srv, &access(&p2));
     doomed2.ping();
     // Reuse.
-    let r = srv.post(
-        "/api/refresh",
-        None,
-        &json!({"refresh_token": refresh_tok(&p1)}),
-    );
+    let r = refresh_resp(&srv, &refresh_tok(&p1));
     assert_error(&r, 401, "unauthorized");
     assert_eq!(doomed.expect_close(), Some(4003));
     assert_eq!(doomed2.expect_close(), Some(4003));

@@ -323,6 +323,14 @@ impl Drop for Server {
     }
 }
 
+/// A server with the login and message rate limits off (every test connects from
+/// 127.0.0.1 and would otherwise trip them), plus `extra` flags.
+pub fn start_unlimited(extra: &[&str]) -> Server {
+    let mut args = vec!["--login-rate", "0", "--msg-rate", "0"];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
 /// Keeps the caller's PARLEY_* settings out of the tests.
 fn clear_parley_env(cmd: &mut Command) {
     for (k, _) in std::env::vars_os() {
@@ -372,6 +380,24 @@ pub fn run_cli_in(cwd: Option<&Path>, args: &[&str], stdin: &str, envs: &[(&str,
         thread::sleep(Duration::from_millis(20));
     }
     child.wait_with_output().unwrap()
+}
+
+/// `dir/chat.db` as a string, for a CLI `--db` argument.
+pub fn db_arg(dir: &Path) -> String {
+    dir.join("chat.db").to_str().unwrap().to_string()
+}
+
+/// Asserts a CLI run exited with `code`, showing its output otherwise.
+#[track_caller]
+pub fn assert_exit(out: &Output, code: i32, what: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{what}: expected exit {code}, got {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -458,7 +484,9 @@ pub fn http_request(
         .unwrap_or_else(|e| panic!("{method} {path}: reading the response failed: {e}"))
 }
 
-fn read_response(s: &mut TcpStream, head_only: bool) -> Result<Resp, String> {
+/// Reads one response from `s` (framed by Content-Length, chunked, or up to EOF); with
+/// `head_only`, the head alone (the answer to a HEAD request).
+pub fn read_response(s: &mut TcpStream, head_only: bool) -> Result<Resp, String> {
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 8192];
     let head_end = loop {
@@ -623,11 +651,7 @@ pub fn register(srv: &Server, name: &str) -> Value {
 
 #[track_caller]
 pub fn register_pw(srv: &Server, name: &str, pw: &str) -> Value {
-    let r = srv.post(
-        "/api/register",
-        None,
-        &json!({"username": name, "password": pw}),
-    );
+    let r = register_resp(srv, name, pw);
     assert_status(&r, 201);
     let v = r.json();
     assert!(v["user"].is_object(), "register: no user in {v}");
@@ -642,13 +666,43 @@ pub fn login(srv: &Server, name: &str) -> Value {
 
 #[track_caller]
 pub fn login_pw(srv: &Server, name: &str, pw: &str) -> Value {
-    let r = srv.post(
+    let r = login_resp(srv, name, pw);
+    assert_status(&r, 200);
+    r.json()
+}
+
+/// `POST /api/register` with `name` and `pw`; the response, unchecked.
+pub fn register_resp(srv: &Server, name: &str, pw: &str) -> Resp {
+    srv.post(
+        "/api/register",
+        None,
+        &json!({"username": name, "password": pw}),
+    )
+}
+
+/// `POST /api/login` with `name` and `pw`; the response, unchecked.
+pub fn login_resp(srv: &Server, name: &str, pw: &str) -> Resp {
+    srv.post(
         "/api/login",
         None,
         &json!({"username": name, "password": pw}),
-    );
-    assert_status(&r, 200);
-    r.json()
+    )
+}
+
+/// `POST /api/refresh` with the refresh token `rt`; the response, unchecked.
+pub fn refresh_resp(srv: &Server, rt: &str) -> Resp {
+    srv.post("/api/refresh", None, &json!({ "refresh_token": rt }))
+}
+
+/// `PUT /api/admin/users/{user}/roles` as the holder of `token`; the response, unchecked.
+pub fn put_roles(srv: &Server, token: &str, user: &str, roles: &[&str]) -> Resp {
+    let b = serde_json::to_vec(&json!({ "roles": roles })).unwrap();
+    srv.request(
+        "PUT",
+        &format!("/api/admin/users/{user}/roles"),
+        Some(token),
+        Some(("application/json", &b)),
+    )
 }
 
 /// Registers and logs in; returns the access token.
@@ -1109,6 +1163,61 @@ impl Ws {
         let _ = self.ws.close(None);
         let _ = self.ws.flush();
     }
+}
+
+/// Reads until a close frame arrives (within `within`); returns its code.
+#[track_caller]
+pub fn wait_close(ws: &mut Ws, within: Duration) -> Option<u16> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no close frame within {within:?}");
+        ws.stream()
+            .set_read_timeout(Some(left.max(Duration::from_millis(10))))
+            .unwrap();
+        match ws.ws.read() {
+            Ok(Message::Close(f)) => return f.map(|f| u16::from(f.code)),
+            Ok(_) => continue,
+            Err(tungstenite::Error::Io(e))
+                if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut =>
+            {
+                panic!("no close frame within {within:?}")
+            }
+            Err(e) => panic!("connection ended without a close frame: {e:?}"),
+        }
+    }
+}
+
+/// The next frame answering `ref` r. Frames before it whose `type` is in `skip` are
+/// passed over; any other frame fails the test.
+#[track_caller]
+pub fn reply_to(ws: &mut Ws, r: &str, skip: &[&str]) -> Value {
+    loop {
+        let v = ws.recv();
+        if v["ref"] == r {
+            return v;
+        }
+        if !skip.iter().any(|t| v["type"] == *t) {
+            panic!("expected the reply to {r}, got {v}");
+        }
+    }
+}
+
+/// Asserts that the reply to `ref` r (see `reply_to`, with `skip`) is an `error` frame
+/// with `code` and a non-empty message.
+#[track_caller]
+pub fn expect_ws_error(ws: &mut Ws, code: &str, r: &str, skip: &[&str]) {
+    let v = reply_to(ws, r, skip);
+    assert_eq!(
+        v["type"], "error",
+        "expected error {code} for ref {r}, got {v}"
+    );
+    assert_eq!(v["code"], code, "wrong code in {v}");
+    assert_eq!(v["ref"], r, "ref not echoed in {v}");
+    assert!(
+        v["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "error message in {v}"
+    );
 }
 
 /// Posts `n` messages to `room` as the holder of `token` and returns their ids in
