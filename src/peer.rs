@@ -94,6 +94,47 @@ enum Mode {
 
 /// Most frames written by one `sendmsg`.
 const IOV_MAX_FRAMES: usize = 64;
+/// Backlogs up to this many frames are gathered on the stack; longer ones (the
+/// fan-out thread under load) in a heap buffer, so socket threads, whose stacks stay
+/// resident for the socket's life, do not touch a deep frame for a rare case.
+const IOV_ON_STACK: usize = 4;
+
+/// One non-blocking `sendmsg` of the queued frames (the first from `head_sent`);
+/// returns the bytes written and the bytes offered.
+fn send_frames(
+    sock: &OwnedFd,
+    frames: &VecDeque<Frame>,
+    head_sent: usize,
+) -> rustix::io::Result<(usize, usize)> {
+    let parts = frames
+        .iter()
+        .take(IOV_MAX_FRAMES)
+        .enumerate()
+        .map(|(i, f)| {
+            let part = if i == 0 {
+                f.get(head_sent..).unwrap_or_default()
+            } else {
+                &f[..]
+            };
+            IoSlice::new(part)
+        });
+    let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
+    let send = |iov: &[IoSlice<'_>]| {
+        let total = iov.iter().map(|s| s.len()).sum();
+        sendmsg(sock, iov, &mut SendAncillaryBuffer::default(), flags).map(|n| (n, total))
+    };
+    if frames.len() <= IOV_ON_STACK {
+        let mut iov = [IoSlice::new(&[]); IOV_ON_STACK];
+        let mut n = 0;
+        for (slot, part) in iov.iter_mut().zip(parts) {
+            *slot = part;
+            n += 1;
+        }
+        send(&iov[..n])
+    } else {
+        send(&parts.collect::<Vec<_>>())
+    }
+}
 
 /// Drops `n` written bytes from the front of the backlog.
 fn advance(q: &mut Outq, mut n: usize) {
@@ -306,29 +347,10 @@ impl Peer {
     /// frames go out together, up to [`IOV_MAX_FRAMES`] per system call.
     fn write_some(&self, q: &mut Outq) {
         while !q.frames.is_empty() {
-            let mut iov = [IoSlice::new(&[]); IOV_MAX_FRAMES];
-            let mut total = 0;
-            let mut n_iov = 0;
-            for (i, frame) in q.frames.iter().take(IOV_MAX_FRAMES).enumerate() {
-                let part = if i == 0 {
-                    frame.get(q.head_sent..).unwrap_or_default()
-                } else {
-                    frame
-                };
-                iov[i] = IoSlice::new(part);
-                total += part.len();
-                n_iov = i + 1;
-            }
-            let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
-            match sendmsg(
-                &self.sock,
-                &iov[..n_iov],
-                &mut SendAncillaryBuffer::default(),
-                flags,
-            ) {
-                Ok(n) => {
-                    advance(q, n);
-                    if n < total {
+            match send_frames(&self.sock, &q.frames, q.head_sent) {
+                Ok((written, total)) => {
+                    advance(q, written);
+                    if written < total {
                         break;
                     }
                 }
