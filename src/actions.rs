@@ -65,6 +65,25 @@ pub struct RoomView {
     pub online: usize,
 }
 
+/// Records an event done by `actor` (who and from where come from the actor).
+fn audit_by(
+    app: &App,
+    actor: &Actor,
+    action: &'static str,
+    target: Option<&str>,
+    detail: serde_json::Value,
+) {
+    audit(
+        app,
+        Some(&actor.username),
+        action,
+        target,
+        actor.ip.as_deref(),
+        detail,
+    );
+}
+
+/// Records a security event.
 fn audit(
     app: &App,
     actor: Option<&str>,
@@ -331,12 +350,11 @@ pub fn logout(app: &App, actor: &Actor, refresh_token: Option<&str>) -> Result<(
         app.hub
             .close_session(sid, crate::peer::close::REVOKED, "logged out");
     }
-    audit(
+    audit_by(
         app,
-        Some(&actor.username),
+        actor,
         "logout",
         Some(&actor.username),
-        actor.ip.as_deref(),
         json!({"logins": sids.len()}),
     );
     Ok(())
@@ -372,14 +390,7 @@ pub fn create_room(app: &App, actor: &Actor, name: &str) -> Result<RoomView, Api
     let room = app
         .store
         .create_room(name, actor.user_id, clock::now_rfc3339())?;
-    audit(
-        app,
-        Some(&actor.username),
-        "room_create",
-        Some(&room.name),
-        actor.ip.as_deref(),
-        json!({}),
-    );
+    audit_by(app, actor, "room_create", Some(&room.name), json!({}));
     Ok(RoomView {
         online: 0,
         name: room.name,
@@ -397,12 +408,11 @@ pub fn require(
     if app.store.has_permission(actor.user_id, permission)? {
         return Ok(());
     }
-    audit(
+    audit_by(
         app,
-        Some(&actor.username),
+        actor,
         "forbidden",
         target,
-        actor.ip.as_deref(),
         json!({"permission": permission}),
     );
     Err(ApiError::forbidden(format!(
@@ -538,14 +548,7 @@ pub fn set_banned(app: &App, actor: &Actor, username: &str, banned: bool) -> Res
             .close_user(user.id, crate::peer::close::REVOKED, "banned");
     }
     let action = if banned { "ban" } else { "unban" };
-    audit(
-        app,
-        Some(&actor.username),
-        action,
-        Some(&user.username),
-        actor.ip.as_deref(),
-        json!({}),
-    );
+    audit_by(app, actor, action, Some(&user.username), json!({}));
     Ok(())
 }
 
@@ -567,12 +570,11 @@ pub fn set_roles(
             }
             other => other.into(),
         })?;
-    audit(
+    audit_by(
         app,
-        Some(&actor.username),
+        actor,
         "role_change",
         Some(&user.username),
-        actor.ip.as_deref(),
         json!({"from": change.from, "to": change.to}),
     );
     Ok(app.store.user(user.id)?)
@@ -599,12 +601,11 @@ pub fn delete_message(
                 };
                 app2.fanout
                     .deliver(vec![(to, crate::peer::text_frame(&v.to_string()))]);
-                audit(
+                audit_by(
                     &app2,
-                    Some(&actor2.username),
+                    &actor2,
                     "message_delete",
                     Some(&id.to_string()),
-                    actor2.ip.as_deref(),
                     json!({"room": room}),
                 );
             });
@@ -620,12 +621,11 @@ pub fn kick(app: &App, actor: &Actor, username: &str) -> Result<usize, ApiError>
     let sockets = app.hub.user_peers(user.id).len();
     app.hub
         .close_user(user.id, crate::peer::close::REVOKED, "kicked");
-    audit(
+    audit_by(
         app,
-        Some(&actor.username),
+        actor,
         "kick",
         Some(&user.username),
-        actor.ip.as_deref(),
         json!({"sockets": sockets}),
     );
     Ok(sockets)
@@ -655,12 +655,11 @@ pub fn announce(
     for p in &peers {
         p.send(&frame);
     }
-    audit(
+    audit_by(
         app,
-        Some(&actor.username),
+        actor,
         "announce",
         None,
-        actor.ip.as_deref(),
         json!({"roles": roles, "sockets": peers.len()}),
     );
     Ok(peers.len())
