@@ -173,8 +173,11 @@ impl Hub {
             }
             members.sockets.push(peer.clone());
         }
-        let mut online: Vec<String> = members.users.values().map(|u| u.0.clone()).collect();
-        online.sort();
+        let names: Vec<String> = members.users.values().map(|u| u.0.clone()).collect();
+        // Heapsort, in place and without recursion: the slice sorts keep scratch space
+        // on the stack, and a socket thread's deepest stack page stays resident for
+        // the socket's whole life.
+        let online = std::collections::BinaryHeap::from(names).into_sorted_vec();
         Joined { online, tell }
     }
 
