@@ -231,6 +231,14 @@ fn failed(e: impl std::fmt::Display) -> CliError {
     CliError::Failed(e.to_string())
 }
 
+/// A role named on the command line that does not exist is bad usage (exit 2).
+fn unknown_is_usage(e: StoreError) -> CliError {
+    match e {
+        StoreError::NotFound(what) => CliError::Usage(format!("unknown {what}")),
+        other => failed(other),
+    }
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     let cfg = cli.config().map_err(CliError::Usage)?;
@@ -297,10 +305,7 @@ fn user_on(store: &Store, cfg: &Config, action: UserCommand) -> Result<(), CliEr
                 crate::auth::hash_password(&new_password()?, cfg.bcrypt_cost).map_err(failed)?;
             let user = store
                 .create_user(&name, hash, role, now())
-                .map_err(|e| match e {
-                    StoreError::NotFound(what) => CliError::Usage(format!("unknown {what}")),
-                    other => failed(other),
-                })?;
+                .map_err(unknown_is_usage)?;
             cli_audit(
                 store,
                 "register",
@@ -313,10 +318,7 @@ fn user_on(store: &Store, cfg: &Config, action: UserCommand) -> Result<(), CliEr
             let user = existing_user(store, &name)?;
             let change = store
                 .set_roles(user.id, roles, "role.assign")
-                .map_err(|e| match e {
-                    StoreError::NotFound(what) => CliError::Usage(format!("unknown {what}")),
-                    other => failed(other),
-                })?;
+                .map_err(unknown_is_usage)?;
             cli_audit(
                 store,
                 "role_change",
