@@ -180,17 +180,22 @@ pub fn check_login_rate(app: &App, username: &str, ip: Option<&str>) -> Result<(
             .check(&format!("user:{}", username.to_ascii_lowercase()))
     });
     by_name.map_err(|secs| {
-        inc(&METRICS.logins_failed);
-        audit(
-            app,
-            None,
-            "login_failed",
-            Some(username),
-            ip,
-            json!({"reason": "rate_limited"}),
-        );
+        login_failed(app, username, ip, "rate_limited");
         ApiError::rate_limited("too many login attempts", secs)
     })
+}
+
+/// Counts and audits a refused login (actor null, the attempted name as target).
+fn login_failed(app: &App, username: &str, ip: Option<&str>, reason: &str) {
+    inc(&METRICS.logins_failed);
+    audit(
+        app,
+        None,
+        "login_failed",
+        Some(username),
+        ip,
+        json!({ "reason": reason }),
+    );
 }
 
 /// `POST /api/login`: one 401 for unknown user and wrong password, taking the same time.
@@ -209,30 +214,14 @@ pub fn login(
         .auth
         .verify_password(record.as_ref().map(|r| r.password_hash.as_str()), password)
     {
-        inc(&METRICS.logins_failed);
-        audit(
-            app,
-            None,
-            "login_failed",
-            Some(username),
-            ip,
-            json!({"reason": "bad credentials"}),
-        );
+        login_failed(app, username, ip, "bad credentials");
         return Err(AuthError::BadCredentials.into());
     }
     let Some(record) = record else {
         return Err(AuthError::BadCredentials.into());
     };
     if record.banned {
-        inc(&METRICS.logins_failed);
-        audit(
-            app,
-            None,
-            "login_failed",
-            Some(&record.username),
-            ip,
-            json!({"reason": "banned"}),
-        );
+        login_failed(app, &record.username, ip, "banned");
         return Err(AuthError::Banned.into());
     }
     let user = app.store.user(record.id)?;
