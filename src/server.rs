@@ -78,11 +78,15 @@ pub fn serve(cfg: Config) -> Result<(), String> {
 /// each thread costs 4 memory mappings (stack, guard, signal stack, its guard) out of
 /// the kernel's `vm.max_map_count`.
 fn fit_socket_limit(wanted: usize, fd_limit: u64) -> usize {
-    let by_fds = fd_limit.saturating_sub(512) / 3;
     let max_maps = std::fs::read_to_string("/proc/sys/vm/max_map_count")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or(u64::MAX);
+    sockets_that_fit(wanted, fd_limit, max_maps)
+}
+
+fn sockets_that_fit(wanted: usize, fd_limit: u64, max_maps: u64) -> usize {
+    let by_fds = fd_limit.saturating_sub(512) / 3;
     let by_maps = max_maps.saturating_sub(2000) / 8;
     let fits = by_fds.min(by_maps).max(1) as usize;
     if wanted > fits {
@@ -181,4 +185,25 @@ pub fn example_db(file: &Path, cfg: &Config) -> Result<(), String> {
     c.pragma_update(None, "journal_mode", "DELETE")
         .map_err(|e| e.to_string())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sockets_that_fit;
+
+    #[test]
+    fn socket_limit_fits_descriptors_and_mappings() {
+        assert_eq!(sockets_that_fit(10_000, 20_000, 65_530), 6_496, "fd-bound");
+        assert_eq!(
+            sockets_that_fit(10_000, 1 << 20, 65_530),
+            7_941,
+            "map-bound"
+        );
+        assert_eq!(
+            sockets_that_fit(100, 20_000, 65_530),
+            100,
+            "a lower wish stands"
+        );
+        assert_eq!(sockets_that_fit(100, 10, 10), 1, "never zero");
+    }
 }

@@ -506,6 +506,34 @@ fn rejects_revoked_token() {
 // ---------------------------------------------------------------------------------
 
 #[test]
+fn the_online_list_is_sorted_and_counts_each_user_once() {
+    // More than 20 names, joined out of order: the server sorts them itself.
+    let srv = Server::start(&["--login-rate", "0"]);
+    let mut order: Vec<String> = (0..24)
+        .map(|i| format!("user{:02}", (i * 7) % 24))
+        .collect();
+    let mut sockets = Vec::new();
+    for name in &order {
+        let token = new_user(&srv, name);
+        let mut ws = Ws::connect(&srv, &token);
+        ws.join("general");
+        sockets.push(ws);
+    }
+    // A second socket of one user adds no second entry.
+    let again = access(&login(&srv, &order[0]));
+    let mut last = Ws::connect(&srv, &again);
+    let joined = last.join("general");
+    order.sort();
+    let got: Vec<String> = joined["online"]
+        .as_array()
+        .expect("online array")
+        .iter()
+        .map(|v| v.as_str().expect("a name").to_string())
+        .collect();
+    assert_eq!(got, order);
+}
+
+#[test]
 fn join_lists_online_users_and_announces_presence() {
     let srv = Server::start(&[]);
     let alice = new_user(&srv, "alice");
