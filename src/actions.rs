@@ -11,6 +11,7 @@ use crate::metrics::{inc, METRICS};
 use crate::model::{DirectMessage, Message, Page, Room, User};
 use crate::store::audit::AuditEntry;
 use crate::store::users::RefreshOutcome;
+use crate::sync::lock;
 use serde::Serialize;
 use serde_json::json;
 
@@ -414,16 +415,14 @@ pub fn require(
 /// Rooms are only ever added, so found ones are remembered: joining and sending then
 /// cost no database read, and idle sockets' threads keep small stacks.
 pub fn find_room(app: &App, name: &str) -> Result<Room, ApiError> {
-    if let Some(room) = app.rooms.lock().ok().and_then(|r| r.get(name).cloned()) {
+    if let Some(room) = lock(&app.rooms).get(name).cloned() {
         return Ok(room);
     }
     let room = app
         .store
         .room(name)?
         .ok_or_else(|| ApiError::not_found(format!("no room named {name:?}")))?;
-    if let Ok(mut rooms) = app.rooms.lock() {
-        rooms.insert(room.name.clone(), room.clone());
-    }
+    lock(&app.rooms).insert(room.name.clone(), room.clone());
     Ok(room)
 }
 

@@ -1,45 +1,51 @@
-//! The running server's shared state, handed to every thread as `Arc<App>`.
+//! The running server's shared state, handed to every request and socket thread as
+//! `Arc<App>`.
+//!
+//! It holds handles, not threads' bodies: every background service here is started and
+//! stopped by [`crate::server`], which also owns the services no request needs.
 
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::enforce::ExpiryTimer;
+use crate::fanout::Fanout;
 use crate::hub::Hub;
 use crate::limits::{KeyedLimiter, SlowLane, Tarpit};
-use crate::peer::Flusher;
+use crate::model::Room;
+use crate::peer::FlushQueue;
+use crate::reaper::Activity;
 use crate::store::Store;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use crate::sys::KnownSockets;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// Everything a request or socket handler needs.
 pub struct App {
     /// Settings and limits.
     pub cfg: Config,
     /// The database.
-    pub store: Store,
+    pub store: Arc<Store>,
     /// Passwords and tokens.
     pub auth: Auth,
     /// Rooms found so far, by name (rooms are never renamed or removed).
-    pub rooms: std::sync::Mutex<std::collections::HashMap<String, crate::model::Room>>,
+    pub rooms: Mutex<HashMap<String, Room>>,
     /// Live sockets and rooms.
     pub hub: Arc<Hub>,
     /// Delivers committed events in commit order.
-    pub fanout: crate::fanout::Fanout,
-    /// Finishes socket writes that could not complete at once.
-    pub flusher: Arc<Flusher>,
+    pub fanout: Fanout,
+    /// Where sockets with a backlog register with the flusher.
+    pub flush_queue: Arc<FlushQueue>,
     /// Login attempts per IP and per username.
     pub login_limiter: KeyedLimiter,
     /// Runs bcrypt on a bounded number of threads.
     pub slow_lane: SlowLane,
     /// Answers refused password requests after a pause.
-    pub tarpit: Arc<Tarpit>,
+    pub tarpit: Tarpit,
     /// Closes sockets whose token expires.
-    pub expiry: Arc<ExpiryTimer>,
+    pub expiry: ExpiryTimer,
     /// Descriptor numbers of live WebSockets (skipped when looking for new ones).
-    pub known_sockets: crate::sys::KnownSockets,
+    pub known_sockets: Arc<KnownSockets>,
     /// Last request time per HTTP connection, for the idle reaper.
-    pub activity: crate::reaper::Activity,
+    pub activity: Arc<Activity>,
     /// The address we listen on (its port finds upgraded sockets' descriptors).
     pub local_addr: std::net::SocketAddr,
-    /// Set once shutdown begins; new work is refused.
-    pub shutting_down: AtomicBool,
 }

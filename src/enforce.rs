@@ -1,15 +1,21 @@
 //! Keeps live sockets honest after the upgrade.
 //!
 //! Two threads serve every socket, so no socket polls anything itself:
-//! - the expiry timer: one min-heap of token expiry times; a socket whose token
-//!   expires without a `refresh` is closed with 4001;
-//! - the revocation sweep: watches `PRAGMA data_version` and, when anything changed
-//!   the database (the CLI, `sqlite3`, or this process), checks each live login once
-//!   against the current sessions and bans, closing dead ones with 4003. So a ban or
-//!   password change made from the command line reaches live sockets within seconds.
+//! - `expiry` ([`ExpiryTimer`]): one min-heap of token expiry times; a socket whose
+//!   token expires without a `refresh` is closed with 4001;
+//! - `revocation-sweep` ([`Sweeper`]): watches `PRAGMA data_version` and, when anything
+//!   changed the database (the CLI, `sqlite3`, or this process), checks each live
+//!   login once against the current sessions and bans, closing dead ones with 4003.
+//!   So a ban or password change made from the command line reaches live sockets
+//!   within seconds.
+//!
+//! Both are started and stopped by [`crate::server`].
 
-use crate::app::App;
+use crate::hub::Hub;
 use crate::peer::{close, Peer};
+use crate::service::{Periodic, StopSignal, Worker, SERVICE_STACK};
+use crate::store::Store;
+use crate::sync::{lock, wait_timeout};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -40,11 +46,19 @@ impl Ord for Entry {
     }
 }
 
-/// The expiry timer shared by all sockets.
+/// The heap the timer thread sleeps on; sockets add themselves with
+/// [`ExpiryTimer::watch`].
 #[derive(Default)]
-pub struct ExpiryTimer {
+struct Expiries {
     heap: Mutex<BinaryHeap<Reverse<Entry>>>,
     wake: Condvar,
+    stop: StopSignal,
+}
+
+/// The expiry timer shared by all sockets.
+pub struct ExpiryTimer {
+    shared: Arc<Expiries>,
+    worker: Worker,
 }
 
 fn now_unix_f64() -> f64 {
@@ -56,30 +70,37 @@ fn now_unix_f64() -> f64 {
 
 impl ExpiryTimer {
     /// Starts the timer thread.
-    pub fn start() -> std::io::Result<Arc<ExpiryTimer>> {
-        let t = Arc::new(ExpiryTimer::default());
-        let me = t.clone();
-        std::thread::Builder::new()
-            .name("expiry".into())
-            .stack_size(256 * 1024)
-            .spawn(move || me.run())?;
-        Ok(t)
+    pub fn start() -> std::io::Result<ExpiryTimer> {
+        let shared = Arc::new(Expiries::default());
+        let s = shared.clone();
+        let worker = Worker::spawn("expiry", SERVICE_STACK, move || s.run())?;
+        Ok(ExpiryTimer { shared, worker })
     }
 
     /// Watches `peer` until its token's expiry (re-checked then, since a `refresh` may
     /// have moved it).
     pub fn watch(&self, peer: &Arc<Peer>) {
-        let mut heap = self.heap.lock().unwrap_or_else(|e| e.into_inner());
-        heap.push(Reverse(Entry {
+        lock(&self.shared.heap).push(Reverse(Entry {
             expires_at: peer.expires_at(),
             peer: Arc::downgrade(peer),
         }));
-        self.wake.notify_one();
+        self.shared.wake.notify_one();
     }
 
+    /// Stops the thread and joins it.
+    pub fn stop(&self) {
+        self.shared.stop.stop();
+        // Take the heap lock so the thread is either before its stop check or asleep.
+        drop(lock(&self.shared.heap));
+        self.shared.wake.notify_all();
+        self.worker.join();
+    }
+}
+
+impl Expiries {
     fn run(&self) {
-        let mut heap = self.heap.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
+        let mut heap = lock(&self.heap);
+        while !self.stop.is_stopped() {
             let now = now_unix_f64();
             let next = heap.peek().map(|Reverse(e)| e.expires_at as f64);
             match next {
@@ -93,7 +114,7 @@ impl ExpiryTimer {
                     if (peer.expires_at() as f64) <= now {
                         drop(heap);
                         peer.close(close::EXPIRED, "access token expired");
-                        heap = self.heap.lock().unwrap_or_else(|e| e.into_inner());
+                        heap = lock(&self.heap);
                     } else {
                         heap.push(Reverse(Entry {
                             expires_at: peer.expires_at(),
@@ -103,45 +124,48 @@ impl ExpiryTimer {
                 }
                 other => {
                     let wait = other.map_or(60.0, |at| at - now).clamp(0.001, 60.0);
-                    heap = match self.wake.wait_timeout(heap, Duration::from_secs_f64(wait)) {
-                        Ok((g, _)) => g,
-                        Err(e) => e.into_inner().0,
-                    };
+                    heap = wait_timeout(&self.wake, heap, Duration::from_secs_f64(wait));
                 }
             }
         }
     }
 }
 
-/// Starts the revocation sweep thread.
-pub fn start_sweeper(app: &Arc<App>) -> Result<(), String> {
-    let mut watcher = app.store.watcher().map_err(|e| e.to_string())?;
-    let app = Arc::downgrade(app);
-    std::thread::Builder::new()
-        .name("revocation-sweep".into())
-        .stack_size(256 * 1024)
-        .spawn(move || loop {
-            std::thread::sleep(SWEEP_EVERY);
-            let Some(app) = app.upgrade() else { return };
+/// The revocation sweep thread.
+pub struct Sweeper {
+    thread: Periodic,
+}
+
+impl Sweeper {
+    /// Starts the sweep over `hub`'s sockets, checking logins in `store`.
+    pub fn start(hub: Arc<Hub>, store: Arc<Store>) -> Result<Sweeper, String> {
+        let mut watcher = store.watcher().map_err(|e| e.to_string())?;
+        let thread = Periodic::start("revocation-sweep", SWEEP_EVERY, move || {
             if watcher.changed() {
-                sweep(&app);
+                sweep(&hub, &store);
             }
         })
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+        Ok(Sweeper { thread })
+    }
+
+    /// Stops the thread and joins it.
+    pub fn stop(&self) {
+        self.thread.stop();
+    }
 }
 
 /// Closes every socket whose login is revoked or whose user is banned.
-pub fn sweep(app: &App) {
+fn sweep(hub: &Hub, store: &Store) {
     let mut verdicts: HashMap<(String, i64), bool> = HashMap::new();
-    for peer in app.hub.all_peers() {
+    for peer in hub.all_peers() {
         let key = (peer.sid(), peer.user_id);
         let alive = match verdicts.get(&key) {
             Some(v) => *v,
             None => {
                 // On a database error keep the socket: a transient fault must not
                 // disconnect everyone.
-                let v = app.store.session_alive(&key.0, key.1).unwrap_or(true);
+                let v = store.session_alive(&key.0, key.1).unwrap_or(true);
                 verdicts.insert(key, v);
                 v
             }

@@ -168,6 +168,14 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
             StoreError::Conflict(what) => ApiError::conflict(what),
             StoreError::Closed => ApiError::new(Code::Internal, "server is shutting down"),
+            StoreError::Busy => {
+                log::warn!("database busy: another process holds its write lock");
+                ApiError::new(Code::Internal, "the database is busy; try again")
+            }
+            StoreError::Panicked | StoreError::Reentrant => {
+                log::error!("database write failed: {e}");
+                ApiError::internal()
+            }
             StoreError::Sqlite(msg) => {
                 log::error!("database error: {msg}");
                 ApiError::internal()

@@ -1,14 +1,19 @@
 //! Delivery of committed events (messages, direct messages, deletions, acks) in commit
 //! order, on their own thread, coalesced per socket.
 //!
-//! The database writer hands each committed event here and goes on committing the next
-//! batch. This thread takes everything queued, queues every frame on every recipient
-//! socket, then writes each socket once: when messages arrive faster than they can be
-//! sent, several leave in one system call, so the cost per delivery falls as load
-//! rises instead of latency climbing.
+//! The store's completion thread hands each committed event here and goes on. The
+//! `fanout` thread takes everything queued, queues every frame on every recipient
+//! socket (under the hub's room lock: a queue push, no system call), then, with no
+//! lock held, drops the sockets whose queue overflowed and writes each touched socket
+//! once: when messages arrive faster than they can be sent, several leave in one
+//! system call, so the cost per delivery falls as load rises instead of latency
+//! climbing. [`Fanout::stop`] (at shutdown, after a final [`Fanout::sync`]) closes the
+//! queue and joins the thread.
 
 use crate::hub::Hub;
-use crate::peer::{Frame, Peer};
+use crate::peer::{Frame, Handed, Peer};
+use crate::service::{Worker, SERVICE_STACK};
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -43,18 +48,26 @@ const MAX_PASS: usize = 512;
 
 /// Handle to the fan-out thread.
 pub struct Fanout {
-    tx: Mutex<Sender<Item>>,
+    tx: Mutex<Option<Sender<Item>>>,
+    worker: Worker,
 }
 
 impl Fanout {
     /// Starts the fan-out thread.
     pub fn start(hub: Arc<Hub>) -> std::io::Result<Fanout> {
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("fanout".into())
-            .stack_size(256 * 1024)
-            .spawn(move || run(&hub, &rx))?;
-        Ok(Fanout { tx: Mutex::new(tx) })
+        let worker = Worker::spawn("fanout", SERVICE_STACK, move || run(&hub, &rx))?;
+        Ok(Fanout {
+            tx: Mutex::new(Some(tx)),
+            worker,
+        })
+    }
+
+    /// Delivers what is queued, then stops the thread and joins it; later deliveries
+    /// are dropped.
+    pub fn stop(&self) {
+        lock(&self.tx).take();
+        self.worker.join();
     }
 
     /// Queues frames for delivery, in order after everything queued before.
@@ -70,7 +83,7 @@ impl Fanout {
     }
 
     fn send(&self, item: Item) {
-        if let Ok(tx) = self.tx.lock() {
+        if let Some(tx) = lock(&self.tx).as_ref() {
             let _ = tx.send(item);
         }
     }
@@ -85,7 +98,7 @@ fn run(hub: &Hub, rx: &Receiver<Item>) {
                 Err(_) => break,
             }
         }
-        let mut touched: HashMap<u64, Arc<Peer>> = HashMap::new();
+        let mut touched = Touched::default();
         let mut synced = Vec::new();
         for item in pass {
             match item {
@@ -97,7 +110,10 @@ fn run(hub: &Hub, rx: &Receiver<Item>) {
                 Item::Sync(done) => synced.push(done),
             }
         }
-        for peer in touched.values() {
+        for peer in touched.overflowed.values() {
+            peer.drop_slow();
+        }
+        for peer in touched.written.values() {
             peer.flush();
         }
         for done in synced {
@@ -106,11 +122,21 @@ fn run(hub: &Hub, rx: &Receiver<Item>) {
     }
 }
 
-fn queue(hub: &Hub, target: &Target, frame: &Frame, touched: &mut HashMap<u64, Arc<Peer>>) {
+/// The sockets one pass queued frames on, and those whose queue overflowed.
+#[derive(Default)]
+struct Touched {
+    written: HashMap<u64, Arc<Peer>>,
+    overflowed: HashMap<u64, Arc<Peer>>,
+}
+
+fn queue(hub: &Hub, target: &Target, frame: &Frame, touched: &mut Touched) {
     let mut put = |p: &Arc<Peer>, room_msg: Option<(&str, i64)>| {
-        if p.queue(frame, room_msg) {
-            touched.entry(p.id).or_insert_with(|| p.clone());
-        }
+        let into = match p.queue(frame, room_msg) {
+            Handed::Queued => &mut touched.written,
+            Handed::Overflow => &mut touched.overflowed,
+            Handed::Closed => return,
+        };
+        into.entry(p.id).or_insert_with(|| p.clone());
     };
     match target {
         Target::Room { name, id } => {

@@ -10,87 +10,13 @@ use crate::actions::{self, Actor};
 use crate::app::App;
 use crate::error::ApiError;
 use crate::model::Page;
+use crate::request::{bearer_token, header_value, peer_ip, percent_decode, query_param, Reply};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::io::Read;
 use std::sync::Arc;
-use tiny_http::{Header, Method, Request, Response};
-
-/// A response before it is written.
-pub struct Reply {
-    status: u16,
-    body: Option<Value>,
-    retry_after: Option<u64>,
-    content_type: &'static str,
-    text: Option<String>,
-}
-
-impl Reply {
-    fn json(status: u16, body: Value) -> Reply {
-        Reply {
-            status,
-            body: Some(body),
-            retry_after: None,
-            content_type: "application/json",
-            text: None,
-        }
-    }
-
-    fn no_content() -> Reply {
-        Reply {
-            status: 204,
-            body: None,
-            retry_after: None,
-            content_type: "application/json",
-            text: None,
-        }
-    }
-
-    fn text(content_type: &'static str, text: String) -> Reply {
-        Reply {
-            status: 200,
-            body: None,
-            retry_after: None,
-            content_type,
-            text: Some(text),
-        }
-    }
-
-    /// The error's status and JSON body.
-    pub fn error(e: &ApiError) -> Reply {
-        Reply {
-            retry_after: e.retry_after,
-            ..Reply::json(e.http_status(), e.http_body())
-        }
-    }
-
-    /// Converts to a tiny_http response.
-    pub fn into_response(self) -> Response<std::io::Cursor<Vec<u8>>> {
-        let data = match (self.text, self.body) {
-            (Some(t), _) => t.into_bytes(),
-            (None, Some(b)) => b.to_string().into_bytes(),
-            (None, None) => Vec::new(),
-        };
-        let mut resp = Response::from_data(data).with_status_code(self.status);
-        resp = with_header(resp, "Content-Type", self.content_type);
-        resp = with_header(resp, "Cache-Control", "no-store");
-        resp = with_header(resp, "X-Content-Type-Options", "nosniff");
-        if let Some(secs) = self.retry_after {
-            resp = with_header(resp, "Retry-After", &secs.to_string());
-        }
-        resp
-    }
-}
-
-/// Adds a header. One that is not ASCII (never so for the constants and encodings we
-/// send) is left out rather than panicking.
-pub fn with_header<R: Read>(resp: Response<R>, name: &str, value: &str) -> Response<R> {
-    match Header::from_bytes(name.as_bytes(), value.as_bytes()) {
-        Ok(h) => resp.with_header(h),
-        Err(()) => resp,
-    }
-}
+use tiny_http::{Method, Request};
 
 /// Answers one request, catching panics so a bug costs one request, not a worker.
 pub fn handle(app: &Arc<App>, request: Request) {
@@ -121,11 +47,6 @@ fn dispatch(app: &Arc<App>, mut request: Request) {
         Err(e) => Reply::error(&e),
     };
     respond(request, reply);
-}
-
-/// The peer's IP without port.
-pub fn peer_ip(request: &Request) -> Option<String> {
-    request.remote_addr().map(|a| a.ip().to_string())
 }
 
 /// Every route. A known path with the wrong method is 405; anything else 404.
@@ -379,21 +300,6 @@ fn authenticate(app: &App, rq: &Request) -> Result<Actor, ApiError> {
     Ok(Actor::new(&id, peer_ip(rq)))
 }
 
-/// The token of an `Authorization: Bearer` header, if there is one.
-pub fn bearer_token(rq: &Request) -> Option<&str> {
-    let value = header_value(rq, "Authorization")?;
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
-/// The first value of a header, by case-insensitive name.
-pub fn header_value<'a>(rq: &'a Request, name: &str) -> Option<&'a str> {
-    rq.headers()
-        .iter()
-        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_str())
-}
-
 fn require_json(rq: &Request) -> Result<(), ApiError> {
     let ct = header_value(rq, "Content-Type").unwrap_or("");
     let mime = ct.split(';').next().unwrap_or("").trim();
@@ -432,15 +338,6 @@ fn json_body<T: DeserializeOwned>(app: &App, rq: &mut Request) -> Result<T, ApiE
     parse_json(&raw)
 }
 
-/// The value of query parameter `name`, percent-decoded.
-pub fn query_param(url: &str, name: &str) -> Option<String> {
-    let query = url.split_once('?')?.1;
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(k) == name).then(|| percent_decode(v))
-    })
-}
-
 fn int_param(url: &str, name: &str) -> Result<Option<i64>, ApiError> {
     query_param(url, name)
         .map(|v| {
@@ -456,32 +353,6 @@ fn page_from_query(url: &str) -> Result<Page, ApiError> {
         int_param(url, "after")?,
         int_param(url, "limit")?,
     ))
-}
-
-/// Decodes `%XX` escapes and `+`; invalid escapes are kept as they are.
-pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        let hex = |j: usize| bytes.get(j).and_then(|c| (*c as char).to_digit(16));
-        match (b, hex(i + 1), hex(i + 2)) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (b'+', _, _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            _ => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Starts `n` workers answering requests from `server` until it is unblocked.
@@ -513,9 +384,6 @@ mod tests {
 
     #[test]
     fn query_and_decoding() {
-        assert_eq!(query_param("/x?a=1&b=%41+c", "b").as_deref(), Some("A c"));
-        assert_eq!(query_param("/x?a=1", "b"), None);
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
         assert!(page_from_query("/x?limit=abc").is_err());
         assert_eq!(page_from_query("/x?limit=500&after=3").unwrap().limit, 200);
     }

@@ -7,9 +7,10 @@
 //! is online in a room while at least one of their sockets is in it.
 
 use crate::peer::Peer;
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 #[derive(Default)]
 struct RoomMembers {
@@ -43,10 +44,6 @@ pub struct Hub {
     next_id: AtomicU64,
     max_sockets: usize,
     max_per_user: usize,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What joining a room changed.
@@ -211,7 +208,7 @@ impl Hub {
     }
 
     /// Calls `f` on every socket in `room`, under the room lock: `f` must be quick
-    /// (a queue push, no system call).
+    /// and must not close or write a socket ([`Peer::queue`] is what it is for).
     pub fn for_each_in_room(&self, room: &str, mut f: impl FnMut(&Arc<Peer>)) {
         if let Some(members) = lock(&self.rooms).get(room) {
             members.sockets.iter().for_each(&mut f);

@@ -9,10 +9,12 @@
 //! 429s into tens of thousands of connections a second, which costs chat more than
 //! the hashing did.
 
-use std::collections::HashMap;
+use crate::service::{Worker, SERVICE_STACK};
+use crate::sync::{lock, wait_timeout};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// `capacity` events at once, refilled at `per_sec`.
@@ -85,7 +87,7 @@ impl KeyedLimiter {
             return Ok(());
         }
         let now = Instant::now();
-        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = lock(&self.buckets);
         if map.len() >= PRUNE_AT {
             map.retain(|_, b| !b.is_full(now));
         }
@@ -100,9 +102,10 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// A small pool for CPU-heavy password work that admits only so many jobs at once.
 pub struct SlowLane {
-    tx: Mutex<mpsc::Sender<Job>>,
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
     admitted: Arc<AtomicUsize>,
     max: usize,
+    workers: Vec<Worker>,
 }
 
 /// A place in the slow lane, given back when its job ends (or if it is dropped unused).
@@ -124,31 +127,19 @@ impl SlowLane {
     pub fn start(threads: usize, queue: usize) -> std::io::Result<SlowLane> {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
-        for i in 0..threads.max(1) {
-            let rx = rx.clone();
-            std::thread::Builder::new()
-                .name(format!("bcrypt-{i}"))
-                .stack_size(256 * 1024)
-                .spawn(move || {
-                    // Per-thread on Linux: only this thread is deprioritised.
-                    let me = rustix::thread::gettid();
-                    let _ = rustix::process::setpriority_process(Some(me), SLOW_LANE_NICE);
-                    loop {
-                        let job = match rx.lock() {
-                            Ok(r) => r.recv(),
-                            Err(_) => return,
-                        };
-                        let Ok(job) = job else { return };
-                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
-                            log::error!("a password job panicked");
-                        }
-                    }
-                })?;
-        }
+        let workers = (0..threads.max(1))
+            .map(|i| {
+                let rx = rx.clone();
+                Worker::spawn(format!("bcrypt-{i}"), SERVICE_STACK, move || {
+                    run_password_jobs(&rx)
+                })
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
         Ok(SlowLane {
-            tx: Mutex::new(tx),
+            tx: Mutex::new(Some(tx)),
             admitted: Arc::new(AtomicUsize::new(0)),
             max: threads.max(1) + queue,
+            workers,
         })
     }
 
@@ -163,74 +154,114 @@ impl SlowLane {
 
     /// Runs `job` in the lane, holding `permit` until it ends; `job` is told how long
     /// it waited in the queue, so it can give up instead of hashing for a client that
-    /// has waited too long.
+    /// has waited too long. After [`stop`](Self::stop) the job is dropped unrun.
     pub fn run(&self, permit: Permit, job: impl FnOnce(Duration) + Send + 'static) {
         let queued = Instant::now();
         let job: Job = Box::new(move || {
             job(queued.elapsed());
             drop(permit);
         });
-        if let Ok(tx) = self.tx.lock() {
+        if let Some(tx) = lock(&self.tx).as_ref() {
             let _ = tx.send(job);
         }
     }
+
+    /// Lets the queued jobs finish, then ends the threads and joins them.
+    pub fn stop(&self) {
+        lock(&self.tx).take();
+        for w in &self.workers {
+            w.join();
+        }
+    }
+}
+
+/// One password thread: takes jobs until the lane is stopped and drained.
+fn run_password_jobs(rx: &Mutex<mpsc::Receiver<Job>>) {
+    // Per-thread on Linux: only this thread is deprioritised.
+    let me = rustix::thread::gettid();
+    let _ = rustix::process::setpriority_process(Some(me), SLOW_LANE_NICE);
+    loop {
+        let job = lock(rx).recv();
+        let Ok(job) = job else { return };
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+            log::error!("a password job panicked");
+        }
+    }
+}
+
+/// Actions waiting in the tarpit, in the order they are due.
+#[derive(Default)]
+struct Held {
+    due: VecDeque<(Instant, Job)>,
+    stopped: bool,
 }
 
 /// Runs each held action a fixed delay after it was held, in order, on one thread;
 /// used to answer refused requests slowly. When full, actions run at once.
 pub struct Tarpit {
-    held: Mutex<std::collections::VecDeque<(Instant, Job)>>,
-    wake: std::sync::Condvar,
+    shared: Arc<Pit>,
+    worker: Worker,
+}
+
+struct Pit {
+    held: Mutex<Held>,
+    wake: Condvar,
     delay: Duration,
     capacity: usize,
 }
 
 impl Tarpit {
     /// Starts the tarpit thread.
-    pub fn start(delay: Duration, capacity: usize) -> std::io::Result<Arc<Tarpit>> {
-        let t = Arc::new(Tarpit {
-            held: Mutex::new(std::collections::VecDeque::new()),
-            wake: std::sync::Condvar::new(),
+    pub fn start(delay: Duration, capacity: usize) -> std::io::Result<Tarpit> {
+        let shared = Arc::new(Pit {
+            held: Mutex::new(Held::default()),
+            wake: Condvar::new(),
             delay,
             capacity,
         });
-        let me = t.clone();
-        std::thread::Builder::new()
-            .name("tarpit".into())
-            .stack_size(256 * 1024)
-            .spawn(move || me.run())?;
-        Ok(t)
+        let s = shared.clone();
+        let worker = Worker::spawn("tarpit", SERVICE_STACK, move || s.run())?;
+        Ok(Tarpit { shared, worker })
     }
 
-    /// Runs `action` after the delay (or now, if the tarpit is full).
+    /// Runs `action` after the delay (or now, if the tarpit is full or stopped).
     pub fn hold(&self, action: impl FnOnce() + Send + 'static) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if held.len() >= self.capacity {
+        let mut held = lock(&self.shared.held);
+        if held.stopped || held.due.len() >= self.shared.capacity {
             drop(held);
             return action();
         }
-        held.push_back((Instant::now() + self.delay, Box::new(action)));
-        self.wake.notify_one();
+        held.due
+            .push_back((Instant::now() + self.shared.delay, Box::new(action)));
+        self.shared.wake.notify_one();
     }
 
+    /// Runs every held action now, ends the thread and joins it.
+    pub fn stop(&self) {
+        lock(&self.shared.held).stopped = true;
+        self.shared.wake.notify_all();
+        self.worker.join();
+    }
+}
+
+impl Pit {
     fn run(&self) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = lock(&self.held);
         loop {
             let now = Instant::now();
-            match held.front().map(|(due, _)| *due) {
-                Some(due) if due <= now => {
-                    if let Some((_, action)) = held.pop_front() {
+            let next = held.due.front().map(|(due, _)| *due);
+            match next {
+                Some(due) if due <= now || held.stopped => {
+                    if let Some((_, action)) = held.due.pop_front() {
                         drop(held);
                         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(action));
-                        held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+                        held = lock(&self.held);
                     }
                 }
+                None if held.stopped => return,
                 next => {
                     let wait = next.map_or(Duration::from_secs(60), |due| due - now);
-                    held = match self.wake.wait_timeout(held, wait) {
-                        Ok((g, _)) => g,
-                        Err(e) => e.into_inner().0,
-                    };
+                    held = wait_timeout(&self.wake, held, wait);
                 }
             }
         }

@@ -1,12 +1,16 @@
 //! parley: a small, secure, self-hosted chat server — one binary, one SQLite file.
 //!
 //! `main` only wires the modules together. Where to look:
-//! [`cli`] and [`config`] (flags into one validated `Config`), [`server`] (start and
-//! stop), [`http`] (routes), [`ws`] (one socket's life), [`hub`] (rooms and presence), [`fanout`] (delivery of committed events),
-//! [`peer`] (non-blocking writes to one socket), [`actions`] (what users can do, shared
-//! by every transport), [`auth`] (passwords and tokens), [`store`] (all SQL),
-//! [`protocol`] and [`model`] (wire types), [`error`] (error codes), [`metrics`],
-//! [`clock`], [`logging`], and [`sys`] (the one module allowed `unsafe`).
+//! [`cli`] and [`config`] (flags into one validated `Config`), [`server`] (starts and
+//! stops every service), [`http`] (routes), [`request`] (reading requests, writing
+//! answers), [`ws`] (one socket's life), [`hub`] (rooms and presence), [`fanout`]
+//! (delivery of committed events), [`peer`] (non-blocking writes to one socket),
+//! [`enforce`] (token expiry and revocation on live sockets), [`reaper`] (idle HTTP
+//! connections), [`limits`] (rate limits, the password threads), [`actions`] (what users
+//! can do, shared by every transport), [`auth`] (passwords and tokens), [`store`] (all
+//! SQL), [`protocol`] and [`model`] (wire types), [`error`] (error codes), [`metrics`],
+//! [`clock`], [`logging`], [`service`] (background threads' lifecycle), [`sync`] (the
+//! lock policy), and [`sys`] (the one module allowed `unsafe`).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -28,8 +32,11 @@ mod model;
 mod peer;
 mod protocol;
 mod reaper;
+mod request;
 mod server;
+mod service;
 mod store;
+mod sync;
 mod sys;
 mod ws;
 

@@ -8,6 +8,8 @@
 //! a client that stops reading costs the room nothing (NOTES.md, design C).
 
 use crate::metrics::{inc, METRICS};
+use crate::service::{Worker, SERVICE_STACK};
+use crate::sync::{lock, wait, wait_timeout};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::net::{sendmsg, shutdown, SendAncillaryBuffer, SendFlags, Shutdown};
@@ -152,6 +154,17 @@ fn advance(q: &mut Outq, mut n: usize) {
     }
 }
 
+/// What became of a frame handed to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handed {
+    /// Queued (or held back during a replay).
+    Queued,
+    /// The peer is closed; the frame was dropped.
+    Closed,
+    /// The peer's queue is full: it must be dropped as too slow.
+    Overflow,
+}
+
 /// A live message held back while the peer replays history (see [`Peer::hold`]).
 struct Held {
     room_msg: Option<(String, i64)>,
@@ -191,7 +204,7 @@ pub struct Peer {
     sock: OwnedFd,
     out: Mutex<Outq>,
     changed: Condvar,
-    flusher: Arc<Flusher>,
+    flusher: Arc<FlushQueue>,
     queue_limit: usize,
 }
 
@@ -202,7 +215,7 @@ impl Peer {
         identity: &crate::auth::Identity,
         remote: std::net::SocketAddr,
         socket: crate::sys::Claimed,
-        flusher: Arc<Flusher>,
+        flusher: Arc<FlushQueue>,
         queue_limit: usize,
     ) -> Peer {
         Peer {
@@ -232,7 +245,7 @@ impl Peer {
 
     /// The login this socket belongs to.
     pub fn sid(&self) -> String {
-        self.sid.lock().map(|s| s.clone()).unwrap_or_default()
+        lock(&self.sid).clone()
     }
 
     /// Expiry of the socket's access token, unix seconds.
@@ -242,14 +255,12 @@ impl Peer {
 
     /// Moves the socket to a newer token's login and expiry.
     pub fn reauthenticate(&self, sid: String, expires_at: u64) {
-        if let Ok(mut s) = self.sid.lock() {
-            *s = sid;
-        }
+        *lock(&self.sid) = sid;
         self.expires_at.store(expires_at, Ordering::Relaxed);
     }
 
     fn lock(&self) -> MutexGuard<'_, Outq> {
-        self.out.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.out)
     }
 
     /// Whether the socket still takes frames.
@@ -260,19 +271,23 @@ impl Peer {
     /// Hands the socket a frame and writes it at once. Never blocks; returns false if
     /// the peer is closed or was just dropped for being too slow.
     pub fn send(self: &Arc<Self>, frame: &Frame) -> bool {
-        self.deliver(frame, None, Mode::Now)
+        let handed = self.deliver(frame, None, Mode::Now);
+        self.settle(handed)
     }
 
     /// Sends past a [`hold`](Self::hold): the `joined` reply and replayed history.
     pub fn send_direct(self: &Arc<Self>, frame: &Frame) -> bool {
-        self.deliver(frame, None, Mode::Direct)
+        let handed = self.deliver(frame, None, Mode::Direct);
+        self.settle(handed)
     }
 
     /// Queues a frame without writing it; the caller calls [`flush`](Self::flush) once
     /// it has queued everything it has for this socket, so several frames leave in one
     /// system call. `room_msg` marks a room message, so a replaying peer can skip live
-    /// copies of messages its replay already carried.
-    pub fn queue(self: &Arc<Self>, frame: &Frame, room_msg: Option<(&str, i64)>) -> bool {
+    /// copies of messages its replay already carried. Makes no system call and logs
+    /// nothing, so it may run under the hub's locks: on [`Handed::Overflow`] the caller
+    /// drops the peer with [`drop_slow`](Self::drop_slow) once it holds no lock.
+    pub fn queue(self: &Arc<Self>, frame: &Frame, room_msg: Option<(&str, i64)>) -> Handed {
         self.deliver(frame, room_msg, Mode::Later)
     }
 
@@ -282,37 +297,50 @@ impl Peer {
         self.pump(q);
     }
 
-    fn deliver(self: &Arc<Self>, frame: &Frame, room_msg: Option<(&str, i64)>, mode: Mode) -> bool {
-        let mut q = self.lock();
-        if q.state != State::Open {
-            return false;
+    fn settle(self: &Arc<Self>, handed: Handed) -> bool {
+        match handed {
+            Handed::Queued => true,
+            Handed::Closed => false,
+            Handed::Overflow => {
+                self.drop_slow();
+                false
+            }
         }
-        if let Some(held) = q.hold.as_mut().filter(|_| mode != Mode::Direct) {
-            if held.len() < self.queue_limit {
+    }
+
+    fn deliver(
+        self: &Arc<Self>,
+        frame: &Frame,
+        room_msg: Option<(&str, i64)>,
+        mode: Mode,
+    ) -> Handed {
+        let mut q = self.lock();
+        let out: &mut Outq = &mut q;
+        if out.state != State::Open {
+            return Handed::Closed;
+        }
+        match out.hold.as_mut().filter(|_| mode != Mode::Direct) {
+            Some(held) if held.len() < self.queue_limit => {
                 held.push(Held {
                     room_msg: room_msg.map(|(r, id)| (r.to_owned(), id)),
                     frame: frame.clone(),
                 });
-                return true;
+                return Handed::Queued;
             }
-            drop(q);
-            self.drop_slow();
-            return false;
+            Some(_) => return Handed::Overflow,
+            None if out.frames.len() >= self.queue_limit => return Handed::Overflow,
+            None => {}
         }
-        if q.frames.len() >= self.queue_limit {
-            drop(q);
-            self.drop_slow();
-            return false;
-        }
-        q.frames.push_back(frame.clone());
+        out.frames.push_back(frame.clone());
         inc(&METRICS.frames_delivered);
         if mode != Mode::Later {
             self.pump(q);
         }
-        true
+        Handed::Queued
     }
 
-    fn drop_slow(self: &Arc<Self>) {
+    /// Closes a peer that could not keep up with 1008.
+    pub fn drop_slow(self: &Arc<Self>) {
         inc(&METRICS.slow_clients_dropped);
         log::info!(
             "dropping slow client {} (socket {})",
@@ -418,10 +446,7 @@ impl Peer {
             if left.is_zero() {
                 return false;
             }
-            q = match self.changed.wait_timeout(q, left) {
-                Ok((g, _)) => g,
-                Err(e) => e.into_inner().0,
-            };
+            q = wait_timeout(&self.changed, q, left);
         }
         q.state == State::Open
     }
@@ -435,10 +460,7 @@ impl Peer {
             if left.is_zero() {
                 return;
             }
-            q = match self.changed.wait_timeout(q, left) {
-                Ok((g, _)) => g,
-                Err(e) => e.into_inner().0,
-            };
+            q = wait_timeout(&self.changed, q, left);
         }
     }
 
@@ -466,6 +488,28 @@ impl Peer {
         self.pump(q);
     }
 
+    /// One flusher pass over this peer: writes what the socket takes, cuts a closing
+    /// peer past its deadline, and says whether the flusher should keep watching it.
+    /// Letting go clears `watched` under the same lock, so a later backlog registers
+    /// the peer afresh.
+    fn flush_step(&self, writable: bool) -> bool {
+        let mut q = self.lock();
+        if writable {
+            self.write_some(&mut q);
+        }
+        if q.state == State::Closing && q.close_deadline.is_some_and(|d| Instant::now() >= d) {
+            q.frames.clear();
+            q.state = State::Dead;
+            let _ = shutdown(&self.sock, Shutdown::Both);
+            self.changed.notify_all();
+        }
+        if q.frames.is_empty() || q.state == State::Dead {
+            q.watched = false;
+            return false;
+        }
+        true
+    }
+
     /// Closes the socket outright (no close frame).
     pub fn kill(&self) {
         self.mark_closed();
@@ -473,90 +517,97 @@ impl Peer {
     }
 }
 
+/// Peers with frames the kernel did not take yet, handed to the flusher thread.
+#[derive(Default)]
+struct Pending {
+    new: Vec<Arc<Peer>>,
+    stopped: bool,
+}
+
+/// Where a peer registers when it has a backlog; the flusher thread takes it from here.
+///
+/// A peer is registered when its `watched` flag goes from false to true (under the
+/// peer's lock), and the flusher sets it back to false in the same locked step in which
+/// it lets go of the peer. So a peer with a backlog is always either being flushed or
+/// about to be, and never twice.
+#[derive(Default)]
+pub struct FlushQueue {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+}
+
+impl FlushQueue {
+    fn watch(&self, peer: Arc<Peer>) {
+        lock(&self.pending).new.push(peer);
+        self.wake.notify_one();
+    }
+}
+
 /// The one thread that finishes writes the kernel could not take at once.
 pub struct Flusher {
-    pending: Mutex<Vec<Arc<Peer>>>,
-    wake: Condvar,
+    queue: Arc<FlushQueue>,
+    worker: Worker,
 }
 
 impl Flusher {
     /// Starts the flusher thread.
-    pub fn start() -> std::io::Result<Arc<Flusher>> {
-        let f = Arc::new(Flusher {
-            pending: Mutex::new(Vec::new()),
-            wake: Condvar::new(),
-        });
-        let me = f.clone();
-        std::thread::Builder::new()
-            .name("flusher".into())
-            .stack_size(256 * 1024)
-            .spawn(move || me.run())?;
-        Ok(f)
+    pub fn start() -> std::io::Result<Flusher> {
+        let queue = Arc::new(FlushQueue::default());
+        let q = queue.clone();
+        let worker = Worker::spawn("flusher", SERVICE_STACK, move || run_flusher(&q))?;
+        Ok(Flusher { queue, worker })
     }
 
-    fn watch(&self, peer: Arc<Peer>) {
-        if let Ok(mut p) = self.pending.lock() {
-            p.push(peer);
-            self.wake.notify_one();
-        }
+    /// The queue peers register with.
+    pub fn queue(&self) -> Arc<FlushQueue> {
+        self.queue.clone()
     }
 
-    fn run(&self) {
-        loop {
-            let peers: Vec<Arc<Peer>> = {
-                let Ok(mut p) = self.pending.lock() else {
-                    return;
-                };
-                while p.is_empty() {
-                    p = match self.wake.wait(p) {
-                        Ok(g) => g,
-                        Err(_) => return,
-                    };
-                }
-                p.clone()
-            };
-            let ready = Self::poll_writable(&peers);
-            let mut finished = Vec::new();
-            for (peer, writable) in peers.iter().zip(ready) {
-                let mut q = peer.lock();
-                if writable {
-                    peer.write_some(&mut q);
-                }
-                if q.state == State::Closing
-                    && q.close_deadline.is_some_and(|d| Instant::now() >= d)
-                {
-                    q.frames.clear();
-                    q.state = State::Dead;
-                    let _ = shutdown(&peer.sock, Shutdown::Both);
-                    peer.changed.notify_all();
-                }
-                if q.frames.is_empty() || q.state == State::Dead {
-                    q.watched = false;
-                    finished.push(peer.id);
-                }
+    /// Stops the thread (after the sockets are closed) and joins it.
+    pub fn stop(&self) {
+        lock(&self.queue.pending).stopped = true;
+        self.queue.wake.notify_all();
+        self.worker.join();
+    }
+}
+
+fn run_flusher(queue: &FlushQueue) {
+    let mut active: Vec<Arc<Peer>> = Vec::new();
+    loop {
+        {
+            let mut p = lock(&queue.pending);
+            while p.new.is_empty() && active.is_empty() && !p.stopped {
+                p = wait(&queue.wake, p);
             }
-            if let Ok(mut p) = self.pending.lock() {
-                p.retain(|peer| !finished.contains(&peer.id));
+            if p.stopped {
+                return;
             }
+            active.append(&mut p.new);
         }
-    }
-
-    /// Which peers' sockets can take more data (or have failed), waiting up to 10 ms
-    /// so newly watched peers are picked up promptly.
-    fn poll_writable(peers: &[Arc<Peer>]) -> Vec<bool> {
-        let mut fds: Vec<PollFd<'_>> = peers
-            .iter()
-            .map(|p| PollFd::new(&p.sock, PollFlags::OUT))
+        let ready = poll_writable(&active);
+        active = active
+            .into_iter()
+            .zip(ready)
+            .filter_map(|(peer, writable)| peer.flush_step(writable).then_some(peer))
             .collect();
-        let timeout = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 10_000_000,
-        };
-        if poll(&mut fds, Some(&timeout)).is_err() {
-            return vec![true; peers.len()];
-        }
-        fds.iter().map(|f| !f.revents().is_empty()).collect()
     }
+}
+
+/// Which peers' sockets can take more data (or have failed), waiting up to 10 ms so
+/// newly registered peers are picked up promptly.
+fn poll_writable(peers: &[Arc<Peer>]) -> Vec<bool> {
+    let mut fds: Vec<PollFd<'_>> = peers
+        .iter()
+        .map(|p| PollFd::new(&p.sock, PollFlags::OUT))
+        .collect();
+    let timeout = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 10_000_000,
+    };
+    if poll(&mut fds, Some(&timeout)).is_err() {
+        return vec![true; peers.len()];
+    }
+    fds.iter().map(|f| !f.revents().is_empty()).collect()
 }
 
 impl AsFd for Peer {
@@ -568,6 +619,107 @@ impl AsFd for Peer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+
+    /// A peer on one end of a real loopback TCP connection with small kernel buffers,
+    /// so most frames go through the backlog and the flusher; the other end is returned
+    /// for reading.
+    fn peer_pair(id: u64, flusher: &Flusher, queue_limit: usize) -> (Arc<Peer>, TcpStream) {
+        use rustix::net::{sockopt, AddressFamily, SocketType};
+        // Buffer sizes are set before the connection exists, or TCP has already
+        // advertised a large window.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        sockopt::set_socket_send_buffer_size(&listener, 4096).unwrap();
+        let client = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+        sockopt::set_socket_recv_buffer_size(&client, 4096).unwrap();
+        rustix::net::connect(&client, &listener.local_addr().unwrap()).unwrap();
+        let client = TcpStream::from(client);
+        let (server_side, remote) = listener.accept().unwrap();
+        let identity = crate::auth::Identity {
+            user_id: id as i64,
+            username: format!("u{id}"),
+            sid: "s".into(),
+            expires_at: u64::MAX,
+        };
+        let claimed = crate::sys::Claimed {
+            fd: OwnedFd::from(server_side),
+            numbers: Vec::new(),
+        };
+        let peer = Peer::new(id, &identity, remote, claimed, flusher.queue(), queue_limit);
+        let peer = Arc::new(peer);
+        peer.start_writing();
+        (peer, client)
+    }
+
+    /// Two senders pump frames round-robin into many sockets whose readers read in
+    /// bursts with pauses, so the flusher keeps many peers at once and lets go of each
+    /// and takes it back over and over. Every reader must get every frame, in order: a
+    /// lost registration leaves a backlog nobody flushes, and the tail never arrives.
+    #[test]
+    fn slow_readers_get_every_frame() {
+        const PEERS: u64 = 48;
+        const FRAMES: u32 = 8_000;
+        let flusher = Flusher::start().unwrap();
+        let mut readers = Vec::new();
+        let mut peers = Vec::new();
+        for id in 0..PEERS {
+            let (peer, client) = peer_pair(id, &flusher, usize::MAX);
+            peers.push(peer);
+            readers.push(std::thread::spawn(move || read_all(id, client, FRAMES)));
+        }
+        let halves: Vec<Vec<Arc<Peer>>> = peers
+            .chunks(PEERS as usize / 2)
+            .map(<[_]>::to_vec)
+            .collect();
+        let senders: Vec<_> = halves
+            .into_iter()
+            .map(|mine| {
+                std::thread::spawn(move || {
+                    for i in 0..FRAMES {
+                        let frame = text_frame(&format!("{i:0120}"));
+                        for p in &mine {
+                            assert!(p.send(&frame));
+                        }
+                        // Paced, but the last frames in one burst: more than a socket
+                        // holds, so the tail needs the flusher.
+                        if i % 16 == 0 && i < FRAMES - 400 {
+                            std::thread::sleep(Duration::from_micros(100));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in senders.into_iter().chain(readers) {
+            t.join().unwrap();
+        }
+        flusher.stop();
+    }
+
+    /// Reads `frames` frames of 122 bytes and checks their order. The reader is in
+    /// turn faster and slower than the senders, so its backlog keeps emptying and
+    /// filling again.
+    fn read_all(id: u64, mut client: TcpStream, frames: u32) {
+        let want = frames as usize * 122;
+        let mut got = Vec::with_capacity(want);
+        let mut buf = [0u8; 512];
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let began = Instant::now();
+        while got.len() < want {
+            match client.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            let slow_phase = began.elapsed().as_millis() / 50 % 2 == 1;
+            std::thread::sleep(Duration::from_micros(if slow_phase { 4000 } else { 1000 }));
+        }
+        assert_eq!(got.len(), want, "peer {id}: the tail never arrived");
+        for (i, frame) in got.chunks(122).enumerate() {
+            assert_eq!(&frame[2..], format!("{i:0120}").as_bytes(), "peer {id}");
+        }
+    }
 
     #[test]
     fn frame_lengths_use_the_right_header() {

@@ -1,28 +1,46 @@
-//! Starting and stopping a server: open the database, bind, run the HTTP workers,
-//! and on SIGTERM or SIGINT shut down in order — stop accepting, commit and deliver
-//! what is pending, close every socket with 1001, checkpoint.
+//! Starting and stopping a server: open the database, bind, start every background
+//! service, run the HTTP workers, and on SIGTERM or SIGINT shut down in order.
+//!
+//! This is the one place services start and stop. The main thread waits for a signal;
+//! then it stops accepting (HTTP workers joined, listener closed), commits and delivers
+//! what is pending, closes every socket with 1001 and waits for their threads to write
+//! their disconnects, then stops the services in the reverse order of their
+//! dependencies: the sweep and the reaper (they look at sockets), the expiry timer, the
+//! tarpit (it answers what it held) and the password threads, fan-out, the flusher,
+//! and last the store (writer, completions, checkpointer, a final checkpoint).
 
 use crate::app::App;
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::enforce::ExpiryTimer;
+use crate::enforce::{ExpiryTimer, Sweeper};
+use crate::fanout::Fanout;
 use crate::hub::Hub;
 use crate::limits::{KeyedLimiter, SlowLane, Tarpit};
 use crate::peer::{close, Flusher};
+use crate::reaper::{Reaper, Watched};
 use crate::store::Store;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// The services no request handler needs a handle to.
+struct Background {
+    flusher: Flusher,
+    sweeper: Sweeper,
+    reaper: Reaper,
+    http_workers: Vec<JoinHandle<()>>,
+}
 
 /// Runs the server until SIGTERM or SIGINT.
 pub fn serve(cfg: Config) -> Result<(), String> {
     let mut cfg = cfg;
     let fd_limit = crate::sys::raise_fd_limit();
     cfg.max_sockets = fit_socket_limit(cfg.max_sockets, fd_limit);
-    let store = Store::open(&cfg.db).map_err(|e| format!("opening {}: {e}", cfg.db.display()))?;
+    let store =
+        Arc::new(Store::open(&cfg.db).map_err(|e| format!("opening {}: {e}", cfg.db.display()))?);
     let auth = Auth::new(&store, &cfg).map_err(|e| e.to_string())?;
     let listener =
         TcpListener::bind(&cfg.addr).map_err(|e| format!("binding {}: {e}", cfg.addr))?;
@@ -31,33 +49,14 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let server =
         Arc::new(tiny_http::Server::from_listener(listener, None).map_err(|e| e.to_string())?);
-    let signals = signal_hook::iterator::Signals::new([
+    let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
     ])
     .map_err(|e| format!("installing signal handlers: {e}"))?;
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let hub = Arc::new(Hub::new(cfg.max_sockets, cfg.max_sockets_per_user));
-    let app = Arc::new(App {
-        fanout: crate::fanout::Fanout::start(hub.clone()).map_err(|e| e.to_string())?,
-        hub,
-        flusher: Flusher::start().map_err(|e| e.to_string())?,
-        login_limiter: KeyedLimiter::new(cfg.login_rate, Duration::from_secs(60)),
-        slow_lane: SlowLane::start(cores, 64).map_err(|e| e.to_string())?,
-        tarpit: Tarpit::start(Duration::from_secs(1), 4096).map_err(|e| e.to_string())?,
-        expiry: ExpiryTimer::start().map_err(|e| e.to_string())?,
-        activity: Default::default(),
-        known_sockets: Default::default(),
-        rooms: Default::default(),
-        local_addr: local,
-        shutting_down: Default::default(),
-        cfg,
-        store,
-        auth,
-    });
-    crate::enforce::start_sweeper(&app)?;
-    crate::reaper::start(&app)?;
-    let workers = crate::http::start_workers(&app, &server, app.cfg.http_workers);
+    let flusher = Flusher::start().map_err(|e| e.to_string())?;
+    let app = Arc::new(start_app(cfg, store, auth, &flusher, local)?);
+    let background = start_background(&app, &server, flusher)?;
     log::info!(
         "listening on http://{local} (database {}, open-file limit {fd_limit})",
         app.cfg.db.display()
@@ -65,11 +64,64 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     println!("parley listening on http://{local}");
     let _ = std::io::stdout().flush();
 
-    let mut signals = signals;
     let sig = signals.forever().next();
     log::info!("signal {sig:?}: shutting down");
-    shutdown(&app, server, workers);
+    shutdown(&app, server, background);
     Ok(())
+}
+
+/// Starts the services requests use and gathers them into the shared state.
+fn start_app(
+    cfg: Config,
+    store: Arc<Store>,
+    auth: Auth,
+    flusher: &Flusher,
+    local: std::net::SocketAddr,
+) -> Result<App, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let hub = Arc::new(Hub::new(cfg.max_sockets, cfg.max_sockets_per_user));
+    Ok(App {
+        fanout: Fanout::start(hub.clone()).map_err(io)?,
+        hub,
+        flush_queue: flusher.queue(),
+        login_limiter: KeyedLimiter::new(cfg.login_rate, Duration::from_secs(60)),
+        slow_lane: SlowLane::start(cores, 64).map_err(io)?,
+        tarpit: Tarpit::start(Duration::from_secs(1), 4096).map_err(io)?,
+        expiry: ExpiryTimer::start().map_err(io)?,
+        activity: Default::default(),
+        known_sockets: Default::default(),
+        rooms: Default::default(),
+        local_addr: local,
+        cfg,
+        store,
+        auth,
+    })
+}
+
+/// Starts the services that only watch: the revocation sweep, the idle-HTTP reaper,
+/// and the HTTP workers.
+fn start_background(
+    app: &Arc<App>,
+    server: &Arc<tiny_http::Server>,
+    flusher: Flusher,
+) -> Result<Background, String> {
+    let sweeper = Sweeper::start(app.hub.clone(), app.store.clone())?;
+    let reaper = Reaper::start(Watched {
+        hub: app.hub.clone(),
+        sockets: app.known_sockets.clone(),
+        activity: app.activity.clone(),
+        port: app.local_addr.port(),
+        timeout: app.cfg.http_idle_timeout,
+    })
+    .map_err(|e| e.to_string())?;
+    let http_workers = crate::http::start_workers(app, server, app.cfg.http_workers);
+    Ok(Background {
+        flusher,
+        sweeper,
+        reaper,
+        http_workers,
+    })
 }
 
 /// Lowers `--max-sockets` to what the process can hold, so a flood of sockets meets
@@ -97,16 +149,11 @@ fn sockets_that_fit(wanted: usize, fd_limit: u64, max_maps: u64) -> usize {
     wanted.min(fits)
 }
 
-fn shutdown(
-    app: &Arc<App>,
-    server: Arc<tiny_http::Server>,
-    workers: Vec<std::thread::JoinHandle<()>>,
-) {
-    app.shutting_down.store(true, Ordering::Relaxed);
-    for _ in 0..workers.len() {
+fn shutdown(app: &Arc<App>, server: Arc<tiny_http::Server>, background: Background) {
+    for _ in 0..background.http_workers.len() {
         server.unblock();
     }
-    for w in workers {
+    for w in background.http_workers {
         let _ = w.join();
     }
     drop(server);
@@ -122,6 +169,13 @@ fn shutdown(
     while app.hub.socket_count() > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
+    background.sweeper.stop();
+    background.reaper.stop();
+    app.expiry.stop();
+    app.tarpit.stop();
+    app.slow_lane.stop();
+    app.fanout.stop();
+    background.flusher.stop();
     app.store.close();
     log::info!("stopped");
 }

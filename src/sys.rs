@@ -36,7 +36,7 @@ pub struct KnownSockets {
 
 impl KnownSockets {
     fn known(&self) -> MutexGuard<'_, HashSet<i32>> {
-        self.fds.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.fds)
     }
 
     /// Finds the TCP socket whose local port is `local_port` and whose peer is `peer`,

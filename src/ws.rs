@@ -11,12 +11,12 @@ use crate::app::App;
 use crate::auth::{AuthError, Identity};
 use crate::error::ApiError;
 use crate::fanout::Target;
-use crate::http::{bearer_token, header_value, peer_ip, query_param, with_header, Reply};
 use crate::limits::TokenBucket;
 use crate::metrics::{inc, METRICS};
 use crate::model::Page;
 use crate::peer::{close, text_frame, Frame, Peer};
 use crate::protocol::{self, error_event, event, ClientMsg};
+use crate::request::{bearer_token, header_value, peer_ip, query_param, with_header, Reply};
 use crate::store::audit::AuditEntry;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -92,7 +92,7 @@ fn attach(app: &App, request: &Request, identity: &Identity) -> Option<Arc<Peer>
         identity,
         peer_addr,
         sock,
-        app.flusher.clone(),
+        app.flush_queue.clone(),
         app.cfg.send_queue,
     ));
     app.hub.register(peer.clone());

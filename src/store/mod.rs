@@ -13,10 +13,11 @@ pub mod messages;
 pub mod users;
 pub mod writer;
 
+use crate::service::Periodic;
+use crate::sync::lock;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 use writer::Writer;
 
@@ -39,6 +40,15 @@ pub enum StoreError {
     /// The writer has stopped (the server is shutting down).
     #[error("the database writer has stopped")]
     Closed,
+    /// Another process held the database's write lock past the busy timeout.
+    #[error("the database is busy (locked by another process)")]
+    Busy,
+    /// The write's code panicked (a bug); its changes were rolled back.
+    #[error("the write failed and was rolled back")]
+    Panicked,
+    /// A write waited on the writer thread itself, which could only wait forever.
+    #[error("a write was issued from inside another write")]
+    Reentrant,
     /// Any other SQLite error.
     #[error("sqlite: {0}")]
     Sqlite(String),
@@ -46,7 +56,11 @@ pub enum StoreError {
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Sqlite(e.to_string())
+        use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
+        match e.sqlite_error_code() {
+            Some(DatabaseBusy | DatabaseLocked) => StoreError::Busy,
+            _ => StoreError::Sqlite(e.to_string()),
+        }
     }
 }
 
@@ -58,8 +72,7 @@ pub struct Store {
     path: PathBuf,
     readers: Mutex<Vec<Connection>>,
     writer: Writer,
-    stop_checkpointer: Arc<AtomicBool>,
-    checkpointer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    checkpointer: Periodic,
 }
 
 impl Store {
@@ -70,14 +83,12 @@ impl Store {
         init_schema(&conn)?;
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let writer = Writer::start(conn).map_err(|e| StoreError::Sqlite(e.to_string()))?;
-        let stop_checkpointer = Arc::new(AtomicBool::new(false));
-        let checkpointer = start_checkpointer(path, stop_checkpointer.clone())?;
+        let checkpointer = start_checkpointer(path)?;
         Ok(Store {
             path: path.to_path_buf(),
             readers: Mutex::new(Vec::new()),
             writer,
-            stop_checkpointer,
-            checkpointer: Mutex::new(Some(checkpointer)),
+            checkpointer,
         })
     }
 
@@ -88,21 +99,21 @@ impl Store {
 
     /// Runs `f` on a pooled read connection.
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
-        let pooled = self.readers.lock().ok().and_then(|mut p| p.pop());
+        let pooled = lock(&self.readers).pop();
         let conn = match pooled {
             Some(c) => c,
             None => open_connection(&self.path)?,
         };
         let result = f(&conn).map_err(StoreError::from);
-        if let Ok(mut pool) = self.readers.lock() {
-            if pool.len() < READ_POOL {
-                pool.push(conn);
-            }
+        let mut pool = lock(&self.readers);
+        if pool.len() < READ_POOL {
+            pool.push(conn);
         }
         result
     }
 
-    /// Queues a write; `done` runs on the writer thread once it is durable.
+    /// Queues a write; once it is durable, `done` runs on the completion thread, in
+    /// commit order.
     fn submit<T, W, D>(&self, work: W, done: D)
     where
         T: Send + 'static,
@@ -159,19 +170,15 @@ impl Store {
 
     /// Waits until every write queued so far is committed and its completion has run.
     pub fn sync(&self) {
-        let _ = self.write(|_| Ok(()));
+        self.writer.sync();
     }
 
-    /// Commits what is queued, stops the writer and checkpoints the WAL into the file.
+    /// Commits what is queued, stops the writer and the checkpointer, and checkpoints
+    /// the WAL into the file.
     pub fn close(&self) {
         self.writer.shutdown();
-        self.stop_checkpointer.store(true, Ordering::Relaxed);
-        if let Some(h) = self.checkpointer.lock().ok().and_then(|mut h| h.take()) {
-            let _ = h.join();
-        }
-        if let Ok(mut pool) = self.readers.lock() {
-            pool.clear();
-        }
+        self.checkpointer.stop();
+        lock(&self.readers).clear();
         if let Ok(c) = open_connection(&self.path) {
             let _ = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
         }
@@ -235,25 +242,14 @@ fn init_schema(conn: &Connection) -> Result<()> {
 }
 
 /// Checkpoints the WAL from its own thread, so no commit pays for a checkpoint.
-fn start_checkpointer(path: &Path, stop: Arc<AtomicBool>) -> Result<std::thread::JoinHandle<()>> {
+fn start_checkpointer(path: &Path) -> Result<Periodic> {
     let conn = open_connection(path)?;
-    std::thread::Builder::new()
-        .name("db-checkpoint".into())
-        .stack_size(256 * 1024)
-        .spawn(move || {
-            let mut tick = 0u32;
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(100));
-                tick += 1;
-                if tick % 5 != 0 {
-                    continue;
-                }
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    log::warn!("wal checkpoint: {e}");
-                }
-            }
-        })
-        .map_err(|e| StoreError::Sqlite(e.to_string()))
+    Periodic::start("db-checkpoint", Duration::from_millis(500), move || {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            log::warn!("wal checkpoint: {e}");
+        }
+    })
+    .map_err(|e| StoreError::Sqlite(e.to_string()))
 }
 
 /// Notices commits made by any other connection — the CLI, `sqlite3`, or this

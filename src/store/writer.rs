@@ -2,26 +2,148 @@
 //! queued as one transaction (group commit).
 //!
 //! With `synchronous=FULL` each commit costs an fsync; one fsync per batch instead of
-//! per message is what makes durable acks affordable (see NOTES.md: 1.4k/s one by one,
-//! tens of thousands per second batched). Each job runs inside its own SAVEPOINT so a
-//! failing job does not undo its neighbours, and its completion runs only after the
-//! batch is on disk — that is where acks and broadcasts happen, in commit order.
+//! per message is what makes durable acks affordable (1.4k/s one by one, tens of
+//! thousands per second batched). The batch is a rusqlite [`Transaction`] and each job
+//! runs under its own [`rusqlite::Savepoint`]: a job that fails or panics is rolled
+//! back alone and its neighbours still commit.
+//!
+//! Threads:
+//! - `db-writer` runs the jobs' SQL and commits. It runs no caller code after a
+//!   commit: it only answers [`Writer::write`]'s waiting caller over a channel and
+//!   hands every other job's completion to
+//! - `db-done`, which runs completions one by one in commit order. That is where acks
+//!   and broadcasts happen. A completion may itself write (with `submit`, or even
+//!   `write`, which blocks only this thread while the writer goes on), so no
+//!   completion can deadlock the writer: it never runs there.
+//!
+//! [`Writer::shutdown`] closes the job queue; the writer commits what is queued and
+//! ends, which ends `db-done` after the last completion; both are joined.
 
 use super::StoreError;
-use rusqlite::Connection;
+use crate::service::{Worker, SERVICE_STACK};
+use crate::sync::{read, write};
+use rusqlite::{Connection, Transaction, TransactionBehavior};
+use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, RwLock};
-use std::thread::JoinHandle;
-
-/// Runs after the batch's COMMIT with its outcome.
-type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-/// Does a job's SQL (or, given `None`, reports that it could not run).
-type Job = Box<dyn FnOnce(Option<&Connection>) -> Completion + Send>;
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, RwLock};
 
 /// Most jobs in one transaction; bounds the latency of the first job in a batch.
 const MAX_BATCH: usize = 1024;
+
+thread_local! {
+    /// Set on the writer thread, where waiting for a write would wait for ourselves.
+    static ON_WRITER: Cell<bool> = const { Cell::new(false) };
+    /// Set on the completion thread, where waiting for completions would too.
+    static ON_COMPLETIONS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A queued write, with its result type erased so one queue holds every kind.
+trait Task: Send {
+    /// Runs the SQL on the batch's connection; true if it succeeded.
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// Marks the task failed before or after its SQL ran (savepoint errors).
+    fn fail(&mut self, e: StoreError);
+    /// Whether its completion is only a channel send to a waiting caller, which the
+    /// writer thread does itself.
+    fn answers_waiter(&self) -> bool;
+    /// Reports the outcome: the job's own error first, else the commit's.
+    fn finish(self: Box<Self>, commit: Result<(), StoreError>);
+}
+
+/// A job's SQL and its result until the batch commits.
+struct Job<T, W> {
+    work: Option<W>,
+    result: Option<Result<T, StoreError>>,
+}
+
+impl<T, W: FnOnce(&Connection) -> Result<T, StoreError>> Job<T, W> {
+    fn new(work: W) -> Self {
+        Job {
+            work: Some(work),
+            result: None,
+        }
+    }
+
+    fn run(&mut self, conn: &Connection) -> bool {
+        let Some(work) = self.work.take() else {
+            return false;
+        };
+        let result = work(conn);
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    /// The final outcome. No result means the SQL never finished: it panicked.
+    fn outcome(self, commit: Result<(), StoreError>) -> Result<T, StoreError> {
+        match (self.result, commit) {
+            (Some(Err(e)), _) | (Some(Ok(_)), Err(e)) => Err(e),
+            (Some(Ok(v)), Ok(())) => Ok(v),
+            (None, Err(e)) if self.work.is_some() => Err(e),
+            (None, _) => Err(StoreError::Panicked),
+        }
+    }
+}
+
+/// A job submitted with a completion, run on the completion thread.
+struct Submitted<T, W, D> {
+    job: Job<T, W>,
+    done: D,
+}
+
+/// A job whose caller waits for it ([`Writer::write`]).
+struct Waited<T, W> {
+    job: Job<T, W>,
+    reply: SyncSender<Result<T, StoreError>>,
+}
+
+impl<T, W, D> Task for Submitted<T, W, D>
+where
+    T: Send + 'static,
+    W: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    D: FnOnce(Result<T, StoreError>) + Send + 'static,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        self.job.run(conn)
+    }
+    fn fail(&mut self, e: StoreError) {
+        self.job.work = None;
+        self.job.result = Some(Err(e));
+    }
+    fn answers_waiter(&self) -> bool {
+        false
+    }
+    fn finish(self: Box<Self>, commit: Result<(), StoreError>) {
+        let this = *self;
+        (this.done)(this.job.outcome(commit));
+    }
+}
+
+impl<T, W> Task for Waited<T, W>
+where
+    T: Send + 'static,
+    W: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        self.job.run(conn)
+    }
+    fn fail(&mut self, e: StoreError) {
+        self.job.work = None;
+        self.job.result = Some(Err(e));
+    }
+    fn answers_waiter(&self) -> bool {
+        true
+    }
+    fn finish(self: Box<Self>, commit: Result<(), StoreError>) {
+        // The caller may have given up (it never does today); nothing to do then.
+        let _ = self.reply.try_send(self.job.outcome(commit));
+    }
+}
+
+type Boxed = Box<dyn Task>;
+type Finished = Vec<(Boxed, Result<(), StoreError>)>;
 
 /// Counters the writer keeps for `/metrics` and the benchmarks.
 #[derive(Debug, Default)]
@@ -34,88 +156,111 @@ pub struct WriterStats {
     pub max_batch: AtomicU64,
 }
 
-/// Handle to the writer thread.
+/// Handle to the writer and completion threads.
 pub struct Writer {
-    tx: RwLock<Option<Sender<Job>>>,
-    handle: Mutex<Option<JoinHandle<()>>>,
+    tx: RwLock<Option<Sender<Boxed>>>,
+    writer: Worker,
+    completions: Worker,
     /// Batch statistics.
     pub stats: Arc<WriterStats>,
 }
 
 impl Writer {
-    /// Starts the thread that owns `conn` for writing.
+    /// Starts the threads; the writer owns `conn`.
     pub fn start(conn: Connection) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel::<Finished>();
         let stats = Arc::new(WriterStats::default());
+        let completions = Worker::spawn("db-done", SERVICE_STACK, move || {
+            ON_COMPLETIONS.with(|c| c.set(true));
+            run_completions(&done_rx)
+        })?;
         let thread_stats = stats.clone();
-        let handle = std::thread::Builder::new()
-            .name("db-writer".into())
-            .spawn(move || run(conn, rx, &thread_stats))?;
+        let writer = Worker::spawn("db-writer", 1024 * 1024, move || {
+            ON_WRITER.with(|w| w.set(true));
+            run(conn, &rx, &done_tx, &thread_stats)
+        })?;
         Ok(Writer {
             tx: RwLock::new(Some(tx)),
-            handle: Mutex::new(Some(handle)),
+            writer,
+            completions,
             stats,
         })
     }
 
-    /// Queues `work`; after its batch commits, `done` gets its result on the writer
-    /// thread. `done` must be quick: it delays the next batch.
+    /// Queues `work`; after its batch commits, `done` gets its result on the
+    /// completion thread, in commit order.
     pub fn submit<T, W, D>(&self, work: W, done: D)
     where
         T: Send + 'static,
         W: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
         D: FnOnce(Result<T, StoreError>) + Send + 'static,
     {
-        let job: Job = Box::new(move |conn| {
-            let result = match conn {
-                Some(conn) => in_savepoint(conn, work),
-                None => Err(StoreError::Closed),
-            };
-            Box::new(
-                move |commit: Result<(), StoreError>| match (result, commit) {
-                    (Ok(v), Ok(())) => done(Ok(v)),
-                    (Ok(_), Err(e)) | (Err(e), _) => done(Err(e)),
-                },
-            )
-        });
-        let sent = match self.tx.read() {
-            Ok(guard) => match guard.as_ref() {
-                Some(tx) => tx.send(job).map_err(|e| e.0),
-                None => Err(job),
-            },
-            Err(_) => Err(job),
-        };
-        if let Err(job) = sent {
-            job(None)(Err(StoreError::Closed));
-        }
+        self.enqueue(Box::new(Submitted {
+            job: Job::new(work),
+            done,
+        }));
     }
 
-    /// Runs `work` in the next batch and waits until it is committed.
+    /// Runs `work` in the next batch and waits until it is committed. Called on the
+    /// writer thread itself (from inside another job's SQL), where it could only wait
+    /// forever, it fails at once instead.
     pub fn write<T, W>(&self, work: W) -> Result<T, StoreError>
     where
         T: Send + 'static,
         W: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.submit(work, move |r| {
-            let _ = tx.send(r);
-        });
+        if ON_WRITER.with(Cell::get) {
+            log::error!("a write waited on the writer thread; refused");
+            return Err(StoreError::Reentrant);
+        }
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.enqueue(Box::new(Waited {
+            job: Job::new(work),
+            reply,
+        }));
         rx.recv().unwrap_or(Err(StoreError::Closed))
     }
 
-    /// Stops taking jobs, lets the queued ones commit, and joins the thread.
+    /// Waits until every write queued so far is committed and its completion has run.
+    /// On the completion thread (a completion calling it) it returns at once: the
+    /// completions before it have run, the later ones cannot be waited for there.
+    pub fn sync(&self) {
+        if ON_COMPLETIONS.with(Cell::get) || ON_WRITER.with(Cell::get) {
+            return;
+        }
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.submit(
+            |_| Ok(()),
+            move |_: Result<(), StoreError>| {
+                let _ = tx.send(());
+            },
+        );
+        let _ = rx.recv();
+    }
+
+    fn enqueue(&self, task: Boxed) {
+        let refused = match read(&self.tx).as_ref() {
+            Some(tx) => tx.send(task).err().map(|e| e.0),
+            None => Some(task),
+        };
+        if let Some(mut task) = refused {
+            task.fail(StoreError::Closed);
+            task.finish(Err(StoreError::Closed));
+        }
+    }
+
+    /// Stops taking jobs, lets the queued ones commit and complete, and joins both
+    /// threads.
     pub fn shutdown(&self) {
-        if let Ok(mut tx) = self.tx.write() {
-            tx.take();
-        }
-        let handle = self.handle.lock().ok().and_then(|mut h| h.take());
-        if let Some(h) = handle {
-            let _ = h.join();
-        }
+        write(&self.tx).take();
+        self.writer.join();
+        self.completions.join();
     }
 }
 
-fn run(conn: Connection, rx: Receiver<Job>, stats: &WriterStats) {
+fn run(conn: Connection, rx: &Receiver<Boxed>, done: &Sender<Finished>, stats: &WriterStats) {
+    let mut conn = conn;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -124,60 +269,201 @@ fn run(conn: Connection, rx: Receiver<Job>, stats: &WriterStats) {
                 Err(_) => break,
             }
         }
-        commit_batch(&conn, batch, stats);
+        let n = batch.len() as u64;
+        let commit = commit_batch(&mut conn, &mut batch);
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.jobs.fetch_add(n, Ordering::Relaxed);
+        stats.max_batch.fetch_max(n, Ordering::Relaxed);
+        let mut later = Vec::with_capacity(batch.len());
+        for task in batch {
+            if task.answers_waiter() {
+                task.finish(commit.clone());
+            } else {
+                later.push((task, commit.clone()));
+            }
+        }
+        if !later.is_empty() {
+            let _ = done.send(later);
+        }
     }
     log::debug!("db writer stopped");
 }
 
-fn commit_batch(conn: &Connection, batch: Vec<Job>, stats: &WriterStats) {
-    let n = batch.len() as u64;
-    let began = conn
-        .execute_batch("BEGIN IMMEDIATE")
-        .map_err(StoreError::from);
-    let completions: Vec<Completion> = batch
-        .into_iter()
-        .map(|job| {
-            let conn = began.is_ok().then_some(conn);
-            catch_unwind(AssertUnwindSafe(|| job(conn))).unwrap_or_else(|_| {
-                log::error!("a database job panicked");
-                Box::new(|_| {})
-            })
-        })
-        .collect();
-    let outcome = match began {
-        Ok(()) => conn.execute_batch("COMMIT").map_err(|e| {
-            log::error!("commit failed: {e}");
-            let _ = conn.execute_batch("ROLLBACK");
-            StoreError::from(e)
-        }),
-        Err(e) => {
-            log::error!("could not begin a write transaction: {e}");
-            Err(e)
-        }
-    };
-    stats.batches.fetch_add(1, Ordering::Relaxed);
-    stats.jobs.fetch_add(n, Ordering::Relaxed);
-    stats.max_batch.fetch_max(n, Ordering::Relaxed);
-    for done in completions {
-        let outcome = outcome.clone();
-        if catch_unwind(AssertUnwindSafe(|| done(outcome))).is_err() {
-            log::error!("a write completion panicked");
+fn run_completions(rx: &Receiver<Finished>) {
+    while let Ok(batch) = rx.recv() {
+        for (task, commit) in batch {
+            if catch_unwind(AssertUnwindSafe(|| task.finish(commit))).is_err() {
+                log::error!("a write completion panicked");
+            }
         }
     }
 }
 
-/// Runs `work` so that its failure rolls back only its own changes.
-fn in_savepoint<T>(
-    conn: &Connection,
-    work: impl FnOnce(&Connection) -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    conn.execute_batch("SAVEPOINT job")?;
-    let result = work(conn);
-    let end = if result.is_ok() {
-        "RELEASE job"
-    } else {
-        "ROLLBACK TO job; RELEASE job"
+/// Runs every job of the batch in one transaction and commits it.
+fn commit_batch(conn: &mut Connection, batch: &mut [Boxed]) -> Result<(), StoreError> {
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            let e = StoreError::from(e);
+            log::error!("could not begin a write transaction: {e}");
+            return Err(e);
+        }
     };
-    conn.execute_batch(end)?;
-    result
+    for task in batch.iter_mut() {
+        run_one(&mut tx, task.as_mut());
+    }
+    tx.commit().map_err(|e| {
+        let e = StoreError::from(e);
+        log::error!("commit failed: {e}");
+        e
+    })
+}
+
+/// Runs one job under its own savepoint: released if it succeeded, rolled back if it
+/// failed or panicked.
+fn run_one(tx: &mut Transaction<'_>, task: &mut dyn Task) {
+    let sp = match tx.savepoint() {
+        Ok(sp) => sp,
+        Err(e) => return task.fail(e.into()),
+    };
+    let ok = catch_unwind(AssertUnwindSafe(|| task.run(&sp))).unwrap_or_else(|_| {
+        log::error!("a database job panicked; its writes are rolled back");
+        false
+    });
+    if ok {
+        if let Err(e) = sp.commit() {
+            task.fail(e.into());
+        }
+    }
+    // Dropping an uncommitted savepoint rolls it back and releases it.
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn writer() -> (Writer, std::path::PathBuf) {
+        let dir = crate::store::tests::tempdir();
+        let path = dir.join("w.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.busy_timeout(Duration::ZERO).unwrap();
+        conn.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(x INTEGER PRIMARY KEY)")
+            .unwrap();
+        (Writer::start(conn).unwrap(), path)
+    }
+
+    fn rows(path: &std::path::Path) -> Vec<i64> {
+        let c = Connection::open(path).unwrap();
+        let mut st = c.prepare("SELECT x FROM t ORDER BY x").unwrap();
+        let v = st.query_map([], |r| r.get(0)).unwrap();
+        v.map(Result::unwrap).collect()
+    }
+
+    fn insert(x: i64) -> impl FnOnce(&Connection) -> Result<(), StoreError> + Send {
+        move |c| {
+            c.execute("INSERT INTO t(x) VALUES (?1)", [x])?;
+            Ok(())
+        }
+    }
+
+    /// ok, failing, panicking and ok jobs in one batch: the two good ones commit, the
+    /// other two leave nothing behind, and each completion hears its own outcome.
+    #[test]
+    fn a_failing_or_panicking_job_rolls_back_alone() {
+        let (w, path) = writer();
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let (inside_tx, inside_rx) = mpsc::channel::<()>();
+        // Hold the writer inside a job so the next four queue up as one batch.
+        w.submit(
+            move |_| {
+                inside_tx.send(()).unwrap();
+                let _ = gate_rx.recv_timeout(Duration::from_secs(5));
+                Ok(())
+            },
+            |_: Result<(), StoreError>| {},
+        );
+        inside_rx.recv().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let report = |name: &'static str| {
+            let tx = tx.clone();
+            move |r: Result<(), StoreError>| tx.send((name, r)).unwrap()
+        };
+        w.submit(insert(1), report("ok1"));
+        w.submit(
+            |c| {
+                c.execute("INSERT INTO t(x) VALUES (2)", [])?;
+                Err(StoreError::Conflict("refused".into()))
+            },
+            report("failing"),
+        );
+        w.submit(
+            |c: &Connection| -> Result<(), StoreError> {
+                c.execute("INSERT INTO t(x) VALUES (3)", []).unwrap();
+                panic!("a bug in a job")
+            },
+            report("panicking"),
+        );
+        w.submit(insert(4), report("ok2"));
+        gate_tx.send(()).unwrap();
+        let mut got: Vec<_> = (0..4).map(|_| rx.recv().unwrap()).collect();
+        got.sort_by_key(|(n, _)| *n);
+        assert_eq!(
+            got,
+            vec![
+                ("failing", Err(StoreError::Conflict("refused".into()))),
+                ("ok1", Ok(())),
+                ("ok2", Ok(())),
+                ("panicking", Err(StoreError::Panicked)),
+            ]
+        );
+        assert_eq!(w.stats.max_batch.load(Ordering::Relaxed), 4, "one batch");
+        assert_eq!(rows(&path), vec![1, 4]);
+        w.shutdown();
+    }
+
+    /// A completion that writes (and waits) must not deadlock the writer.
+    #[test]
+    fn a_completion_may_write_and_wait() {
+        let (w, path) = writer();
+        let w = Arc::new(w);
+        let (tx, rx) = mpsc::channel();
+        let w2 = w.clone();
+        w.submit(insert(1), move |r| {
+            r.unwrap();
+            let again = w2.write(insert(2));
+            tx.send(again).unwrap();
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the completion's write finished");
+        assert_eq!(r, Ok(()));
+        assert_eq!(rows(&path), vec![1, 2]);
+        w.shutdown();
+    }
+
+    /// A job's SQL that waits for another write is refused rather than hanging.
+    #[test]
+    fn waiting_on_the_writer_thread_is_refused() {
+        let (w, _path) = writer();
+        let w = Arc::new(w);
+        let w2 = w.clone();
+        let r = w.write(move |_| Ok(w2.write(insert(1))));
+        assert_eq!(r, Ok(Err(StoreError::Reentrant)));
+        w.shutdown();
+    }
+
+    /// A write that cannot get the database lock fails with its own error.
+    #[test]
+    fn a_locked_database_is_busy_not_closed() {
+        let (w, path) = writer();
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        // The writer's connection has no busy timeout here: it fails at once.
+        assert_eq!(w.write(insert(1)), Err(StoreError::Busy));
+        other.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(w.write(insert(1)), Ok(()));
+        w.shutdown();
+        assert_eq!(w.write(insert(2)), Err(StoreError::Closed));
+    }
 }
