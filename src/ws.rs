@@ -268,6 +268,13 @@ fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {
 fn read_loop(conn: &mut Conn, ctx: &mut WebSocketContext, io: &mut Duplex) {
     loop {
         let msg = ctx.read(io);
+        // A socket closed by the server (kick, ban, revocation, expiry, too slow) acts
+        // no more, even if its client keeps sending: the close frame may take a while
+        // to reach a client that does not read, but nothing it sends after the close
+        // counts.
+        if !conn.peer.is_open() {
+            return;
+        }
         if matches!(msg, Ok(Message::Ping(_))) {
             // tungstenite queues the pong and would write it only at the next read,
             // which waits for the client's next frame: write it out now.
@@ -391,9 +398,9 @@ impl Conn {
     fn join(&mut self, name: &str, since: Option<i64>, reference: &Value) -> Result<(), ApiError> {
         let room = actions::find_room(&self.app, name)?;
         let already = self.rooms.iter().any(|r| r.id == room.id);
-        if since.is_some() {
-            self.peer.hold();
-        }
+        // Live frames wait until `joined` (and any replay) is out: a message fanned out
+        // the moment the socket enters the room must not overtake the reply.
+        self.peer.hold();
         let joined = self.app.hub.join(&self.peer, name);
         if let Some(tell) = joined.tell {
             presence(&self.app, &self.peer, name, "online", tell);
@@ -404,10 +411,11 @@ impl Conn {
         let joined =
             json!({"type": "joined", "room": name, "online": joined.online, "ref": reference});
         self.peer.send_direct(&text_frame(&joined.to_string()));
-        if let Some(since) = since {
-            let last = self.replay(&room, since);
-            self.peer.release(name, last);
-        }
+        let replayed_up_to = match since {
+            Some(since) => self.replay(&room, since),
+            None => i64::MIN,
+        };
+        self.peer.release(name, replayed_up_to);
         Ok(())
     }
 
