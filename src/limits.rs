@@ -8,6 +8,10 @@
 //! answered after a pause: a client that retries at once would otherwise turn cheap
 //! 429s into tens of thousands of connections a second, which costs chat more than
 //! the hashing did.
+//!
+//! Threads: `bcrypt-N` (one per core) run password jobs; `tarpit` answers held
+//! refusals. Both are started and stopped by [`crate::server`]; stopping lets the
+//! queued password jobs finish and answers every held refusal at once.
 
 use crate::service::{Worker, SERVICE_STACK};
 use crate::sync::{lock, wait_timeout};

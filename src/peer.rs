@@ -5,7 +5,14 @@
 //! `send` under the peer's own lock. Whatever the kernel will not take goes to a short
 //! per-peer backlog that one shared [`Flusher`] thread drains when the socket becomes
 //! writable; a peer whose backlog passes `--send-queue` frames is closed with 1008. So
-//! a client that stops reading costs the room nothing (NOTES.md, design C).
+//! a client that stops reading costs the room nothing. (Measured against a thread per
+//! socket writer and a single polling thread, this design delivered the most per CPU
+//! second at the lowest latency, and needs no thread per write.)
+//!
+//! Threads: any thread may hand a peer frames (the fan-out thread, the socket's own
+//! reader, request handlers); the `flusher` thread ([`Flusher`], started and stopped by
+//! [`crate::server`]) finishes what the kernel did not take and cuts closing peers that
+//! never take their close frame.
 
 use crate::metrics::{inc, METRICS};
 use crate::service::{Worker, SERVICE_STACK};

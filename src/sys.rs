@@ -3,7 +3,7 @@
 //!
 //! tiny_http hands an upgraded connection back as an opaque `Box<dyn ReadWrite>`: no
 //! fd, no clone, no non-blocking writes. Fan-out must write to a socket from other
-//! threads without ever blocking (NOTES.md, design C), so we find the socket's file
+//! threads without ever blocking (see [`crate::peer`]), so we find the socket's file
 //! descriptor ourselves: the kernel knows every fd of this process, and exactly one
 //! TCP socket has our local port and the client's address as its two ends. We
 //! duplicate that fd and verify the duplicate's ends again, so the answer is right

@@ -1,9 +1,11 @@
 //! Every SQL statement parley runs, behind typed functions.
 //!
 //! One [`Store`] owns the database file: a small pool of connections for reads (WAL lets
-//! them run beside the writer), one writer thread that batches every write into group
-//! commits ([`writer`]), and a checkpointer thread so WAL checkpoints never stall a
-//! commit. The layout comes from `schema.sql`, embedded and applied on first open.
+//! them run beside the writer, on the caller's thread), the `db-writer` thread that
+//! batches every write into group commits and the `db-done` thread that runs their
+//! completions ([`writer`]), and the `db-checkpoint` thread so WAL checkpoints never
+//! stall a commit. [`Store::open`] starts the three and [`Store::close`] stops them.
+//! The layout comes from `schema.sql`, embedded and applied on first open.
 //! Submodules add the queries for one area each: [`users`] (accounts, roles,
 //! sessions, refresh tokens), [`messages`] (rooms, room and direct messages) and
 //! [`audit`] (the hash-chained security log).
@@ -309,6 +311,25 @@ pub(crate) mod tests {
         c.execute_batch("CREATE TABLE t(x)").unwrap();
         drop(c);
         assert!(matches!(Store::open(&path), Err(StoreError::Conflict(_))));
+    }
+
+    /// "An ack means on disk" holds only with `synchronous=FULL` on the connection that
+    /// commits (WAL with NORMAL can lose the last commits on power loss), and only with
+    /// WAL does a reader never block the writer.
+    #[test]
+    fn the_committing_connection_is_wal_and_synchronous_full() {
+        let dir = tempdir();
+        let store = Store::open(&dir.join("s.db")).unwrap();
+        let (journal, synchronous) = store
+            .write(|c| {
+                let j: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+                let s: i64 = c.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+                Ok((j, s))
+            })
+            .unwrap();
+        assert_eq!(journal, "wal");
+        assert_eq!(synchronous, 2, "2 is FULL");
+        store.close();
     }
 
     pub(crate) fn tempdir() -> PathBuf {
