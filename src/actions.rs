@@ -10,7 +10,7 @@ use crate::fanout::Target;
 use crate::metrics::{inc, METRICS};
 use crate::model::{DirectMessage, Message, Page, Room, User};
 use crate::store::audit::AuditEntry;
-use crate::store::users::RefreshOutcome;
+use crate::store::users::{RefreshOutcome, GUARD_PERMISSION};
 use serde::Serialize;
 use serde_json::json;
 
@@ -523,7 +523,8 @@ fn find_user(app: &App, name: &str) -> Result<crate::store::users::UserRecord, A
 }
 
 /// Ban (`true`) or unban a user: needs `user.ban`. A ban revokes every login of the
-/// user and closes their live sockets with 4003.
+/// user and closes their live sockets with 4003; one that would leave no unbanned
+/// admin is refused with 409.
 pub fn set_banned(app: &App, actor: &Actor, username: &str, banned: bool) -> Result<(), ApiError> {
     require(app, actor, "user.ban", Some(username))?;
     let user = find_user(app, username)?;
@@ -531,7 +532,7 @@ pub fn set_banned(app: &App, actor: &Actor, username: &str, banned: bool) -> Res
         return Err(ApiError::conflict("you cannot ban yourself"));
     }
     app.store
-        .set_banned(user.id, banned, clock::now_rfc3339())?;
+        .set_banned(user.id, banned, GUARD_PERMISSION, clock::now_rfc3339())?;
     if banned {
         app.hub
             .close_user(user.id, crate::peer::close::REVOKED, "banned");
@@ -541,7 +542,8 @@ pub fn set_banned(app: &App, actor: &Actor, username: &str, banned: bool) -> Res
     Ok(())
 }
 
-/// Replaces a user's roles: needs `role.assign`; 409 if nobody could assign roles after.
+/// Replaces a user's roles: needs `role.assign`; 409 if no unbanned user could assign
+/// roles after.
 pub fn set_roles(
     app: &App,
     actor: &Actor,
@@ -552,7 +554,7 @@ pub fn set_roles(
     let user = find_user(app, username)?;
     let change = app
         .store
-        .set_roles(user.id, roles, "role.assign")
+        .set_roles(user.id, roles, GUARD_PERMISSION)
         .map_err(|e| match e {
             crate::store::StoreError::NotFound(what) => {
                 ApiError::bad_request(format!("unknown {what}"))

@@ -6,7 +6,7 @@
 
 use crate::config::{Config, Registration};
 use crate::store::audit::AuditEntry;
-use crate::store::users::UserRecord;
+use crate::store::users::{UserRecord, GUARD_PERMISSION};
 use crate::store::{Store, StoreError};
 use clap::{Args, Parser, Subcommand};
 use std::io::BufRead;
@@ -317,7 +317,7 @@ fn user_on(store: &Store, cfg: &Config, action: UserCommand) -> Result<(), CliEr
         UserCommand::Role { name, roles } => {
             let user = existing_user(store, &name)?;
             let change = store
-                .set_roles(user.id, roles, "role.assign")
+                .set_roles(user.id, roles, GUARD_PERMISSION)
                 .map_err(unknown_is_usage)?;
             cli_audit(
                 store,
@@ -352,7 +352,12 @@ fn user_on(store: &Store, cfg: &Config, action: UserCommand) -> Result<(), CliEr
 fn ban(store: &Store, name: &str, banned: bool) -> Result<(), CliError> {
     let user = existing_user(store, name)?;
     store
-        .set_banned(user.id, banned, crate::clock::now_rfc3339())
+        .set_banned(
+            user.id,
+            banned,
+            GUARD_PERMISSION,
+            crate::clock::now_rfc3339(),
+        )
         .map_err(failed)?;
     let action = if banned { "ban" } else { "unban" };
     cli_audit(store, action, &user.username, serde_json::json!({}));

@@ -289,6 +289,10 @@ fn revoke_session_in(c: &Connection, sid: &str, reason: &str, now: &str) -> Resu
     Ok(n > 0)
 }
 
+/// The permission that must always keep an unbanned holder: whoever holds it can
+/// assign roles and so repair everything else (the PROTOCOL's "last admin" rule).
+pub const GUARD_PERMISSION: &str = "role.assign";
+
 /// A role change as it was applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoleChange {
@@ -300,28 +304,40 @@ pub struct RoleChange {
 
 impl Store {
     /// Bans or unbans a user. Banning also revokes every login of the user, so tokens
-    /// issued before the ban stay dead after an unban. Returns whether anything changed.
-    pub fn set_banned(&self, user_id: i64, banned: bool, now: String) -> Result<bool> {
+    /// issued before the ban stay dead after an unban. A ban that would leave no
+    /// unbanned holder of `guard_permission` (the permission to assign roles) is
+    /// refused (conflict): nobody could unban anyone then. The check and the change are
+    /// one writer job, so two admins banning each other at once cannot both succeed.
+    /// Returns whether anything changed.
+    pub fn set_banned(
+        &self,
+        user_id: i64,
+        banned: bool,
+        guard_permission: &'static str,
+        now: String,
+    ) -> Result<bool> {
         self.write(move |c| {
-            let n = if banned {
+            if !banned {
                 let n = c.execute(
-                    "UPDATE users SET banned_at = ?2 WHERE id = ?1 AND banned_at IS NULL",
-                    params![user_id, now],
-                )?;
-                revoke_user_sessions_in(c, user_id, "ban", &now)?;
-                n
-            } else {
-                c.execute(
                     "UPDATE users SET banned_at = NULL WHERE id = ?1 AND banned_at IS NOT NULL",
                     [user_id],
-                )?
-            };
+                )?;
+                return Ok(n > 0);
+            }
+            let before = guard_holders(c, guard_permission)?;
+            let n = c.execute(
+                "UPDATE users SET banned_at = ?2 WHERE id = ?1 AND banned_at IS NULL",
+                params![user_id, now],
+            )?;
+            keep_a_guard_holder(c, guard_permission, before)?;
+            revoke_user_sessions_in(c, user_id, "ban", &now)?;
             Ok(n > 0)
         })
     }
 
-    /// Replaces a user's roles. Refuses (conflict) a change that would leave nobody
-    /// holding `guard_permission` (the permission to assign roles), and unknown roles.
+    /// Replaces a user's roles. Refuses (conflict) a change that would leave no
+    /// unbanned user holding `guard_permission` (the permission to assign roles), and
+    /// unknown roles (not found).
     pub fn set_roles(
         &self,
         user_id: i64,
@@ -340,6 +356,7 @@ impl Store {
                     return Err(StoreError::NotFound(format!("role {r:?}")));
                 }
             }
+            let before = guard_holders(c, guard_permission)?;
             c.execute("DELETE FROM user_roles WHERE user_id = ?1", [user_id])?;
             for r in &roles {
                 c.execute(
@@ -347,17 +364,7 @@ impl Store {
                     params![user_id, r],
                 )?;
             }
-            let holders: i64 = c.query_row(
-                "SELECT count(DISTINCT ur.user_id) FROM user_roles ur
-                   JOIN role_permissions rp ON rp.role = ur.role WHERE rp.permission = ?1",
-                [guard_permission],
-                |x| x.get(0),
-            )?;
-            if holders == 0 {
-                return Err(StoreError::Conflict(
-                    "that would leave no admin (nobody could assign roles)".into(),
-                ));
-            }
+            keep_a_guard_holder(c, guard_permission, before)?;
             Ok(RoleChange {
                 from,
                 to: roles_of(c, user_id)?,
@@ -404,6 +411,30 @@ impl Store {
             .query_row(params![sid, user_id], |r| r.get(0))
         })
     }
+}
+
+/// How many unbanned users hold `permission` through one of their roles. Banned
+/// holders do not count: they can neither log in nor act.
+fn guard_holders(c: &Connection, permission: &str) -> Result<i64> {
+    Ok(c.prepare_cached(
+        "SELECT count(DISTINCT ur.user_id) FROM user_roles ur
+               JOIN role_permissions rp ON rp.role = ur.role
+               JOIN users u ON u.id = ur.user_id
+              WHERE rp.permission = ?1 AND u.banned_at IS NULL",
+    )?
+    .query_row([permission], |r| r.get(0))?)
+}
+
+/// Fails (conflict, so the writer rolls the job back) when the job's change took the
+/// last unbanned holder of `permission` away. A database that had none before (only
+/// the CLI can repair it) is not made worse by an unrelated change, so that is allowed.
+fn keep_a_guard_holder(c: &Connection, permission: &str, before: i64) -> Result<()> {
+    if before > 0 && guard_holders(c, permission)? == 0 {
+        return Err(StoreError::Conflict(
+            "that would leave no unbanned admin (nobody could assign roles or lift bans)".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn revoke_user_sessions_in(c: &Connection, user_id: i64, reason: &str, now: &str) -> Result<()> {
