@@ -229,7 +229,7 @@ pub fn login(
     let refresh = random_token();
     let now = clock::now_unix();
     app.store.start_session(
-        user.id,
+        &record,
         sid.clone(),
         ip.map(str::to_owned),
         token_hash(&refresh),

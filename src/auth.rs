@@ -193,7 +193,9 @@ impl Auth {
 
     /// Full check of an access token: valid signature and expiry (else 401), user not
     /// banned (else 403, so every token of a banned user answers 403), login not
-    /// revoked (else 401: tokens from before a ban stay dead after the unban).
+    /// revoked (else 401: tokens from before a ban stay dead after the unban) and made
+    /// for this very account (else 401: an account that somehow got a deleted user's
+    /// id does not inherit the deleted user's logins; the stamps differ).
     pub fn authenticate(&self, store: &Store, token: &str) -> Result<Identity, AuthError> {
         let id = self.decode_access(token)?;
         let user = store.user_by_id(id.user_id)?.ok_or(AuthError::Revoked)?;
@@ -201,7 +203,7 @@ impl Auth {
             return Err(AuthError::Banned);
         }
         match store.session(&id.sid)? {
-            Some(s) if s.user_id == id.user_id && !s.revoked => Ok(Identity {
+            Some(s) if s.user_id == id.user_id && !s.revoked && s.current => Ok(Identity {
                 username: user.username,
                 ..id
             }),

@@ -17,6 +17,9 @@ pub struct UserRecord {
     pub created_at: String,
     /// Whether the user is banned now.
     pub banned: bool,
+    /// Random per account; a login records it and is valid only while it matches, so
+    /// no other account can ever inherit the login, whatever its id.
+    pub stamp: String,
 }
 
 /// A login's state.
@@ -26,6 +29,10 @@ pub struct SessionRecord {
     pub user_id: i64,
     /// Whether it has been revoked (logout, reuse, ban, password change).
     pub revoked: bool,
+    /// Whether it belongs to the account that holds `user_id` now (the stamps agree).
+    /// False for a login of an account deleted outside parley, and for logins that
+    /// predate the stamps but had no account when the database was upgraded.
+    pub current: bool,
 }
 
 /// What presenting a refresh token led to.
@@ -49,7 +56,17 @@ pub enum RefreshOutcome {
     Invalid,
 }
 
-const USER_COLUMNS: &str = "id, username, password_hash, created_at, banned_at IS NOT NULL";
+const USER_COLUMNS: &str = "id, username, password_hash, created_at, banned_at IS NOT NULL, stamp";
+
+/// SQL (over `sessions s`): whether the login was made for the account that holds its
+/// `user_id` now. NULL stamps (a missing account, an orphan login) are never current.
+const SESSION_CURRENT: &str =
+    "coalesce(s.user_stamp = (SELECT stamp FROM users WHERE id = s.user_id), 0)";
+
+/// A new account stamp: 16 random bytes, base64url.
+pub(super) fn new_stamp() -> String {
+    crate::auth::random_token_bytes(16)
+}
 
 fn user_record(r: &Row<'_>) -> rusqlite::Result<UserRecord> {
     Ok(UserRecord {
@@ -58,6 +75,7 @@ fn user_record(r: &Row<'_>) -> rusqlite::Result<UserRecord> {
         password_hash: r.get(2)?,
         created_at: r.get(3)?,
         banned: r.get(4)?,
+        stamp: r.get(5)?,
     })
 }
 
@@ -146,8 +164,9 @@ impl Store {
                 return Err(StoreError::NotFound(format!("role {role:?}")));
             }
             c.execute(
-                "INSERT INTO users(username, password_hash, created_at) VALUES (?1, ?2, ?3)",
-                params![username, password_hash, created_at],
+                "INSERT INTO users(username, password_hash, created_at, stamp)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![username, password_hash, created_at, new_stamp()],
             )?;
             let id = c.last_insert_rowid();
             c.execute(
@@ -170,20 +189,23 @@ impl Store {
         })
     }
 
-    /// Records a new login with its first refresh token.
+    /// Records a new login of `user` (bound to the stamp the account had when its
+    /// password was checked) with its first refresh token.
     pub fn start_session(
         &self,
-        user_id: i64,
+        user: &UserRecord,
         sid: String,
         ip: Option<String>,
         refresh_hash: String,
         refresh_expires_at: u64,
         now: String,
     ) -> Result<()> {
+        let (user_id, stamp) = (user.id, user.stamp.clone());
         self.write(move |c| {
             c.execute(
-                "INSERT INTO sessions(id, user_id, created_at, ip) VALUES (?1, ?2, ?3, ?4)",
-                params![sid, user_id, now, ip],
+                "INSERT INTO sessions(id, user_id, created_at, ip, user_stamp)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![sid, user_id, now, ip, stamp],
             )?;
             c.execute(
                 "INSERT INTO refresh_tokens(token_hash, session_id, issued_at, expires_at)
@@ -194,17 +216,21 @@ impl Store {
         })
     }
 
-    /// A login's owner and whether it is revoked.
+    /// A login's owner, whether it is revoked, and whether it is its account's.
     pub fn session(&self, sid: &str) -> Result<Option<SessionRecord>> {
         self.read(|c| {
-            c.prepare_cached("SELECT user_id, revoked_at IS NOT NULL FROM sessions WHERE id = ?1")?
-                .query_row([sid], |r| {
-                    Ok(SessionRecord {
-                        user_id: r.get(0)?,
-                        revoked: r.get(1)?,
-                    })
+            c.prepare_cached(&format!(
+                "SELECT s.user_id, s.revoked_at IS NOT NULL, {SESSION_CURRENT}
+                   FROM sessions s WHERE s.id = ?1"
+            ))?
+            .query_row([sid], |r| {
+                Ok(SessionRecord {
+                    user_id: r.get(0)?,
+                    revoked: r.get(1)?,
+                    current: r.get(2)?,
                 })
-                .optional()
+            })
+            .optional()
         })
     }
 
@@ -223,7 +249,8 @@ impl Store {
 
     /// Uses a refresh token: retires it and stores `new_hash` in its place, or, if it was
     /// already retired, revokes its whole login. One transaction, so two racing
-    /// refreshes with the same token cannot both succeed.
+    /// refreshes with the same token cannot both succeed. A token of a login that is
+    /// not its account's (see [`SessionRecord::current`]) is invalid.
     pub fn rotate_refresh(
         &self,
         old_hash: String,
@@ -235,18 +262,20 @@ impl Store {
         self.write(move |c| {
             let row: Option<(String, i64, i64, bool, bool)> = c
                 .query_row(
-                    "SELECT t.session_id, s.user_id, t.expires_at, t.used_at IS NOT NULL,
-                            s.revoked_at IS NOT NULL
-                       FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
-                      WHERE t.token_hash = ?1",
+                    &format!(
+                        "SELECT t.session_id, s.user_id, t.expires_at, t.used_at IS NOT NULL,
+                                s.revoked_at IS NOT NULL OR NOT {SESSION_CURRENT}
+                           FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
+                          WHERE t.token_hash = ?1"
+                    ),
                     [&old_hash],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
                 )
                 .optional()?;
-            let Some((sid, user_id, expires_at, used, revoked)) = row else {
+            let Some((sid, user_id, expires_at, used, dead)) = row else {
                 return Ok(RefreshOutcome::Invalid);
             };
-            if revoked {
+            if dead {
                 return Ok(RefreshOutcome::Invalid);
             }
             if used {
@@ -401,12 +430,14 @@ impl Store {
         })
     }
 
-    /// Whether login `sid` of `user_id` may still act: not revoked, user not banned.
+    /// Whether login `sid` of `user_id` may still act: not revoked, made for the
+    /// account that holds the id now, user not banned.
     pub fn session_alive(&self, sid: &str, user_id: i64) -> Result<bool> {
         self.read(|c| {
             c.prepare_cached(
                 "SELECT EXISTS(SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id
-                  WHERE s.id = ?1 AND s.user_id = ?2 AND s.revoked_at IS NULL AND u.banned_at IS NULL)",
+                  WHERE s.id = ?1 AND s.user_id = ?2 AND s.revoked_at IS NULL
+                    AND s.user_stamp = u.stamp AND u.banned_at IS NULL)",
             )?
             .query_row(params![sid, user_id], |r| r.get(0))
         })
