@@ -198,13 +198,16 @@ fn login_failed(app: &App, username: &str, ip: Option<&str>, reason: &str) {
     );
 }
 
-/// `POST /api/login`: one 401 for unknown user and wrong password, taking the same time.
+/// `POST /api/login`: one 401 for unknown user and wrong password, taking the same time
+/// (see `auth`'s module doc); a password stored at another bcrypt cost than the
+/// configured one is re-hashed on success.
 pub fn login(
     app: &App,
     username: &str,
     password: &str,
     ip: Option<&str>,
 ) -> Result<TokenPair, ApiError> {
+    app.auth.watch_stored_costs(&app.store);
     let record = if valid_username(username) {
         app.store.user_by_name(username)?
     } else {
@@ -223,6 +226,10 @@ pub fn login(
     if record.banned {
         login_failed(app, &record.username, ip, "banned");
         return Err(AuthError::Banned.into());
+    }
+    if let Some(hash) = app.auth.rehash_if_needed(&record.password_hash, password)? {
+        app.store
+            .rehash_password(record.id, record.password_hash.clone(), hash)?;
     }
     let user = app.store.user(record.id)?;
     let sid = random_token();

@@ -23,7 +23,7 @@ use std::path::Path;
 use std::process::Output;
 use std::sync::Barrier;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------------------------
 // Helpers
@@ -339,6 +339,79 @@ fn a_version_1_database_is_upgraded_in_place() {
     assert_status(&r, 200);
     assert_eq!(r.json()["messages"], json!([]));
     assert_error(&srv.get("/api/me", Some(&bob_at)), 401, "unauthorized");
+}
+
+// ---------------------------------------------------------------------------------
+// 3. Login timing with mixed bcrypt costs
+// ---------------------------------------------------------------------------------
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[test]
+fn login_timing_does_not_reveal_names_whose_hash_has_another_cost() {
+    let dir = TempDir::new();
+    let db = db_arg(dir.path());
+    // An account hashed at a low cost (as after lowering --bcrypt-cost on a Pi) ...
+    let out = run_cli(
+        &["user", "add", "known", "--db", &db, "--bcrypt-cost", "4"],
+        "password-one\n",
+    );
+    assert_exit(&out, 0, "user add at cost 4");
+    // ... served at a higher one.
+    let args: Vec<String> = [
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--db",
+        &db,
+        "--bcrypt-cost",
+        "8",
+        "--login-rate",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let srv = Server::spawn_raw(dir.path(), &args, &[]);
+    let attempt = |name: &str| {
+        let t = Instant::now();
+        let r = login_resp(&srv, name, "wrong-password");
+        let took = t.elapsed();
+        assert_error(&r, 401, "unauthorized");
+        took
+    };
+    attempt("known");
+    attempt("nobody_here");
+    let (mut known, mut unknown) = (Vec::new(), Vec::new());
+    for _ in 0..9 {
+        known.push(attempt("known"));
+        unknown.push(attempt("nobody_here"));
+    }
+    let (k, u) = (median(known), median(unknown));
+    eprintln!("median login: existing user {k:?}, unknown user {u:?}");
+    let (fast, slow) = if k < u { (k, u) } else { (u, k) };
+    assert!(
+        fast.as_secs_f64() >= 0.6 * slow.as_secs_f64(),
+        "existing user with a wrong password took {k:?}, unknown user {u:?}"
+    );
+    // A successful login re-hashes the password at the server's cost, keeping it.
+    login_pw(&srv, "known", "password-one");
+    let hash: String = open_db(&srv.db_path())
+        .query_row(
+            "SELECT password_hash FROM users WHERE username = 'known'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        hash.starts_with("$2b$08$"),
+        "re-hashed at cost 8: {}",
+        &hash[..7]
+    );
+    login_pw(&srv, "known", "password-one");
 }
 
 // ---------------------------------------------------------------------------------

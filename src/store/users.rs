@@ -401,6 +401,28 @@ impl Store {
         })
     }
 
+    /// Replaces a password hash with another of the same password (a new bcrypt cost)
+    /// unless the hash changed meanwhile. Logins stay valid: the password is the same.
+    pub fn rehash_password(&self, user_id: i64, old_hash: String, new_hash: String) -> Result<()> {
+        self.write(move |c| {
+            c.execute(
+                "UPDATE users SET password_hash = ?3 WHERE id = ?1 AND password_hash = ?2",
+                params![user_id, old_hash, new_hash],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The distinct first seven characters of the stored password hashes: with bcrypt,
+    /// `$2b$NN$`, which carries the cost.
+    pub fn password_hash_prefixes(&self) -> Result<Vec<String>> {
+        self.read(|c| {
+            let mut st = c.prepare("SELECT DISTINCT substr(password_hash, 1, 7) FROM users")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
     /// Sets a new password hash and revokes every login of the user.
     pub fn set_password(&self, user_id: i64, password_hash: String, now: String) -> Result<()> {
         self.write(move |c| {
