@@ -185,17 +185,20 @@ pub fn check_login_rate(app: &App, username: &str, ip: Option<&str>) -> Result<(
     })
 }
 
-/// Counts and audits a refused login (actor null, the attempted name as target).
+/// Counts and audits a refused login (actor null). The attempted name is chosen by
+/// whoever sent it: it becomes the target only if it is a valid username; otherwise
+/// the row keeps only its length, never the text (which may be 60 KB, or forge lines
+/// and carry terminal escapes into `parley audit`).
 fn login_failed(app: &App, username: &str, ip: Option<&str>, reason: &str) {
     inc(&METRICS.logins_failed);
-    audit(
-        app,
-        None,
-        "login_failed",
-        Some(username),
-        ip,
-        json!({ "reason": reason }),
-    );
+    let (target, detail) = if valid_username(username) {
+        (Some(username), json!({ "reason": reason }))
+    } else {
+        let size = username.len();
+        let detail = json!({ "reason": reason, "invalid_name": true, "name_bytes": size });
+        (None, detail)
+    };
+    audit(app, None, "login_failed", target, ip, detail);
 }
 
 /// `POST /api/login`: one 401 for unknown user and wrong password, taking the same time

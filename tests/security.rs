@@ -17,7 +17,7 @@ mod common;
 
 use common::*;
 use rusqlite::Connection;
-use serde_json::json;
+use serde_json::{json, Value};
 use sha2::Digest;
 use std::path::Path;
 use std::process::Output;
@@ -34,6 +34,20 @@ fn open_db(path: &Path) -> Connection {
     let c = Connection::open(path).expect("open the database file");
     c.busy_timeout(Duration::from_secs(5)).unwrap();
     c
+}
+
+/// Polls `f` until it returns `Some`, for up to 10 s (audit rows are written
+/// asynchronously, after the answer).
+#[track_caller]
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within 10 s");
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn ban_resp(srv: &Server, token: &str, user: &str) -> Resp {
@@ -412,6 +426,131 @@ fn login_timing_does_not_reveal_names_whose_hash_has_another_cost() {
         &hash[..7]
     );
     login_pw(&srv, "known", "password-one");
+}
+
+// ---------------------------------------------------------------------------------
+// 4. The audit trail and attacker-chosen names
+// ---------------------------------------------------------------------------------
+
+const FORGED: &str =
+    "x\n     1 2026-01-01T00:00:00Z login          actor=admin target=- forged line\x1b[31m";
+
+/// `(target, detail)` of every `login_failed` row, oldest first.
+fn failed_logins(db: &Path) -> Vec<(Option<String>, Value)> {
+    let c = open_db(db);
+    let mut st = c
+        .prepare("SELECT target, detail FROM audit_log WHERE action = 'login_failed' ORDER BY id")
+        .unwrap();
+    st.query_map([], |r| {
+        let detail: String = r.get(1)?;
+        Ok((r.get(0)?, serde_json::from_str(&detail).unwrap()))
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+#[test]
+fn only_valid_attempted_names_are_stored() {
+    let srv = start_unlimited(&[]);
+    let big = "n".repeat(60 * 1024);
+    for name in [FORGED, big.as_str(), "ghost"] {
+        assert_error(
+            &login_resp(&srv, name, "wrong-password"),
+            401,
+            "unauthorized",
+        );
+    }
+    let rows = eventually("three login_failed rows", || {
+        let rows = failed_logins(&srv.db_path());
+        (rows.len() == 3).then_some(rows)
+    });
+    for ((target, detail), name) in rows[..2].iter().zip([FORGED, &big]) {
+        assert_eq!(*target, None, "an invalid name is not stored as the target");
+        assert_eq!(detail["invalid_name"], true, "{detail}");
+        assert_eq!(detail["name_bytes"], name.len(), "{detail}");
+        assert!(
+            detail.to_string().len() < 200,
+            "detail stays small: {detail}"
+        );
+        assert!(!detail.to_string().contains("forged"), "{detail}");
+    }
+    assert_eq!(
+        rows[2].0.as_deref(),
+        Some("ghost"),
+        "a valid name is the target"
+    );
+    assert_eq!(rows[2].1["reason"], "bad credentials");
+}
+
+/// Whether `out` holds a C0 control other than newline, DEL, or a C1 control.
+fn has_raw_control(out: &str) -> bool {
+    out.chars().any(|c| c != '\n' && c.is_control())
+}
+
+/// `parley audit --limit 1000 EXTRA` on `db`: asserts success, one line per event
+/// (`rows`) and no raw control character; returns the output.
+#[track_caller]
+fn audit_output(db: &str, extra: &[&str], rows: i64) -> String {
+    let mut args = vec!["audit", "--limit", "1000", "--db", db];
+    args.extend_from_slice(extra);
+    let out = run_cli(&args, "");
+    assert_exit(&out, 0, &format!("parley {args:?}"));
+    let text = String::from_utf8(out.stdout).expect("UTF-8 output");
+    assert_eq!(
+        text.lines().count() as i64,
+        rows,
+        "one line per event:\n{text}"
+    );
+    assert!(
+        !has_raw_control(&text),
+        "no raw control character:\n{text:?}"
+    );
+    text
+}
+
+#[test]
+fn parley_audit_prints_one_line_per_event_and_no_control_characters() {
+    let srv = start_unlimited(&[]);
+    new_user(&srv, "alice");
+    assert_error(
+        &login_resp(&srv, FORGED, "wrong-password"),
+        401,
+        "unauthorized",
+    );
+    eventually("the login_failed row", || {
+        (failed_logins(&srv.db_path()).len() == 1).then_some(())
+    });
+    // A row as a database from before this fix holds (or as anyone able to write the
+    // file could plant): raw newline, ESC, DEL and a C1 CSI in text and detail.
+    let planted = "x\n  forged\x1b[31m\u{9b}31m\x7f";
+    let c = open_db(&srv.db_path());
+    c.execute(
+        "INSERT INTO audit_log(ts, actor, action, target, ip, detail, prev_hash, hash)
+         VALUES ('2026-01-01T00:00:00Z', ?1, 'login_failed', ?1, ?1, ?2, '', '')",
+        rusqlite::params![planted, json!({"reason": planted}).to_string()],
+    )
+    .unwrap();
+    let rows: i64 = c
+        .query_row("SELECT count(*) FROM audit_log", [], |r| r.get(0))
+        .unwrap();
+    let db = srv.db_path();
+    let db = db.to_str().unwrap();
+
+    let text = audit_output(db, &[], rows);
+    assert!(!text.contains('\u{1b}'));
+    assert!(
+        text.contains("forged"),
+        "the planted row is shown, escaped:\n{text}"
+    );
+    let text = audit_output(db, &["--json"], rows);
+    let events: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    // JSON consumers still get the exact stored text back.
+    assert_eq!(events[0]["target"], planted);
+    assert_eq!(events[0]["detail"]["reason"], planted);
 }
 
 // ---------------------------------------------------------------------------------
