@@ -19,8 +19,9 @@ use common::*;
 use rusqlite::Connection;
 use serde_json::{json, Value};
 use sha2::Digest;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Output;
+use std::process::{Command, Output, Stdio};
 use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -60,6 +61,14 @@ fn cli(dir: &Path, args: &[&str], stdin: &str) -> Output {
     let mut all = args.to_vec();
     all.extend(["--db", &db, "--bcrypt-cost", "4"]);
     run_cli(&all, stdin)
+}
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
 }
 
 // ---------------------------------------------------------------------------------
@@ -551,6 +560,79 @@ fn parley_audit_prints_one_line_per_event_and_no_control_characters() {
     // JSON consumers still get the exact stored text back.
     assert_eq!(events[0]["target"], planted);
     assert_eq!(events[0]["detail"]["reason"], planted);
+}
+
+// ---------------------------------------------------------------------------------
+// 5. Secrets at rest
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn a_backup_is_private_under_a_permissive_umask() {
+    let srv = start_unlimited(&[]);
+    new_user(&srv, "alice");
+    let out_dir = TempDir::new();
+    let copy = out_dir.path().join("copy.db");
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "umask 022 && exec \"$0\" \"$@\"", bin(), "backup"])
+        .arg(&copy)
+        .arg("--db")
+        .arg(srv.db_path())
+        .stdin(Stdio::null());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("PARLEY_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd.output().expect("run parley backup");
+    assert_exit(&out, 0, "backup");
+    assert_eq!(mode_of(&copy), 0o600, "the backup holds the signing key");
+    let n: i64 = open_db(&copy)
+        .query_row(
+            "SELECT count(*) FROM users WHERE username = 'alice'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 1, "the backup is complete");
+    // An existing file is never overwritten.
+    let out = run_cli(
+        &[
+            "backup",
+            copy.to_str().unwrap(),
+            "--db",
+            srv.db_path().to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_exit(&out, 1, "backup onto an existing file");
+}
+
+#[test]
+fn a_database_readable_by_others_is_made_private_when_opened() {
+    let dir = TempDir::new();
+    let mut srv = Server::start_in(dir.path(), &[]);
+    new_user(&srv, "alice");
+    // A crash leaves the -wal and -shm beside the file; then a careless restore.
+    srv.kill9();
+    let files: Vec<_> = ["chat.db", "chat.db-wal", "chat.db-shm"]
+        .iter()
+        .map(|f| dir.path().join(f))
+        .collect();
+    for f in &files {
+        assert!(f.exists(), "{} exists after kill -9", f.display());
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let srv = Server::start_in(dir.path(), &[]);
+    for f in &files {
+        assert_eq!(mode_of(f), 0o600, "{} is private again", f.display());
+    }
+    let log = eventually("a warning about the mode", || {
+        let log = srv.stderr_log();
+        (log.contains("0644") && log.contains("0600")).then_some(log)
+    });
+    assert!(log.contains("chat.db"), "the warning names the file: {log}");
+    // Nothing was lost.
+    login(&srv, "alice");
 }
 
 // ---------------------------------------------------------------------------------

@@ -64,9 +64,20 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating from `schema.sql` if missing) the database at `path`.
+    /// Opens (creating from `schema.sql` if missing) the database at `path`. An
+    /// existing file (or its `-wal` / `-shm`) that other users may access is made
+    /// private first, with a warning; one that cannot be is refused.
     pub fn open(path: &Path) -> Result<Store> {
-        create_private_file(path)?;
+        match create_private_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => make_private(path)?,
+            Err(e) => {
+                return Err(StoreError::Sqlite(format!(
+                    "cannot create {}: {e}",
+                    path.display()
+                )))
+            }
+        }
         let conn = open_connection(path)?;
         init_schema(&conn)?;
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -149,13 +160,24 @@ impl Store {
         })
     }
 
-    /// Writes a consistent copy of the live database to `dest` (`VACUUM INTO`).
+    /// Writes a consistent copy of the live database to `dest` (`VACUUM INTO`), which
+    /// must not exist. The copy holds the signing key and every password hash, so it
+    /// is created empty with mode 0600 first, whatever the umask: SQLite accepts an
+    /// empty file as the target and keeps its mode.
     pub fn backup(&self, dest: &Path) -> Result<()> {
-        if dest.exists() {
-            return Err(StoreError::Conflict(format!("{} exists", dest.display())));
+        create_private_file(dest).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                StoreError::Conflict(format!("{} exists", dest.display()))
+            }
+            _ => StoreError::Sqlite(format!("cannot create {}: {e}", dest.display())),
+        })?;
+        let target = dest.to_string_lossy().into_owned();
+        let result = self.read(move |c| c.execute("VACUUM INTO ?1", [target]).map(|_| ()));
+        if result.is_err() {
+            // Leave nothing half-written behind to be mistaken for a backup.
+            let _ = std::fs::remove_file(dest);
         }
-        let dest = dest.to_string_lossy().into_owned();
-        self.read(move |c| c.execute("VACUUM INTO ?1", [dest]).map(|_| ()))
+        result
     }
 
     /// Waits until every write queued so far is committed and its completion has run.
@@ -179,23 +201,50 @@ impl Store {
     }
 }
 
-/// Creates the file with mode 0600 if it does not exist: it holds the signing key and
-/// every private message.
-fn create_private_file(path: &Path) -> Result<()> {
+/// Creates an empty file with mode 0600 (fails if it exists): a database or a copy of
+/// one holds the signing key, the password hashes and every private message.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(StoreError::Sqlite(format!(
-            "cannot create {}: {e}",
-            path.display()
-        ))),
+        .map(|_| ())
+}
+
+/// Sets the database file and its `-wal` and `-shm` (when present) to mode 0600 if
+/// group or others may access them — say, after a restore with `cp` under a umask of
+/// 022 — and says so in the log. Fixing beats refusing to start; a file we cannot
+/// chmod (not ours) is refused, since serving it would keep the secrets readable.
+/// SQLite creates a missing `-wal` or `-shm` with the database file's mode.
+fn make_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let base = path.as_os_str();
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = base.to_os_string();
+        name.push(suffix);
+        let file = Path::new(&name);
+        let Ok(meta) = std::fs::metadata(file) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 == 0 {
+            continue;
+        }
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+            StoreError::Sqlite(format!(
+                "{} has mode {mode:04o} (other users may read it) and cannot be made 0600: {e}",
+                file.display()
+            ))
+        })?;
+        log::warn!(
+            "{} had mode {mode:04o}, so other users could read the signing key and password \
+             hashes in it; changed it to 0600",
+            file.display()
+        );
     }
+    Ok(())
 }
 
 fn open_connection(path: &Path) -> Result<Connection> {
