@@ -107,12 +107,15 @@ const COST_REREAD: Duration = Duration::from_secs(5);
 /// The cost of a bcrypt hash (`$2b$12$…` has 12), if it is one with a cost bcrypt
 /// accepts (4–31).
 fn hash_cost(hash: &str) -> Option<u32> {
-    match hash.as_bytes() {
-        [b'$', b'2', b'a' | b'b' | b'x' | b'y', b'$', d1 @ b'0'..=b'9', d2 @ b'0'..=b'9', b'$', ..] => {
-            Some(u32::from(d1 - b'0') * 10 + u32::from(d2 - b'0')).filter(|c| (4..=31).contains(c))
-        }
-        _ => None,
+    let [b'$', b'2', b'a' | b'b' | b'x' | b'y', b'$', tens, ones, b'$', ..] = *hash.as_bytes()
+    else {
+        return None;
+    };
+    if !(tens.is_ascii_digit() && ones.is_ascii_digit()) {
+        return None;
     }
+    let cost = u32::from(tens - b'0') * 10 + u32::from(ones - b'0');
+    (4..=31).contains(&cost).then_some(cost)
 }
 
 /// The highest cost among the stored password hashes (0 with no accounts).

@@ -68,15 +68,15 @@ impl Store {
     /// existing file (or its `-wal` / `-shm`) that other users may access is made
     /// private first, with a warning; one that cannot be is refused.
     pub fn open(path: &Path) -> Result<Store> {
+        // Checked even for a file just created: a stale -wal or -shm may sit beside it.
         match create_private_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => make_private(path)?,
-            Err(e) => {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
                 return Err(StoreError::Sqlite(format!(
                     "cannot create {}: {e}",
                     path.display()
                 )))
             }
+            _ => make_private(path)?,
         }
         let conn = open_connection(path)?;
         init_schema(&conn)?;
