@@ -1,8 +1,9 @@
--- parley database layout, schema version 1.
+-- parley database layout, schema version 2.
 --
 -- This file is the one source of the layout: the binary embeds it and applies it to a
--- new database on first start, then sets PRAGMA user_version = 1 so later versions
--- know what to migrate from. Times are RFC 3339 text in UTC unless a column says
+-- new database on first start, then sets PRAGMA user_version = 2 so later versions
+-- know what to migrate from. (Version 1 databases are upgraded in place on open; see
+-- `migrate_v1` in src/store/mod.rs.) Times are RFC 3339 text in UTC unless a column says
 -- otherwise, so the file reads well in `sqlite3`.
 
 -- Server-wide values, e.g. the JWT signing key (`jwt_key`, 32 random bytes).
@@ -11,12 +12,17 @@ CREATE TABLE settings (
     value BLOB NOT NULL
 );
 
+-- AUTOINCREMENT: an id is never given to a second account, even after rows were
+-- deleted by hand (with the sqlite3 shell's foreign keys off, a deleted user's roles,
+-- logins and messages stay behind under the old id). `stamp` is random per account;
+-- each login records it, and a login whose stamp is not its account's is dead.
 CREATE TABLE users (
-    id            INTEGER PRIMARY KEY,
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
     username      TEXT NOT NULL UNIQUE COLLATE NOCASE,
     password_hash TEXT NOT NULL,               -- bcrypt
     created_at    TEXT NOT NULL,
-    banned_at     TEXT                         -- non-null while the user is banned
+    banned_at     TEXT,                        -- non-null while the user is banned
+    stamp         TEXT NOT NULL                -- 16 random bytes, base64url
 );
 
 -- Roles and permissions are data, not code: the server asks "may this user do X?" by
@@ -42,14 +48,16 @@ CREATE TABLE user_roles (
 );
 
 -- One row per login: the `sid` claim of its access tokens. Revoking a session kills its
--- refresh tokens, its access tokens and its live sockets.
+-- refresh tokens, its access tokens and its live sockets. `user_stamp` is the account's
+-- stamp at login; the login counts only while it equals `users.stamp`.
 CREATE TABLE sessions (
     id             TEXT PRIMARY KEY,
     user_id        INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     created_at     TEXT NOT NULL,
     ip             TEXT,
     revoked_at     TEXT,
-    revoked_reason TEXT
+    revoked_reason TEXT,
+    user_stamp     TEXT
 );
 CREATE INDEX sessions_user ON sessions(user_id);
 

@@ -10,7 +10,7 @@ use crate::fanout::Target;
 use crate::metrics::{inc, METRICS};
 use crate::model::{DirectMessage, Message, Page, Room, User};
 use crate::store::audit::AuditEntry;
-use crate::store::users::RefreshOutcome;
+use crate::store::users::{RefreshOutcome, GUARD_PERMISSION};
 use crate::sync::lock;
 use serde::Serialize;
 use serde_json::json;
@@ -186,26 +186,32 @@ pub fn check_login_rate(app: &App, username: &str, ip: Option<&str>) -> Result<(
     })
 }
 
-/// Counts and audits a refused login (actor null, the attempted name as target).
+/// Counts and audits a refused login (actor null). The attempted name is chosen by
+/// whoever sent it: it becomes the target only if it is a valid username; otherwise
+/// the row keeps only its length, never the text (which may be 60 KB, or forge lines
+/// and carry terminal escapes into `parley audit`).
 fn login_failed(app: &App, username: &str, ip: Option<&str>, reason: &str) {
     inc(&METRICS.logins_failed);
-    audit(
-        app,
-        None,
-        "login_failed",
-        Some(username),
-        ip,
-        json!({ "reason": reason }),
-    );
+    let (target, detail) = if valid_username(username) {
+        (Some(username), json!({ "reason": reason }))
+    } else {
+        let size = username.len();
+        let detail = json!({ "reason": reason, "invalid_name": true, "name_bytes": size });
+        (None, detail)
+    };
+    audit(app, None, "login_failed", target, ip, detail);
 }
 
-/// `POST /api/login`: one 401 for unknown user and wrong password, taking the same time.
+/// `POST /api/login`: one 401 for unknown user and wrong password, taking the same time
+/// (see `auth`'s module doc); a password stored at another bcrypt cost than the
+/// configured one is re-hashed on success.
 pub fn login(
     app: &App,
     username: &str,
     password: &str,
     ip: Option<&str>,
 ) -> Result<TokenPair, ApiError> {
+    app.auth.watch_stored_costs(&app.store);
     let record = if valid_username(username) {
         app.store.user_by_name(username)?
     } else {
@@ -225,12 +231,16 @@ pub fn login(
         login_failed(app, &record.username, ip, "banned");
         return Err(AuthError::Banned.into());
     }
+    if let Some(hash) = app.auth.rehash_if_needed(&record.password_hash, password)? {
+        app.store
+            .rehash_password(record.id, record.password_hash.clone(), hash)?;
+    }
     let user = app.store.user(record.id)?;
     let sid = random_token();
     let refresh = random_token();
     let now = clock::now_unix();
     app.store.start_session(
-        user.id,
+        &record,
         sid.clone(),
         ip.map(str::to_owned),
         token_hash(&refresh),
@@ -522,7 +532,8 @@ fn find_user(app: &App, name: &str) -> Result<crate::store::users::UserRecord, A
 }
 
 /// Ban (`true`) or unban a user: needs `user.ban`. A ban revokes every login of the
-/// user and closes their live sockets with 4003.
+/// user and closes their live sockets with 4003; one that would leave no unbanned
+/// admin is refused with 409.
 pub fn set_banned(app: &App, actor: &Actor, username: &str, banned: bool) -> Result<(), ApiError> {
     require(app, actor, "user.ban", Some(username))?;
     let user = find_user(app, username)?;
@@ -530,7 +541,7 @@ pub fn set_banned(app: &App, actor: &Actor, username: &str, banned: bool) -> Res
         return Err(ApiError::conflict("you cannot ban yourself"));
     }
     app.store
-        .set_banned(user.id, banned, clock::now_rfc3339())?;
+        .set_banned(user.id, banned, GUARD_PERMISSION, clock::now_rfc3339())?;
     if banned {
         app.hub
             .close_user(user.id, crate::peer::close::REVOKED, "banned");
@@ -540,7 +551,8 @@ pub fn set_banned(app: &App, actor: &Actor, username: &str, banned: bool) -> Res
     Ok(())
 }
 
-/// Replaces a user's roles: needs `role.assign`; 409 if nobody could assign roles after.
+/// Replaces a user's roles: needs `role.assign`; 409 if no unbanned user could assign
+/// roles after.
 pub fn set_roles(
     app: &App,
     actor: &Actor,
@@ -551,7 +563,7 @@ pub fn set_roles(
     let user = find_user(app, username)?;
     let change = app
         .store
-        .set_roles(user.id, roles, "role.assign")
+        .set_roles(user.id, roles, GUARD_PERMISSION)
         .map_err(|e| match e {
             crate::store::StoreError::NotFound(what) => {
                 ApiError::bad_request(format!("unknown {what}"))

@@ -5,6 +5,25 @@
 //! tokens are checked for signature, algorithm and expiry here, and against the
 //! database's current sessions and bans in [`Auth::authenticate`]: the `roles` claim is
 //! informative only.
+//!
+//! # Login timing
+//!
+//! How long a refused login takes must not tell whether the name exists. bcrypt's work
+//! is 2^cost, and stored hashes may have several costs (`--bcrypt-cost` was changed,
+//! the CLI added an account with its own `--bcrypt-cost`), so every password check is
+//! made to cost 2^T, with the *target cost* T = the configured cost or the highest cost
+//! among stored hashes, whichever is higher. T is read from the users table at start,
+//! read again at most every 5 s while logins come in (accounts the CLI adds are seen
+//! within seconds), and raised at once when a login meets a costlier hash; it never
+//! falls while the server runs.
+//!
+//! - Unknown user: one dummy bcrypt at cost T.
+//! - Known user whose hash has cost c < T: the real verify, then dummy bcrypts at
+//!   c, c+1, …, T−1: 2^c + (2^T − 2^c) = 2^T in all.
+//!
+//! A successful login re-hashes a password whose cost is not the configured one (the
+//! password is at hand only then), so after a cost change the stored costs converge on
+//! the configured one, and T follows them down at the next start.
 
 use crate::config::Config;
 use crate::model::User;
@@ -16,6 +35,9 @@ use jwt_simple::prelude::{
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Why credentials were refused.
 #[derive(Debug, thiserror::Error)]
@@ -73,8 +95,42 @@ pub struct Auth {
     access_ttl: u64,
     refresh_ttl: u64,
     bcrypt_cost: u32,
-    /// Verified against when the user does not exist, so both failures cost the same.
-    dummy_hash: String,
+    /// The cost every password check is made to take (see the module doc).
+    target_cost: AtomicU32,
+    /// When the stored hashes' costs were last read.
+    costs_read_at: Mutex<Instant>,
+}
+
+/// How often logins read the stored hashes' costs again.
+const COST_REREAD: Duration = Duration::from_secs(5);
+
+/// The cost of a bcrypt hash (`$2b$12$…` has 12), if it is one with a cost bcrypt
+/// accepts (4–31).
+fn hash_cost(hash: &str) -> Option<u32> {
+    let [b'$', b'2', b'a' | b'b' | b'x' | b'y', b'$', tens, ones, b'$', ..] = *hash.as_bytes()
+    else {
+        return None;
+    };
+    if !(tens.is_ascii_digit() && ones.is_ascii_digit()) {
+        return None;
+    }
+    let cost = u32::from(tens - b'0') * 10 + u32::from(ones - b'0');
+    (4..=31).contains(&cost).then_some(cost)
+}
+
+/// The highest cost among the stored password hashes (0 with no accounts).
+fn stored_cost(store: &Store) -> Result<u32, AuthError> {
+    let prefixes = store.password_hash_prefixes()?;
+    Ok(prefixes
+        .iter()
+        .filter_map(|h| hash_cost(h))
+        .max()
+        .unwrap_or(0))
+}
+
+/// bcrypt work of `cost` with nothing to compare: the same computation `verify` does.
+fn spend(cost: u32) {
+    let _ = bcrypt::hash_with_salt("parley timing equaliser", cost, [0x5a; 16]);
 }
 
 /// Random bytes from the OS, base64url without padding.
@@ -112,14 +168,13 @@ impl Auth {
                 store.setting_or_insert("jwt_key", fresh)?
             }
         };
-        let dummy_hash = bcrypt::hash("parley timing equaliser", cfg.bcrypt_cost)
-            .map_err(|e| AuthError::Hash(e.to_string()))?;
         Ok(Auth {
             key: HS256Key::from_bytes(&key),
             access_ttl: cfg.access_ttl,
             refresh_ttl: cfg.refresh_ttl,
             bcrypt_cost: cfg.bcrypt_cost,
-            dummy_hash,
+            target_cost: AtomicU32::new(cfg.bcrypt_cost.max(stored_cost(store)?)),
+            costs_read_at: Mutex::new(Instant::now()),
         })
     }
 
@@ -138,11 +193,63 @@ impl Auth {
         hash_password(password, self.bcrypt_cost)
     }
 
-    /// Checks a password against `hash`, or against a dummy hash when the user is
-    /// unknown, so that both failures take the same time.
+    /// Raises the target cost to the costliest stored hash, reading the hashes again
+    /// if the last read is [`COST_REREAD`] old; call before checking a password. A
+    /// failed read keeps the current target.
+    pub fn watch_stored_costs(&self, store: &Store) {
+        let due = match self.costs_read_at.try_lock() {
+            Ok(mut at) if at.elapsed() >= COST_REREAD => {
+                *at = Instant::now();
+                true
+            }
+            // Read recently, or another login is reading right now.
+            _ => false,
+        };
+        if due {
+            match stored_cost(store) {
+                Ok(c) => self.raise_target(c),
+                Err(e) => log::warn!("reading stored password costs: {e}"),
+            }
+        }
+    }
+
+    fn raise_target(&self, cost: u32) {
+        self.target_cost.fetch_max(cost, Ordering::Relaxed);
+    }
+
+    /// Checks a password against `hash` (`None`: the user is unknown), spending bcrypt
+    /// work of the target cost whatever the stored hash's cost, so that no failure
+    /// takes a telling time (see the module doc).
     pub fn verify_password(&self, hash: Option<&str>, password: &str) -> bool {
-        let ok = bcrypt::verify(password, hash.unwrap_or(&self.dummy_hash)).unwrap_or(false);
-        ok && hash.is_some()
+        let target = self.target_cost.load(Ordering::Relaxed);
+        let Some(hash) = hash else {
+            spend(target);
+            return false;
+        };
+        // A hash bcrypt cannot parse cost nothing to check; spend as for no user.
+        let (ok, spent) = match bcrypt::verify(password, hash) {
+            Ok(ok) => (ok, hash_cost(hash)),
+            Err(_) => (false, None),
+        };
+        match spent {
+            Some(c) if c >= target => self.raise_target(c),
+            Some(c) => (c..target).for_each(spend),
+            None => spend(target),
+        }
+        ok
+    }
+
+    /// After a successful login: a new hash of `password` at the configured cost if
+    /// the stored `hash` has another cost, else `None`.
+    pub fn rehash_if_needed(
+        &self,
+        hash: &str,
+        password: &str,
+    ) -> Result<Option<String>, AuthError> {
+        if hash_cost(hash) == Some(self.bcrypt_cost) {
+            return Ok(None);
+        }
+        self.hash_password(password).map(Some)
     }
 
     /// Signs an access token for `user` in login `sid`; returns it with its expiry.
@@ -193,7 +300,9 @@ impl Auth {
 
     /// Full check of an access token: valid signature and expiry (else 401), user not
     /// banned (else 403, so every token of a banned user answers 403), login not
-    /// revoked (else 401: tokens from before a ban stay dead after the unban).
+    /// revoked (else 401: tokens from before a ban stay dead after the unban) and made
+    /// for this very account (else 401: an account that somehow got a deleted user's
+    /// id does not inherit the deleted user's logins; the stamps differ).
     pub fn authenticate(&self, store: &Store, token: &str) -> Result<Identity, AuthError> {
         let id = self.decode_access(token)?;
         let user = store.user_by_id(id.user_id)?.ok_or(AuthError::Revoked)?;
@@ -201,7 +310,7 @@ impl Auth {
             return Err(AuthError::Banned);
         }
         match store.session(&id.sid)? {
-            Some(s) if s.user_id == id.user_id && !s.revoked => Ok(Identity {
+            Some(s) if s.user_id == id.user_id && !s.revoked && s.current => Ok(Identity {
                 username: user.username,
                 ..id
             }),
@@ -269,6 +378,41 @@ mod tests {
         drop(store);
         let store = Store::open(&dir.join("k.db")).unwrap();
         assert!(Auth::new(&store, &cfg).unwrap().decode_access(&t).is_ok());
+    }
+
+    #[test]
+    fn hash_costs_are_read_from_the_prefix() {
+        let h = hash_password("hunter22", 5).unwrap();
+        assert_eq!(hash_cost(&h), Some(5));
+        assert_eq!(hash_cost("$2y$12$"), Some(12));
+        assert_eq!(hash_cost("$2a$31$rest"), Some(31));
+        for bad in [
+            "", "$2b$", "$2b$3$x", "$2b$03$x", "$2b$32$x", "$2c$10$x", "$2b$+1$x",
+        ] {
+            assert_eq!(hash_cost(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn target_cost_covers_the_costliest_stored_hash() {
+        let (a, s) = auth();
+        assert_eq!(a.target_cost.load(Ordering::Relaxed), 4);
+        let h = hash_password("hunter22", 6).unwrap();
+        s.create_user("ann", h.clone(), None, crate::clock::now_rfc3339())
+            .unwrap();
+        let cfg = Config {
+            bcrypt_cost: 4,
+            ..Config::default()
+        };
+        let b = Auth::new(&s, &cfg).unwrap();
+        assert_eq!(b.target_cost.load(Ordering::Relaxed), 6);
+        // A costlier hash met at login raises the target at once.
+        assert!(a.verify_password(Some(&h), "hunter22"));
+        assert_eq!(a.target_cost.load(Ordering::Relaxed), 6);
+        // Only a hash of another cost than the configured one is redone.
+        assert!(a.rehash_if_needed(&h, "hunter22").unwrap().is_some());
+        let h4 = a.hash_password("hunter22").unwrap();
+        assert!(a.rehash_if_needed(&h4, "hunter22").unwrap().is_none());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use crate::config::{Config, Registration};
 use crate::store::audit::AuditEntry;
-use crate::store::users::UserRecord;
+use crate::store::users::{UserRecord, GUARD_PERMISSION};
 use crate::store::{Store, StoreError};
 use clap::{Args, Parser, Subcommand};
 use std::io::BufRead;
@@ -317,7 +317,7 @@ fn user_on(store: &Store, cfg: &Config, action: UserCommand) -> Result<(), CliEr
         UserCommand::Role { name, roles } => {
             let user = existing_user(store, &name)?;
             let change = store
-                .set_roles(user.id, roles, "role.assign")
+                .set_roles(user.id, roles, GUARD_PERMISSION)
                 .map_err(unknown_is_usage)?;
             cli_audit(
                 store,
@@ -352,7 +352,12 @@ fn user_on(store: &Store, cfg: &Config, action: UserCommand) -> Result<(), CliEr
 fn ban(store: &Store, name: &str, banned: bool) -> Result<(), CliError> {
     let user = existing_user(store, name)?;
     store
-        .set_banned(user.id, banned, crate::clock::now_rfc3339())
+        .set_banned(
+            user.id,
+            banned,
+            GUARD_PERMISSION,
+            crate::clock::now_rfc3339(),
+        )
         .map_err(failed)?;
     let action = if banned { "ban" } else { "unban" };
     cli_audit(store, action, &user.username, serde_json::json!({}));
@@ -376,21 +381,72 @@ fn audit(cfg: &Config, limit: u32, json: bool, verify: bool) -> Result<(), CliEr
         .map_err(failed)?
     {
         if json {
-            println!("{}", serde_json::to_string(&e).map_err(failed)?);
+            let line = serde_json::to_string(&e).map_err(failed)?;
+            println!("{}", escape_unseen(&line, Escape::Json));
         } else {
+            fn text(s: &str) -> std::borrow::Cow<'_, str> {
+                escape_unseen(s, Escape::Text)
+            }
             println!(
                 "{:>6} {} {:<14} actor={} target={} ip={} {}",
                 e.id,
-                e.ts,
-                e.action,
-                e.actor.as_deref().unwrap_or("-"),
-                e.target.as_deref().unwrap_or("-"),
-                e.ip.as_deref().unwrap_or("-"),
-                e.detail
+                text(&e.ts),
+                text(&e.action),
+                text(e.actor.as_deref().unwrap_or("-")),
+                text(e.target.as_deref().unwrap_or("-")),
+                text(e.ip.as_deref().unwrap_or("-")),
+                text(&e.detail.to_string())
             );
         }
     }
     Ok(())
+}
+
+/// How [`escape_unseen`] writes a character.
+#[derive(Clone, Copy)]
+enum Escape {
+    /// Rust style, `\u{1b}`: for the text listing, meant for eyes. A backslash is
+    /// left as it is, so the escaped form is for reading; `--json` gives exact text.
+    Text,
+    /// JSON's own `\u009b`, which every JSON parser decodes back to the character.
+    Json,
+}
+
+/// Whether printing `c` raw could forge or hide output: control characters (C0, DEL
+/// and C1: newlines, terminal escape sequences) and the invisible characters that
+/// break lines or reorder text (U+2028, U+2029, bidirectional controls).
+fn unseen(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}')
+        || ('\u{202a}'..='\u{202e}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
+}
+
+/// `s` with every [`unseen`] character escaped, so one audit event is always one line
+/// and nothing in it reaches the terminal as a control sequence. Audit fields hold
+/// text chosen by others (attempted names before they were checked, rows written by
+/// anyone able to write the file). In JSON the characters can only stand inside
+/// strings (serde_json already escapes C0 but passes DEL, C1 and the rest through),
+/// so escaping them there keeps every line valid JSON of the same value.
+fn escape_unseen(s: &str, how: Escape) -> std::borrow::Cow<'_, str> {
+    use std::fmt::Write;
+    if !s.chars().any(unseen) {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if !unseen(c) {
+            out.push(c);
+            continue;
+        }
+        let code = u32::from(c);
+        let _ = match how {
+            Escape::Text => write!(out, "\\u{{{code:x}}}"),
+            // Every unseen character is in the Basic Multilingual Plane: four digits.
+            Escape::Json => write!(out, "\\u{code:04x}"),
+        };
+    }
+    out.into()
 }
 
 /// One line from stdin, without its trailing newline.
@@ -402,4 +458,28 @@ fn read_password() -> Result<String, CliError> {
         .map_err(failed)?;
     let trimmed = line.strip_suffix('\n').unwrap_or(&line);
     Ok(trimmed.strip_suffix('\r').unwrap_or(trimmed).to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unseen_characters_are_escaped() {
+        let raw = "a\nb\x1b[31m\x7f\u{9b}c\u{202e}d\u{2028}é";
+        assert_eq!(
+            escape_unseen(raw, Escape::Text),
+            "a\\u{a}b\\u{1b}[31m\\u{7f}\\u{9b}c\\u{202e}d\\u{2028}é"
+        );
+        assert!(matches!(
+            escape_unseen("plain é", Escape::Text),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        // JSON lines stay valid JSON of the same value.
+        let line = serde_json::to_string(&serde_json::json!({ "t": raw })).unwrap();
+        let escaped = escape_unseen(&line, Escape::Json);
+        assert!(!escaped.chars().any(unseen), "{escaped}");
+        let back: serde_json::Value = serde_json::from_str(&escaped).unwrap();
+        assert_eq!(back["t"], raw);
+    }
 }

@@ -17,7 +17,7 @@ pub mod writer;
 
 use crate::service::Periodic;
 use crate::sync::lock;
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -25,8 +25,9 @@ use writer::Writer;
 
 /// The database layout; see `schema.sql` at the top of the repository.
 pub const SCHEMA: &str = include_str!("../../schema.sql");
-/// The `PRAGMA user_version` this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The `PRAGMA user_version` this build writes and understands (older parley versions
+/// are upgraded on open).
+pub const SCHEMA_VERSION: i64 = 2;
 /// Read connections kept open for reuse.
 const READ_POOL: usize = 8;
 
@@ -78,9 +79,20 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating from `schema.sql` if missing) the database at `path`.
+    /// Opens (creating from `schema.sql` if missing) the database at `path`. An
+    /// existing file (or its `-wal` / `-shm`) that other users may access is made
+    /// private first, with a warning; one that cannot be is refused.
     pub fn open(path: &Path) -> Result<Store> {
-        create_private_file(path)?;
+        // Checked even for a file just created: a stale -wal or -shm may sit beside it.
+        match create_private_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(StoreError::Sqlite(format!(
+                    "cannot create {}: {e}",
+                    path.display()
+                )))
+            }
+            _ => make_private(path)?,
+        }
         let conn = open_connection(path)?;
         init_schema(&conn)?;
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -161,13 +173,24 @@ impl Store {
         })
     }
 
-    /// Writes a consistent copy of the live database to `dest` (`VACUUM INTO`).
+    /// Writes a consistent copy of the live database to `dest` (`VACUUM INTO`), which
+    /// must not exist. The copy holds the signing key and every password hash, so it
+    /// is created empty with mode 0600 first, whatever the umask: SQLite accepts an
+    /// empty file as the target and keeps its mode.
     pub fn backup(&self, dest: &Path) -> Result<()> {
-        if dest.exists() {
-            return Err(StoreError::Conflict(format!("{} exists", dest.display())));
+        create_private_file(dest).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                StoreError::Conflict(format!("{} exists", dest.display()))
+            }
+            _ => StoreError::Sqlite(format!("cannot create {}: {e}", dest.display())),
+        })?;
+        let target = dest.to_string_lossy().into_owned();
+        let result = self.read(move |c| c.execute("VACUUM INTO ?1", [target]).map(|_| ()));
+        if result.is_err() {
+            // Leave nothing half-written behind to be mistaken for a backup.
+            let _ = std::fs::remove_file(dest);
         }
-        let dest = dest.to_string_lossy().into_owned();
-        self.read(move |c| c.execute("VACUUM INTO ?1", [dest]).map(|_| ()))
+        result
     }
 
     /// Waits until every write queued so far is committed and its completion has run.
@@ -187,23 +210,50 @@ impl Store {
     }
 }
 
-/// Creates the file with mode 0600 if it does not exist: it holds the signing key and
-/// every private message.
-fn create_private_file(path: &Path) -> Result<()> {
+/// Creates an empty file with mode 0600 (fails if it exists): a database or a copy of
+/// one holds the signing key, the password hashes and every private message.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(StoreError::Sqlite(format!(
-            "cannot create {}: {e}",
-            path.display()
-        ))),
+        .map(|_| ())
+}
+
+/// Sets the database file and its `-wal` and `-shm` (when present) to mode 0600 if
+/// group or others may access them — say, after a restore with `cp` under a umask of
+/// 022 — and says so in the log. Fixing beats refusing to start; a file we cannot
+/// chmod (not ours) is refused, since serving it would keep the secrets readable.
+/// SQLite creates a missing `-wal` or `-shm` with the database file's mode.
+fn make_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let base = path.as_os_str();
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = base.to_os_string();
+        name.push(suffix);
+        let file = Path::new(&name);
+        let Ok(meta) = std::fs::metadata(file) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 == 0 {
+            continue;
+        }
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+            StoreError::Sqlite(format!(
+                "{} has mode {mode:04o} (other users may read it) and cannot be made 0600: {e}",
+                file.display()
+            ))
+        })?;
+        log::warn!(
+            "{} had mode {mode:04o}, so other users could read the signing key and password \
+             hashes in it; changed it to 0600",
+            file.display()
+        );
     }
+    Ok(())
 }
 
 fn open_connection(path: &Path) -> Result<Connection> {
@@ -218,29 +268,148 @@ fn open_connection(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-/// Applies `schema.sql` to an empty database, or checks the version of an existing one.
+/// Applies `schema.sql` to an empty database, upgrades an older parley layout, or
+/// checks the version of a current one.
 fn init_schema(conn: &Connection) -> Result<()> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    match version {
+    match user_version(conn)? {
+        SCHEMA_VERSION => return Ok(()),
+        v if v > SCHEMA_VERSION => return Err(newer_version(v)),
+        _ => {}
+    }
+    // Rebuilding `users` needs foreign-key enforcement off (dropping the old table
+    // would otherwise cascade into every table that refers to it), and SQLite ignores
+    // this pragma inside a transaction. `migrate_v1` checks the keys itself.
+    conn.pragma_update(None, "foreign_keys", false)?;
+    let result = create_or_upgrade(conn);
+    conn.pragma_update(None, "foreign_keys", true)?;
+    result
+}
+
+fn user_version(conn: &Connection) -> Result<i64> {
+    Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+}
+
+fn newer_version(v: i64) -> StoreError {
+    StoreError::Conflict(format!(
+        "database schema version {v} is newer than this build understands ({SCHEMA_VERSION})"
+    ))
+}
+
+/// Creates or upgrades the layout in one transaction. IMMEDIATE takes the write lock
+/// before the version is read again, so a second process opening the same file at
+/// the same moment (a CLI command beside a starting server) waits and then finds the
+/// work done instead of doing it twice.
+fn create_or_upgrade(conn: &Connection) -> Result<()> {
+    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    match user_version(&tx)? {
         0 => {
             let tables: i64 =
-                conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+                tx.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
             if tables > 0 {
                 return Err(StoreError::Conflict(
                     "the file is an SQLite database but not a parley one".into(),
                 ));
             }
-            let script =
-                format!("BEGIN; {SCHEMA}\n; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;");
-            conn.execute_batch(&script)?;
+            tx.execute_batch(SCHEMA)?;
             log::info!("created a new database (schema version {SCHEMA_VERSION})");
-            Ok(())
         }
-        SCHEMA_VERSION => Ok(()),
-        v => Err(StoreError::Conflict(format!(
-            "database schema version {v} is newer than this build understands ({SCHEMA_VERSION})"
-        ))),
+        1 => {
+            migrate_v1(&tx)?;
+            log::info!("upgraded the database from schema version 1 to {SCHEMA_VERSION}");
+        }
+        SCHEMA_VERSION => return Ok(()),
+        v => return Err(newer_version(v)),
     }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    Ok(tx.commit()?)
+}
+
+/// Schema 1 to 2, inside the caller's transaction with foreign keys off: `users` gets
+/// AUTOINCREMENT (so an id is never given to a second account) and a random `stamp`
+/// per account, and `sessions` records the stamp of the account each login was made
+/// for. This is SQLite's documented way to change a table's definition: create the
+/// new table, copy, drop, rename, then check the foreign keys.
+fn migrate_v1(c: &Connection) -> Result<()> {
+    // Rows left behind by a user deleted in the sqlite3 shell already break foreign
+    // keys; the upgrade must not add to them, and it keeps them (they are data).
+    let broken_before = foreign_key_violations(c)?;
+    c.execute_batch(
+        "CREATE TABLE users_v2 (
+             id            INTEGER PRIMARY KEY AUTOINCREMENT,
+             username      TEXT NOT NULL UNIQUE COLLATE NOCASE,
+             password_hash TEXT NOT NULL,
+             created_at    TEXT NOT NULL,
+             banned_at     TEXT,
+             stamp         TEXT NOT NULL
+         );
+         INSERT INTO users_v2(id, username, password_hash, created_at, banned_at, stamp)
+             SELECT id, username, password_hash, created_at, banned_at, '' FROM users;
+         DROP TABLE users;
+         ALTER TABLE users_v2 RENAME TO users;
+         ALTER TABLE sessions ADD COLUMN user_stamp TEXT;",
+    )?;
+    let ids = c
+        .prepare("SELECT id FROM users")?
+        .query_map([], |r| r.get::<_, i64>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut set_stamp = c.prepare("UPDATE users SET stamp = ?2 WHERE id = ?1")?;
+    for id in ids {
+        set_stamp.execute(rusqlite::params![id, users::new_stamp()])?;
+    }
+    // Logins of existing accounts survive the upgrade; those of deleted ones get NULL,
+    // which never matches a stamp.
+    c.execute(
+        "UPDATE sessions SET user_stamp = (SELECT stamp FROM users WHERE id = sessions.user_id)",
+        [],
+    )?;
+    // The next id must be above every user id any row still mentions, not only the
+    // rows of `users`: the orphans of a deleted account must never find a new owner.
+    let highest: i64 = c.query_row(
+        "SELECT coalesce(max(id), 0) FROM (
+             SELECT max(id) AS id FROM users
+             UNION ALL SELECT max(user_id) FROM user_roles
+             UNION ALL SELECT max(user_id) FROM sessions
+             UNION ALL SELECT max(user_id) FROM messages
+             UNION ALL SELECT max(deleted_by) FROM messages
+             UNION ALL SELECT max(from_id) FROM direct_messages
+             UNION ALL SELECT max(to_id) FROM direct_messages
+             UNION ALL SELECT max(created_by) FROM rooms)",
+        [],
+        |r| r.get(0),
+    )?;
+    let seeded = c.execute(
+        "UPDATE sqlite_sequence SET seq = max(seq, ?1) WHERE name = 'users'",
+        [highest],
+    )?;
+    if seeded == 0 {
+        c.execute(
+            "INSERT INTO sqlite_sequence(name, seq) VALUES ('users', ?1)",
+            [highest],
+        )?;
+    }
+    let broken_after = foreign_key_violations(c)?;
+    if let Some(v) = broken_after.iter().find(|v| !broken_before.contains(v)) {
+        return Err(StoreError::Sqlite(format!(
+            "upgrade aborted: it would break a foreign key ({v:?})"
+        )));
+    }
+    if !broken_before.is_empty() {
+        log::warn!(
+            "{} rows refer to users deleted outside parley; they are kept, and their ids \
+             will never be given to a new account",
+            broken_before.len()
+        );
+    }
+    Ok(())
+}
+
+/// `PRAGMA foreign_key_check`: (table, rowid, parent table, key index) per broken row.
+type Violation = (String, Option<i64>, String, i64);
+
+fn foreign_key_violations(c: &Connection) -> Result<Vec<Violation>> {
+    let mut st = c.prepare("PRAGMA foreign_key_check")?;
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
 
 /// Checkpoints the WAL from its own thread, so no commit pays for a checkpoint.

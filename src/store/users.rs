@@ -17,6 +17,9 @@ pub struct UserRecord {
     pub created_at: String,
     /// Whether the user is banned now.
     pub banned: bool,
+    /// Random per account; a login records it and is valid only while it matches, so
+    /// no other account can ever inherit the login, whatever its id.
+    pub stamp: String,
 }
 
 /// A login's state.
@@ -26,6 +29,10 @@ pub struct SessionRecord {
     pub user_id: i64,
     /// Whether it has been revoked (logout, reuse, ban, password change).
     pub revoked: bool,
+    /// Whether it belongs to the account that holds `user_id` now (the stamps agree).
+    /// False for a login of an account deleted outside parley, and for logins that
+    /// predate the stamps but had no account when the database was upgraded.
+    pub current: bool,
 }
 
 /// What presenting a refresh token led to.
@@ -49,7 +56,17 @@ pub enum RefreshOutcome {
     Invalid,
 }
 
-const USER_COLUMNS: &str = "id, username, password_hash, created_at, banned_at IS NOT NULL";
+const USER_COLUMNS: &str = "id, username, password_hash, created_at, banned_at IS NOT NULL, stamp";
+
+/// SQL (over `sessions s`): whether the login was made for the account that holds its
+/// `user_id` now. NULL stamps (a missing account, an orphan login) are never current.
+const SESSION_CURRENT: &str =
+    "coalesce(s.user_stamp = (SELECT stamp FROM users WHERE id = s.user_id), 0)";
+
+/// A new account stamp: 16 random bytes, base64url.
+pub(super) fn new_stamp() -> String {
+    crate::auth::random_token_bytes(16)
+}
 
 fn user_record(r: &Row<'_>) -> rusqlite::Result<UserRecord> {
     Ok(UserRecord {
@@ -58,6 +75,7 @@ fn user_record(r: &Row<'_>) -> rusqlite::Result<UserRecord> {
         password_hash: r.get(2)?,
         created_at: r.get(3)?,
         banned: r.get(4)?,
+        stamp: r.get(5)?,
     })
 }
 
@@ -146,8 +164,9 @@ impl Store {
                 return Err(StoreError::NotFound(format!("role {role:?}")));
             }
             c.execute(
-                "INSERT INTO users(username, password_hash, created_at) VALUES (?1, ?2, ?3)",
-                params![username, password_hash, created_at],
+                "INSERT INTO users(username, password_hash, created_at, stamp)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![username, password_hash, created_at, new_stamp()],
             )?;
             let id = c.last_insert_rowid();
             c.execute(
@@ -170,20 +189,23 @@ impl Store {
         })
     }
 
-    /// Records a new login with its first refresh token.
+    /// Records a new login of `user` (bound to the stamp the account had when its
+    /// password was checked) with its first refresh token.
     pub fn start_session(
         &self,
-        user_id: i64,
+        user: &UserRecord,
         sid: String,
         ip: Option<String>,
         refresh_hash: String,
         refresh_expires_at: u64,
         now: String,
     ) -> Result<()> {
+        let (user_id, stamp) = (user.id, user.stamp.clone());
         self.write(move |c| {
             c.execute(
-                "INSERT INTO sessions(id, user_id, created_at, ip) VALUES (?1, ?2, ?3, ?4)",
-                params![sid, user_id, now, ip],
+                "INSERT INTO sessions(id, user_id, created_at, ip, user_stamp)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![sid, user_id, now, ip, stamp],
             )?;
             c.execute(
                 "INSERT INTO refresh_tokens(token_hash, session_id, issued_at, expires_at)
@@ -194,17 +216,21 @@ impl Store {
         })
     }
 
-    /// A login's owner and whether it is revoked.
+    /// A login's owner, whether it is revoked, and whether it is its account's.
     pub fn session(&self, sid: &str) -> Result<Option<SessionRecord>> {
         self.read(|c| {
-            c.prepare_cached("SELECT user_id, revoked_at IS NOT NULL FROM sessions WHERE id = ?1")?
-                .query_row([sid], |r| {
-                    Ok(SessionRecord {
-                        user_id: r.get(0)?,
-                        revoked: r.get(1)?,
-                    })
+            c.prepare_cached(&format!(
+                "SELECT s.user_id, s.revoked_at IS NOT NULL, {SESSION_CURRENT}
+                   FROM sessions s WHERE s.id = ?1"
+            ))?
+            .query_row([sid], |r| {
+                Ok(SessionRecord {
+                    user_id: r.get(0)?,
+                    revoked: r.get(1)?,
+                    current: r.get(2)?,
                 })
-                .optional()
+            })
+            .optional()
         })
     }
 
@@ -223,7 +249,8 @@ impl Store {
 
     /// Uses a refresh token: retires it and stores `new_hash` in its place, or, if it was
     /// already retired, revokes its whole login. One transaction, so two racing
-    /// refreshes with the same token cannot both succeed.
+    /// refreshes with the same token cannot both succeed. A token of a login that is
+    /// not its account's (see [`SessionRecord::current`]) is invalid.
     pub fn rotate_refresh(
         &self,
         old_hash: String,
@@ -235,18 +262,20 @@ impl Store {
         self.write(move |c| {
             let row: Option<(String, i64, i64, bool, bool)> = c
                 .query_row(
-                    "SELECT t.session_id, s.user_id, t.expires_at, t.used_at IS NOT NULL,
-                            s.revoked_at IS NOT NULL
-                       FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
-                      WHERE t.token_hash = ?1",
+                    &format!(
+                        "SELECT t.session_id, s.user_id, t.expires_at, t.used_at IS NOT NULL,
+                                s.revoked_at IS NOT NULL OR NOT {SESSION_CURRENT}
+                           FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
+                          WHERE t.token_hash = ?1"
+                    ),
                     [&old_hash],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
                 )
                 .optional()?;
-            let Some((sid, user_id, expires_at, used, revoked)) = row else {
+            let Some((sid, user_id, expires_at, used, dead)) = row else {
                 return Ok(RefreshOutcome::Invalid);
             };
-            if revoked {
+            if dead {
                 return Ok(RefreshOutcome::Invalid);
             }
             if used {
@@ -289,6 +318,10 @@ fn revoke_session_in(c: &Connection, sid: &str, reason: &str, now: &str) -> Resu
     Ok(n > 0)
 }
 
+/// The permission that must always keep an unbanned holder: whoever holds it can
+/// assign roles and so repair everything else (the PROTOCOL's "last admin" rule).
+pub const GUARD_PERMISSION: &str = "role.assign";
+
 /// A role change as it was applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoleChange {
@@ -300,28 +333,40 @@ pub struct RoleChange {
 
 impl Store {
     /// Bans or unbans a user. Banning also revokes every login of the user, so tokens
-    /// issued before the ban stay dead after an unban. Returns whether anything changed.
-    pub fn set_banned(&self, user_id: i64, banned: bool, now: String) -> Result<bool> {
+    /// issued before the ban stay dead after an unban. A ban that would leave no
+    /// unbanned holder of `guard_permission` (the permission to assign roles) is
+    /// refused (conflict): nobody could unban anyone then. The check and the change are
+    /// one writer job, so two admins banning each other at once cannot both succeed.
+    /// Returns whether anything changed.
+    pub fn set_banned(
+        &self,
+        user_id: i64,
+        banned: bool,
+        guard_permission: &'static str,
+        now: String,
+    ) -> Result<bool> {
         self.write(move |c| {
-            let n = if banned {
+            if !banned {
                 let n = c.execute(
-                    "UPDATE users SET banned_at = ?2 WHERE id = ?1 AND banned_at IS NULL",
-                    params![user_id, now],
-                )?;
-                revoke_user_sessions_in(c, user_id, "ban", &now)?;
-                n
-            } else {
-                c.execute(
                     "UPDATE users SET banned_at = NULL WHERE id = ?1 AND banned_at IS NOT NULL",
                     [user_id],
-                )?
-            };
+                )?;
+                return Ok(n > 0);
+            }
+            let before = guard_holders(c, guard_permission)?;
+            let n = c.execute(
+                "UPDATE users SET banned_at = ?2 WHERE id = ?1 AND banned_at IS NULL",
+                params![user_id, now],
+            )?;
+            keep_a_guard_holder(c, guard_permission, before)?;
+            revoke_user_sessions_in(c, user_id, "ban", &now)?;
             Ok(n > 0)
         })
     }
 
-    /// Replaces a user's roles. Refuses (conflict) a change that would leave nobody
-    /// holding `guard_permission` (the permission to assign roles), and unknown roles.
+    /// Replaces a user's roles. Refuses (conflict) a change that would leave no
+    /// unbanned user holding `guard_permission` (the permission to assign roles), and
+    /// unknown roles (not found).
     pub fn set_roles(
         &self,
         user_id: i64,
@@ -340,6 +385,7 @@ impl Store {
                     return Err(StoreError::NotFound(format!("role {r:?}")));
                 }
             }
+            let before = guard_holders(c, guard_permission)?;
             c.execute("DELETE FROM user_roles WHERE user_id = ?1", [user_id])?;
             for r in &roles {
                 c.execute(
@@ -347,21 +393,33 @@ impl Store {
                     params![user_id, r],
                 )?;
             }
-            let holders: i64 = c.query_row(
-                "SELECT count(DISTINCT ur.user_id) FROM user_roles ur
-                   JOIN role_permissions rp ON rp.role = ur.role WHERE rp.permission = ?1",
-                [guard_permission],
-                |x| x.get(0),
-            )?;
-            if holders == 0 {
-                return Err(StoreError::Conflict(
-                    "that would leave no admin (nobody could assign roles)".into(),
-                ));
-            }
+            keep_a_guard_holder(c, guard_permission, before)?;
             Ok(RoleChange {
                 from,
                 to: roles_of(c, user_id)?,
             })
+        })
+    }
+
+    /// Replaces a password hash with another of the same password (a new bcrypt cost)
+    /// unless the hash changed meanwhile. Logins stay valid: the password is the same.
+    pub fn rehash_password(&self, user_id: i64, old_hash: String, new_hash: String) -> Result<()> {
+        self.write(move |c| {
+            c.execute(
+                "UPDATE users SET password_hash = ?3 WHERE id = ?1 AND password_hash = ?2",
+                params![user_id, old_hash, new_hash],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The distinct first seven characters of the stored password hashes: with bcrypt,
+    /// `$2b$NN$`, which carries the cost.
+    pub fn password_hash_prefixes(&self) -> Result<Vec<String>> {
+        self.read(|c| {
+            let mut st = c.prepare("SELECT DISTINCT substr(password_hash, 1, 7) FROM users")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            rows.collect()
         })
     }
 
@@ -394,16 +452,42 @@ impl Store {
         })
     }
 
-    /// Whether login `sid` of `user_id` may still act: not revoked, user not banned.
+    /// Whether login `sid` of `user_id` may still act: not revoked, made for the
+    /// account that holds the id now, user not banned.
     pub fn session_alive(&self, sid: &str, user_id: i64) -> Result<bool> {
         self.read(|c| {
             c.prepare_cached(
                 "SELECT EXISTS(SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id
-                  WHERE s.id = ?1 AND s.user_id = ?2 AND s.revoked_at IS NULL AND u.banned_at IS NULL)",
+                  WHERE s.id = ?1 AND s.user_id = ?2 AND s.revoked_at IS NULL
+                    AND s.user_stamp = u.stamp AND u.banned_at IS NULL)",
             )?
             .query_row(params![sid, user_id], |r| r.get(0))
         })
     }
+}
+
+/// How many unbanned users hold `permission` through one of their roles. Banned
+/// holders do not count: they can neither log in nor act.
+fn guard_holders(c: &Connection, permission: &str) -> Result<i64> {
+    Ok(c.prepare_cached(
+        "SELECT count(DISTINCT ur.user_id) FROM user_roles ur
+               JOIN role_permissions rp ON rp.role = ur.role
+               JOIN users u ON u.id = ur.user_id
+              WHERE rp.permission = ?1 AND u.banned_at IS NULL",
+    )?
+    .query_row([permission], |r| r.get(0))?)
+}
+
+/// Fails (conflict, so the writer rolls the job back) when the job's change took the
+/// last unbanned holder of `permission` away. A database that had none before (only
+/// the CLI can repair it) is not made worse by an unrelated change, so that is allowed.
+fn keep_a_guard_holder(c: &Connection, permission: &str, before: i64) -> Result<()> {
+    if before > 0 && guard_holders(c, permission)? == 0 {
+        return Err(StoreError::Conflict(
+            "that would leave no unbanned admin (nobody could assign roles or lift bans)".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn revoke_user_sessions_in(c: &Connection, user_id: i64, reason: &str, now: &str) -> Result<()> {
