@@ -186,6 +186,14 @@ pub fn check_login_rate(app: &App, username: &str, ip: Option<&str>) -> Result<(
     })
 }
 
+/// Counts a registration against `--register-rate` for the IP (its own budget: a
+/// burst of sign-ups does not lock anyone out of logging in).
+pub fn check_register_rate(app: &App, ip: Option<&str>) -> Result<(), ApiError> {
+    app.register_limiter
+        .check(ip.unwrap_or("-"))
+        .map_err(|secs| ApiError::rate_limited("too many registrations from this address", secs))
+}
+
 /// Counts and audits a refused login (actor null). The attempted name is chosen by
 /// whoever sent it: it becomes the target only if it is a valid username; otherwise
 /// the row keeps only its length, never the text (which may be 60 KB, or forge lines
@@ -387,6 +395,9 @@ pub fn create_room(app: &App, actor: &Actor, name: &str) -> Result<RoomView, Api
             "room name must be 1 to 64 characters of a-z 0-9 _ -",
         ));
     }
+    app.room_limiter
+        .check(&actor.user_id.to_string())
+        .map_err(|secs| ApiError::rate_limited("too many rooms created; wait a while", secs))?;
     let room = app
         .store
         .create_room(name, actor.user_id, clock::now_rfc3339())?;

@@ -36,6 +36,10 @@ pub struct App {
     pub flush_queue: Arc<FlushQueue>,
     /// Login attempts per IP and per username.
     pub login_limiter: KeyedLimiter,
+    /// Registrations per IP (`--register-rate`).
+    pub register_limiter: KeyedLimiter,
+    /// Rooms created per user (`--room-rate`).
+    pub room_limiter: KeyedLimiter,
     /// Runs bcrypt on a bounded number of threads.
     pub slow_lane: SlowLane,
     /// Answers refused password requests after a pause.

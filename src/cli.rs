@@ -75,6 +75,17 @@ pub struct ServeArgs {
     /// Login attempts per minute per IP and per username (0 = off).
     #[arg(long, env = "PARLEY_LOGIN_RATE", default_value_t = 10, global = true)]
     pub login_rate: u32,
+    /// Registrations per hour per IP (0 = off).
+    #[arg(
+        long,
+        env = "PARLEY_REGISTER_RATE",
+        default_value_t = 30,
+        global = true
+    )]
+    pub register_rate: u32,
+    /// Rooms created per hour per user (0 = off).
+    #[arg(long, env = "PARLEY_ROOM_RATE", default_value_t = 20, global = true)]
+    pub room_rate: u32,
     /// Open WebSockets in total.
     #[arg(
         long,
@@ -195,6 +206,8 @@ impl Cli {
                 .collect(),
             msg_rate: a.msg_rate,
             login_rate: a.login_rate,
+            register_rate: a.register_rate,
+            room_rate: a.room_rate,
             max_sockets: a.max_sockets,
             max_sockets_per_user: a.max_sockets_per_user,
             send_queue: a.send_queue,

@@ -36,6 +36,10 @@ pub struct Config {
     pub msg_rate: u32,
     /// Login attempts per minute per IP and per username (0 = unlimited).
     pub login_rate: u32,
+    /// Registrations per hour per IP (0 = unlimited); a budget apart from logins.
+    pub register_rate: u32,
+    /// Rooms created per hour per user (0 = unlimited).
+    pub room_rate: u32,
     /// Open WebSockets in total.
     pub max_sockets: usize,
     /// Open WebSockets per user.
@@ -70,6 +74,8 @@ impl Default for Config {
             allow_origins: Vec::new(),
             msg_rate: 20,
             login_rate: 10,
+            register_rate: 30,
+            room_rate: 20,
             max_sockets: 10_000,
             max_sockets_per_user: 50,
             send_queue: 1024,

@@ -190,6 +190,8 @@ fn password_route(app: &Arc<App>, mut rq: Request, is_login: bool) {
     let admitted = json_body::<Credentials>(app, &mut rq).and_then(|c| {
         if is_login {
             actions::check_login_rate(app, &c.username, ip.as_deref())?;
+        } else {
+            actions::check_register_rate(app, ip.as_deref())?;
         }
         let permit = app.slow_lane.reserve().ok_or_else(busy)?;
         Ok((c, permit))

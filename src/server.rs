@@ -26,6 +26,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+const HOUR: Duration = Duration::from_secs(3600);
+
 /// The services no request handler needs a handle to.
 struct Background {
     flusher: Flusher,
@@ -86,6 +88,8 @@ fn start_app(
         hub,
         flush_queue: flusher.queue(),
         login_limiter: KeyedLimiter::new(cfg.login_rate, Duration::from_secs(60)),
+        register_limiter: KeyedLimiter::new(cfg.register_rate, HOUR),
+        room_limiter: KeyedLimiter::new(cfg.room_rate, HOUR),
         slow_lane: SlowLane::start(cores, 64).map_err(io)?,
         tarpit: Tarpit::start(Duration::from_secs(1), 4096).map_err(io)?,
         expiry: ExpiryTimer::start().map_err(io)?,
