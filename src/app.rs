@@ -31,7 +31,7 @@ pub struct App {
     /// Live sockets and rooms.
     pub hub: Arc<Hub>,
     /// Delivers committed events in commit order.
-    pub fanout: Fanout,
+    pub fanout: Arc<Fanout>,
     /// Where sockets with a backlog register with the flusher.
     pub flush_queue: Arc<FlushQueue>,
     /// Login attempts per IP and per username.

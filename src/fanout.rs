@@ -31,6 +31,8 @@ pub enum Target {
     Peers(Vec<Arc<Peer>>),
     /// Every socket of a user.
     User(i64),
+    /// The sockets of a room that take presence batches.
+    BatchTakers(String),
     /// One socket.
     Peer(Arc<Peer>),
 }
@@ -142,6 +144,7 @@ fn queue(hub: &Hub, target: &Target, frame: &Frame, touched: &mut Touched) {
         Target::Room { name, id } => {
             hub.for_each_in_room(name, |p| put(p, id.map(|id| (name.as_str(), id))));
         }
+        Target::BatchTakers(name) => hub.for_each_batch_taker(name, |p| put(p, None)),
         Target::Peers(peers) => peers.iter().for_each(|p| put(p, None)),
         Target::User(user_id) => {
             for p in &hub.user_peers(*user_id) {

@@ -3,20 +3,101 @@
 //! Delivery is elsewhere ([`crate::fanout`]): the hub only answers "which sockets?".
 //! Walking a room's members happens under its lock but costs only a queue push per
 //! socket (no system call), so a 1,000-way walk holds a join up for tens of
-//! microseconds, and joins never copy the member list. Presence is per user: a user
-//! is online in a room while at least one of their sockets is in it.
+//! microseconds. Presence is per user: a user is online in a room while at least one of
+//! their sockets is in it.
+//!
+//! A socket hears presence one of two ways, chosen when it joins ([`PresenceMode`]):
+//! one `presence` frame per change, sent to the sockets in the room at that moment; or
+//! batched — the hub keeps each room's changes since the last batch, and
+//! [`crate::presence`] sends them as one frame every 250 ms at most. In a reconnect
+//! storm of n users the first way costs n²/2 frames, the second about n × (storm
+//! length / 250 ms).
 
 use crate::peer::Peer;
 use crate::sync::lock;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// How a socket in a room hears about presence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceMode {
+    /// One `presence` frame per change.
+    Each,
+    /// `presence_batch` frames, coalesced per room.
+    Batch,
+}
+
 #[derive(Default)]
 struct RoomMembers {
+    /// Every socket in the room (messages go to all).
     sockets: Vec<Arc<Peer>>,
-    /// user id → (username, how many of their sockets are in the room)
-    users: HashMap<i64, (String, usize)>,
+    /// The sockets that want one frame per presence change.
+    each: Vec<Arc<Peer>>,
+    /// The sockets that take batches.
+    batch: Vec<Arc<Peer>>,
+    /// username → how many of the user's sockets are in the room; sorted, so the
+    /// online list needs no sort.
+    users: BTreeMap<String, usize>,
+    /// Changes not yet batched: username → online now (kept only while some socket
+    /// takes batches).
+    pending: BTreeMap<String, bool>,
+}
+
+impl RoomMembers {
+    /// The online list as a JSON array of strings, built in one buffer.
+    fn online_json(&self) -> String {
+        let mut out = String::with_capacity(2 + self.users.len() * 12);
+        out.push('[');
+        for (i, name) in self.users.keys().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            // Usernames are [A-Za-z0-9_.-]: nothing to escape.
+            out.push('"');
+            out.push_str(name);
+            out.push('"');
+        }
+        out.push(']');
+        out
+    }
+
+    /// A user came online or went offline: tells the batch, returns who hears it now.
+    fn changed(&mut self, user: &str, online: bool) -> Vec<Arc<Peer>> {
+        if !self.batch.is_empty() {
+            self.pending.insert(user.to_owned(), online);
+        }
+        self.each.clone()
+    }
+}
+
+/// Rooms by name, and those with presence changes waiting for a batch.
+#[derive(Default)]
+struct Rooms {
+    by_name: HashMap<String, RoomMembers>,
+    dirty: HashSet<String>,
+}
+
+/// One room's presence changes since its last batch.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PresenceBatch {
+    /// The room.
+    pub room: String,
+    /// Users who came online, sorted.
+    pub online: Vec<String>,
+    /// Users who went offline, sorted.
+    pub offline: Vec<String>,
+}
+
+/// Removes the socket with `id` from `list`; whether it was there.
+fn remove_peer(list: &mut Vec<Arc<Peer>>, id: u64) -> bool {
+    match list.iter().position(|p| p.id == id) {
+        Some(at) => {
+            list.swap_remove(at);
+            true
+        }
+        None => false,
+    }
 }
 
 #[derive(Default)]
@@ -40,7 +121,7 @@ pub enum LimitHit {
 /// Rooms, sessions and fan-out.
 pub struct Hub {
     sockets: Mutex<Sockets>,
-    rooms: Mutex<HashMap<String, RoomMembers>>,
+    rooms: Mutex<Rooms>,
     next_id: AtomicU64,
     max_sockets: usize,
     max_per_user: usize,
@@ -48,9 +129,11 @@ pub struct Hub {
 
 /// What joining a room changed.
 pub struct Joined {
-    /// Distinct usernames online in the room, the joiner included, sorted.
-    pub online: Vec<String>,
-    /// If this was the user's first socket in the room: who was there to hear it.
+    /// Distinct usernames online in the room, the joiner included, sorted, as a JSON
+    /// array.
+    pub online_json: String,
+    /// If this was the user's first socket in the room: the sockets (there at that
+    /// moment) that hear one `presence` frame about it.
     pub tell: Option<Vec<Arc<Peer>>>,
 }
 
@@ -59,7 +142,7 @@ impl Hub {
     pub fn new(max_sockets: usize, max_per_user: usize) -> Hub {
         Hub {
             sockets: Mutex::new(Sockets::default()),
-            rooms: Mutex::new(HashMap::new()),
+            rooms: Mutex::new(Rooms::default()),
             next_id: AtomicU64::new(1),
             max_sockets,
             max_per_user,
@@ -152,66 +235,107 @@ impl Hub {
             .unwrap_or_default()
     }
 
-    /// Adds `peer` to `room` (joining twice is harmless).
-    pub fn join(&self, peer: &Arc<Peer>, room: &str) -> Joined {
+    /// Adds `peer` to `room`, hearing presence as `mode` says. Joining again is
+    /// harmless (and may change the mode).
+    pub fn join(&self, peer: &Arc<Peer>, room: &str, mode: PresenceMode) -> Joined {
         let mut rooms = lock(&self.rooms);
-        let members = rooms.entry(room.to_owned()).or_default();
+        let members = rooms.by_name.entry(room.to_owned()).or_default();
         let mut tell = None;
-        if !members.sockets.iter().any(|p| p.id == peer.id) {
-            let entry = members
-                .users
-                .entry(peer.user_id)
-                .or_insert_with(|| (peer.username.clone(), 0));
-            entry.1 += 1;
-            // Presence is about who was there when it happened, so copy the list now
-            // (only on a user's first socket, not on every join).
-            if entry.1 == 1 {
-                tell = Some(members.sockets.clone());
+        if members.sockets.iter().any(|p| p.id == peer.id) {
+            remove_peer(&mut members.each, peer.id);
+            remove_peer(&mut members.batch, peer.id);
+        } else {
+            let count = members.users.entry(peer.username.clone()).or_insert(0);
+            *count += 1;
+            if *count == 1 {
+                tell = Some(members.changed(&peer.username, true));
             }
             members.sockets.push(peer.clone());
         }
-        let names: Vec<String> = members.users.values().map(|u| u.0.clone()).collect();
-        // Heapsort, in place and without recursion: the slice sorts keep scratch space
-        // on the stack, and a socket thread's deepest stack page stays resident for
-        // the socket's whole life.
-        let online = std::collections::BinaryHeap::from(names).into_sorted_vec();
-        Joined { online, tell }
+        match mode {
+            PresenceMode::Each => members.each.push(peer.clone()),
+            PresenceMode::Batch => members.batch.push(peer.clone()),
+        }
+        let online_json = members.online_json();
+        if !members.pending.is_empty() {
+            rooms.dirty.insert(room.to_owned());
+        }
+        Joined { online_json, tell }
     }
 
     /// Removes `peer` from `room`. Returns `None` if it was not there; else, if it was
-    /// the user's last socket in the room, who is left to hear `offline`.
+    /// the user's last socket in the room, who is left to hear `offline` now.
     pub fn leave(&self, peer: &Arc<Peer>, room: &str) -> Option<Option<Vec<Arc<Peer>>>> {
         let mut rooms = lock(&self.rooms);
-        let members = rooms.get_mut(room)?;
-        let at = members.sockets.iter().position(|p| p.id == peer.id)?;
-        members.sockets.swap_remove(at);
-        let last = match members.users.get_mut(&peer.user_id) {
-            Some(u) => {
-                u.1 -= 1;
-                u.1 == 0
+        let members = rooms.by_name.get_mut(room)?;
+        if !remove_peer(&mut members.sockets, peer.id) {
+            return None;
+        }
+        remove_peer(&mut members.each, peer.id);
+        remove_peer(&mut members.batch, peer.id);
+        let last = match members.users.get_mut(&peer.username) {
+            Some(n) => {
+                *n -= 1;
+                *n == 0
             }
             None => false,
         };
+        let mut tell = None;
         if last {
-            members.users.remove(&peer.user_id);
+            members.users.remove(&peer.username);
+            tell = Some(members.changed(&peer.username, false));
         }
-        let tell = last.then(|| members.sockets.clone());
-        if members.sockets.is_empty() {
-            rooms.remove(room);
+        let (empty, pending) = (members.sockets.is_empty(), !members.pending.is_empty());
+        if empty {
+            rooms.by_name.remove(room);
+            rooms.dirty.remove(room);
+        } else if pending {
+            rooms.dirty.insert(room.to_owned());
         }
         Some(tell)
     }
 
+    /// Takes every room's presence changes since the last call (rooms where nobody
+    /// takes batches keep none).
+    pub fn take_presence_batches(&self) -> Vec<PresenceBatch> {
+        let mut rooms = lock(&self.rooms);
+        let dirty = std::mem::take(&mut rooms.dirty);
+        dirty
+            .into_iter()
+            .filter_map(|room| {
+                let members = rooms.by_name.get_mut(&room)?;
+                let pending = std::mem::take(&mut members.pending);
+                let (online, offline): (Vec<_>, Vec<_>) = pending.into_iter().partition(|c| c.1);
+                Some(PresenceBatch {
+                    room,
+                    online: online.into_iter().map(|c| c.0).collect(),
+                    offline: offline.into_iter().map(|c| c.0).collect(),
+                })
+            })
+            .collect()
+    }
+
     /// Distinct users online in `room`.
     pub fn online_count(&self, room: &str) -> usize {
-        lock(&self.rooms).get(room).map_or(0, |m| m.users.len())
+        lock(&self.rooms)
+            .by_name
+            .get(room)
+            .map_or(0, |m| m.users.len())
     }
 
     /// Calls `f` on every socket in `room`, under the room lock: `f` must be quick
     /// and must not close or write a socket ([`Peer::queue`] is what it is for).
-    pub fn for_each_in_room(&self, room: &str, mut f: impl FnMut(&Arc<Peer>)) {
-        if let Some(members) = lock(&self.rooms).get(room) {
-            members.sockets.iter().for_each(&mut f);
+    pub fn for_each_in_room(&self, room: &str, f: impl FnMut(&Arc<Peer>)) {
+        if let Some(members) = lock(&self.rooms).by_name.get(room) {
+            members.sockets.iter().for_each(f);
+        }
+    }
+
+    /// Like [`for_each_in_room`](Self::for_each_in_room), for the sockets of `room`
+    /// that take presence batches.
+    pub fn for_each_batch_taker(&self, room: &str, f: impl FnMut(&Arc<Peer>)) {
+        if let Some(members) = lock(&self.rooms).by_name.get(room) {
+            members.batch.iter().for_each(f);
         }
     }
 

@@ -15,6 +15,9 @@ pub enum ClientMsg {
         room: String,
         /// Last message id the client saw.
         since: Option<i64>,
+        /// `"batch"` for `presence_batch` frames; absent (or `"each"`) for one
+        /// `presence` frame per change.
+        presence: Option<PresenceChoice>,
     },
     /// Leave a room.
     Leave {
@@ -70,6 +73,17 @@ pub enum ClientMsg {
     },
     /// Liveness check.
     Ping,
+}
+
+/// How a joining socket wants to hear presence.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceChoice {
+    /// One `presence` frame per change.
+    #[default]
+    Each,
+    /// Coalesced `presence_batch` frames.
+    Batch,
 }
 
 /// Parses a text frame; on failure returns the error to send, with the echoed `ref`.

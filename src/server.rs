@@ -5,7 +5,8 @@
 //! then it stops accepting (HTTP workers joined, listener closed), commits and delivers
 //! what is pending, closes every socket with 1001 and waits for their threads to write
 //! their disconnects, then stops the services in the reverse order of their
-//! dependencies: the sweep and the reaper (they look at sockets), the expiry timer, the
+//! dependencies: the sweep, presence batches and the reaper (they look at sockets),
+//! the expiry timer, the
 //! tarpit (it answers what it held) and the password threads, fan-out, the flusher,
 //! and last the store (writer, completions, checkpointer, a final checkpoint).
 
@@ -17,6 +18,7 @@ use crate::fanout::Fanout;
 use crate::hub::Hub;
 use crate::limits::{KeyedLimiter, SlowLane, Tarpit};
 use crate::peer::{close, Flusher};
+use crate::presence::Batcher;
 use crate::reaper::{Reaper, Watched};
 use crate::store::Store;
 use std::io::Write;
@@ -31,6 +33,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 /// The services no request handler needs a handle to.
 struct Background {
     flusher: Flusher,
+    presence: Batcher,
     sweeper: Sweeper,
     reaper: Reaper,
     http_workers: Vec<JoinHandle<()>>,
@@ -84,7 +87,7 @@ fn start_app(
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let hub = Arc::new(Hub::new(cfg.max_sockets, cfg.max_sockets_per_user));
     Ok(App {
-        fanout: Fanout::start(hub.clone()).map_err(io)?,
+        fanout: Arc::new(Fanout::start(hub.clone()).map_err(io)?),
         hub,
         flush_queue: flusher.queue(),
         login_limiter: KeyedLimiter::new(cfg.login_rate, Duration::from_secs(60)),
@@ -103,14 +106,16 @@ fn start_app(
     })
 }
 
-/// Starts the services that only watch: the revocation sweep, the idle-HTTP reaper,
-/// and the HTTP workers.
+/// Starts the services no request calls: the revocation sweep, presence batches, the
+/// idle-HTTP reaper, and the HTTP workers.
 fn start_background(
     app: &Arc<App>,
     server: &Arc<tiny_http::Server>,
     flusher: Flusher,
 ) -> Result<Background, String> {
     let sweeper = Sweeper::start(app.hub.clone(), app.store.clone())?;
+    let presence =
+        Batcher::start(app.hub.clone(), app.fanout.clone()).map_err(|e| e.to_string())?;
     let reaper = Reaper::start(Watched {
         hub: app.hub.clone(),
         sockets: app.known_sockets.clone(),
@@ -122,6 +127,7 @@ fn start_background(
     let http_workers = crate::http::start_workers(app, server, app.cfg.http_workers);
     Ok(Background {
         flusher,
+        presence,
         sweeper,
         reaper,
         http_workers,
@@ -174,6 +180,7 @@ fn shutdown(app: &Arc<App>, server: Arc<tiny_http::Server>, background: Backgrou
         std::thread::sleep(Duration::from_millis(10));
     }
     background.sweeper.stop();
+    background.presence.stop();
     background.reaper.stop();
     app.expiry.stop();
     app.tarpit.stop();

@@ -11,11 +11,12 @@ use crate::app::App;
 use crate::auth::{AuthError, Identity};
 use crate::error::ApiError;
 use crate::fanout::Target;
+use crate::hub::PresenceMode;
 use crate::limits::TokenBucket;
 use crate::metrics::{inc, METRICS};
 use crate::model::Page;
 use crate::peer::{close, text_frame, Frame, Peer};
-use crate::protocol::{self, error_event, event, ClientMsg};
+use crate::protocol::{self, error_event, event, ClientMsg, PresenceChoice};
 use crate::request::{bearer_token, header_value, peer_ip, query_param, with_header, Reply};
 use crate::store::audit::AuditEntry;
 use serde_json::{json, Value};
@@ -363,7 +364,17 @@ impl Conn {
                 self.send_json(&json!({"type": "pong", "ref": reference}).to_string());
                 Ok(())
             }
-            ClientMsg::Join { room, since } => self.join(&room, since, reference),
+            ClientMsg::Join {
+                room,
+                since,
+                presence,
+            } => {
+                let mode = match presence.unwrap_or_default() {
+                    PresenceChoice::Each => PresenceMode::Each,
+                    PresenceChoice::Batch => PresenceMode::Batch,
+                };
+                self.join(&room, since, mode, reference)
+            }
             ClientMsg::Leave { room } => self.leave(&room, reference),
             ClientMsg::Send { room, body } => self.send(&room, body, reference),
             ClientMsg::Dm { to, body } => self.dm(&to, body, reference),
@@ -395,22 +406,34 @@ impl Conn {
         }
     }
 
-    fn join(&mut self, name: &str, since: Option<i64>, reference: &Value) -> Result<(), ApiError> {
+    fn join(
+        &mut self,
+        name: &str,
+        since: Option<i64>,
+        mode: PresenceMode,
+        reference: &Value,
+    ) -> Result<(), ApiError> {
         let room = actions::find_room(&self.app, name)?;
         let already = self.rooms.iter().any(|r| r.id == room.id);
         // Live frames wait until `joined` (and any replay) is out: a message fanned out
         // the moment the socket enters the room must not overtake the reply.
         self.peer.hold();
-        let joined = self.app.hub.join(&self.peer, name);
+        let joined = self.app.hub.join(&self.peer, name, mode);
         if let Some(tell) = joined.tell {
             presence(&self.app, &self.peer, name, "online", tell);
         }
         if !already {
             self.rooms.push(room.clone());
         }
-        let joined =
-            json!({"type": "joined", "room": name, "online": joined.online, "ref": reference});
-        self.peer.send_direct(&text_frame(&joined.to_string()));
+        // Built by hand around the pre-rendered online list: in a busy room it is the
+        // biggest part of the reply, and a storm of joins builds it once per join.
+        let joined = format!(
+            r#"{{"type":"joined","room":{},"online":{},"ref":{}}}"#,
+            Value::from(name),
+            joined.online_json,
+            reference
+        );
+        self.peer.send_direct(&text_frame(&joined));
         let replayed_up_to = match since {
             Some(since) => self.replay(&room, since),
             None => i64::MIN,
