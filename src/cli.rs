@@ -105,6 +105,10 @@ pub struct ServeArgs {
     /// Frames queued for a slow socket before it is dropped (1008).
     #[arg(long, env = "PARLEY_SEND_QUEUE", default_value_t = 1024, global = true)]
     pub send_queue: usize,
+    /// Ping a socket silent this many seconds; close it after two silent intervals
+    /// (0 = off).
+    #[arg(long, env = "PARLEY_WS_PING", default_value_t = 30, global = true)]
+    pub ws_ping: u64,
     /// Close plain HTTP connections idle this many seconds.
     #[arg(
         long,
@@ -211,6 +215,7 @@ impl Cli {
             max_sockets: a.max_sockets,
             max_sockets_per_user: a.max_sockets_per_user,
             send_queue: a.send_queue,
+            ws_ping: std::time::Duration::from_secs(a.ws_ping),
             http_idle_timeout: std::time::Duration::from_secs(a.http_idle_timeout),
             ..Config::default()
         };

@@ -13,6 +13,15 @@ pub fn unix_to_rfc3339(secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(secs)).to_string()
 }
 
+/// Milliseconds on a monotonic clock that starts near zero when the process does:
+/// for timeouts, where wall-clock steps must not count.
+pub fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    // Never 0, so 0 can mean "never" in atomics.
+    start.elapsed().as_millis() as u64 + 1
+}
+
 /// Now in unix seconds.
 pub fn now_unix() -> u64 {
     SystemTime::now()

@@ -46,6 +46,8 @@ pub struct Config {
     pub max_sockets_per_user: usize,
     /// Frames queued for one slow socket before it is dropped with 1008.
     pub send_queue: usize,
+    /// A socket silent this long is pinged; silent twice as long, closed (zero: off).
+    pub ws_ping: std::time::Duration,
     /// Plain HTTP connections with no request for this long are closed.
     pub http_idle_timeout: std::time::Duration,
     /// Largest HTTP request body, in bytes.
@@ -79,6 +81,7 @@ impl Default for Config {
             max_sockets: 10_000,
             max_sockets_per_user: 50,
             send_queue: 1024,
+            ws_ping: std::time::Duration::from_secs(30),
             http_idle_timeout: std::time::Duration::from_secs(30),
             max_body_bytes: 64 * 1024,
             max_frame_bytes: 64 * 1024,

@@ -5,7 +5,7 @@
 //! stops every service), [`http`] (routes), [`request`] (reading requests, writing
 //! answers), [`ws`] (one socket's life), [`hub`] (rooms and presence), [`fanout`]
 //! (delivery of committed events), [`peer`] (non-blocking writes to one socket),
-//! [`presence`] (batched presence), [`enforce`] (token expiry and revocation on live sockets), [`reaper`] (idle HTTP
+//! [`presence`] (batched presence), [`keepalive`] (pings for silent sockets), [`enforce`] (token expiry and revocation on live sockets), [`reaper`] (idle HTTP
 //! connections), [`limits`] (rate limits, the password threads), [`actions`] (what users
 //! can do, shared by every transport), [`auth`] (passwords and tokens), [`store`] (all
 //! SQL), [`protocol`] and [`model`] (wire types), [`error`] (error codes), [`metrics`],
@@ -25,6 +25,7 @@ mod error;
 mod fanout;
 mod http;
 mod hub;
+mod keepalive;
 mod limits;
 mod logging;
 mod metrics;

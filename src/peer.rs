@@ -14,6 +14,7 @@
 //! [`crate::server`]) finishes what the kernel did not take and cuts closing peers that
 //! never take their close frame.
 
+use crate::clock;
 use crate::metrics::{inc, METRICS};
 use crate::service::{Worker, SERVICE_STACK};
 use crate::sync::{lock, wait, wait_timeout};
@@ -68,6 +69,11 @@ fn encode(opcode: u8, payload: &[u8]) -> Frame {
 /// A text frame carrying `json`.
 pub fn text_frame(json: &str) -> Frame {
     encode(0x1, json.as_bytes())
+}
+
+/// A ping frame (no payload); the client answers with a pong.
+pub fn ping_frame() -> Frame {
+    encode(0x9, &[])
 }
 
 /// A close frame with `code` and a short reason.
@@ -208,6 +214,10 @@ pub struct Peer {
     pub fd_numbers: Vec<i32>,
     sid: Mutex<String>,
     expires_at: AtomicU64,
+    /// When the client last sent anything, in ms on [`clock::mono_ms`].
+    heard_at: AtomicU64,
+    /// When the server last pinged it, same clock (0: not since it was last heard).
+    pinged_at: AtomicU64,
     sock: OwnedFd,
     out: Mutex<Outq>,
     changed: Condvar,
@@ -234,6 +244,8 @@ impl Peer {
             fd_numbers: socket.numbers,
             sid: Mutex::new(identity.sid.clone()),
             expires_at: AtomicU64::new(identity.expires_at),
+            heard_at: AtomicU64::new(clock::mono_ms()),
+            pinged_at: AtomicU64::new(0),
             sock: socket.fd,
             out: Mutex::new(Outq {
                 writable: false,
@@ -258,6 +270,24 @@ impl Peer {
     /// Expiry of the socket's access token, unix seconds.
     pub fn expires_at(&self) -> u64 {
         self.expires_at.load(Ordering::Relaxed)
+    }
+
+    /// Notes that the client sent something (any frame, a pong included).
+    pub fn heard(&self) {
+        self.heard_at.store(clock::mono_ms(), Ordering::Relaxed);
+        self.pinged_at.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the client has been silent, at `now` (ms on [`clock::mono_ms`]).
+    pub fn silent_for(&self, now: u64) -> Duration {
+        Duration::from_millis(now.saturating_sub(self.heard_at.load(Ordering::Relaxed)))
+    }
+
+    /// Pings the client unless it was pinged since it was last heard.
+    pub fn ping_once(self: &Arc<Self>, now: u64) {
+        if self.pinged_at.swap(now.max(1), Ordering::Relaxed) == 0 {
+            self.send(&ping_frame());
+        }
     }
 
     /// Moves the socket to a newer token's login and expiry.

@@ -5,7 +5,7 @@
 //! then it stops accepting (HTTP workers joined, listener closed), commits and delivers
 //! what is pending, closes every socket with 1001 and waits for their threads to write
 //! their disconnects, then stops the services in the reverse order of their
-//! dependencies: the sweep, presence batches and the reaper (they look at sockets),
+//! dependencies: the sweep, keepalive, presence batches and the reaper (they look at sockets),
 //! the expiry timer, the
 //! tarpit (it answers what it held) and the password threads, fan-out, the flusher,
 //! and last the store (writer, completions, checkpointer, a final checkpoint).
@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::enforce::{ExpiryTimer, Sweeper};
 use crate::fanout::Fanout;
 use crate::hub::Hub;
+use crate::keepalive::Keepalive;
 use crate::limits::{KeyedLimiter, SlowLane, Tarpit};
 use crate::peer::{close, Flusher};
 use crate::presence::Batcher;
@@ -33,6 +34,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 /// The services no request handler needs a handle to.
 struct Background {
     flusher: Flusher,
+    keepalive: Option<Keepalive>,
     presence: Batcher,
     sweeper: Sweeper,
     reaper: Reaper,
@@ -49,8 +51,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     let auth = Auth::new(&store, &cfg).map_err(|e| e.to_string())?;
     let listener =
         TcpListener::bind(&cfg.addr).map_err(|e| format!("binding {}: {e}", cfg.addr))?;
-    // Accepted sockets inherit TCP_NODELAY: chat frames are small and latency matters.
-    let _ = rustix::net::sockopt::set_tcp_nodelay(&listener, true);
+    crate::sys::tune_listener(&listener);
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let server =
         Arc::new(tiny_http::Server::from_listener(listener, None).map_err(|e| e.to_string())?);
@@ -114,6 +115,8 @@ fn start_background(
     flusher: Flusher,
 ) -> Result<Background, String> {
     let sweeper = Sweeper::start(app.hub.clone(), app.store.clone())?;
+    let keepalive =
+        Keepalive::start(app.hub.clone(), app.cfg.ws_ping).map_err(|e| e.to_string())?;
     let presence =
         Batcher::start(app.hub.clone(), app.fanout.clone()).map_err(|e| e.to_string())?;
     let reaper = Reaper::start(Watched {
@@ -127,6 +130,7 @@ fn start_background(
     let http_workers = crate::http::start_workers(app, server, app.cfg.http_workers);
     Ok(Background {
         flusher,
+        keepalive,
         presence,
         sweeper,
         reaper,
@@ -180,6 +184,9 @@ fn shutdown(app: &Arc<App>, server: Arc<tiny_http::Server>, background: Backgrou
         std::thread::sleep(Duration::from_millis(10));
     }
     background.sweeper.stop();
+    if let Some(k) = &background.keepalive {
+        k.stop();
+    }
     background.presence.stop();
     background.reaper.stop();
     app.expiry.stop();

@@ -159,6 +159,18 @@ fn is_connection(fd: BorrowedFd<'_>, local_port: u16, peer: SocketAddr) -> bool 
     peer_of(fd, local_port) == Some(peer)
 }
 
+/// Socket options every accepted connection inherits from the listener: no Nagle delay
+/// (chat frames are small and latency matters), and TCP keepalive as a backstop for
+/// peers that vanished without a word (the server's WebSocket pings catch them first).
+pub fn tune_listener(listener: &std::net::TcpListener) {
+    use rustix::net::sockopt;
+    let _ = sockopt::set_tcp_nodelay(listener, true);
+    let _ = sockopt::set_socket_keepalive(listener, true);
+    let _ = sockopt::set_tcp_keepidle(listener, std::time::Duration::from_secs(60));
+    let _ = sockopt::set_tcp_keepintvl(listener, std::time::Duration::from_secs(10));
+    let _ = sockopt::set_tcp_keepcnt(listener, 6);
+}
+
 /// Raises the open-file limit as far as allowed — each WebSocket costs 3 descriptors
 /// and tiny_http's accept thread panics at EMFILE. A privileged process may lift the
 /// hard limit up to the kernel's `fs.nr_open`; others get their hard limit. Returns
@@ -191,6 +203,21 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn accepted_connections_inherit_nodelay_and_keepalive() {
+        use rustix::net::sockopt;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        tune_listener(&listener);
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (conn, _) = listener.accept().unwrap();
+        assert!(sockopt::tcp_nodelay(&conn).unwrap());
+        assert!(sockopt::socket_keepalive(&conn).unwrap());
+        assert_eq!(
+            sockopt::tcp_keepidle(&conn).unwrap(),
+            std::time::Duration::from_secs(60)
+        );
+    }
 
     #[test]
     fn finds_the_right_socket_among_many() {

@@ -269,6 +269,9 @@ fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {
 fn read_loop(conn: &mut Conn, ctx: &mut WebSocketContext, io: &mut Duplex) {
     loop {
         let msg = ctx.read(io);
+        if msg.is_ok() {
+            conn.peer.heard();
+        }
         // A socket closed by the server (kick, ban, revocation, expiry, too slow) acts
         // no more, even if its client keeps sending: the close frame may take a while
         // to reach a client that does not read, but nothing it sends after the close
