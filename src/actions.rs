@@ -171,19 +171,21 @@ pub fn register(
     Ok(user)
 }
 
-/// Counts a login attempt against `--login-rate` for the IP and the username.
+/// The key the login limits use for a name: lower-cased, and only for valid names.
+fn limit_key(username: &str) -> Option<String> {
+    valid_username(username).then(|| username.to_ascii_lowercase())
+}
+
+/// Counts a login attempt against `--login-rate` (see [`crate::limits::LoginLimits`]),
+/// before any password work.
 pub fn check_login_rate(app: &App, username: &str, ip: Option<&str>) -> Result<(), ApiError> {
-    let by_ip = app
-        .login_limiter
-        .check(&format!("ip:{}", ip.unwrap_or("-")));
-    let by_name = by_ip.and_then(|()| {
-        app.login_limiter
-            .check(&format!("user:{}", username.to_ascii_lowercase()))
-    });
-    by_name.map_err(|secs| {
-        login_failed(app, username, ip, "rate_limited");
-        ApiError::rate_limited("too many login attempts", secs)
-    })
+    let name = limit_key(username);
+    app.login_limits
+        .admit(name.as_deref(), ip.unwrap_or("-"))
+        .map_err(|secs| {
+            login_failed(app, username, ip, "rate_limited");
+            ApiError::rate_limited("too many login attempts", secs)
+        })
 }
 
 /// Counts a registration against `--register-rate` for the IP (its own budget: a
@@ -229,6 +231,9 @@ pub fn login(
         .auth
         .verify_password(record.as_ref().map(|r| r.password_hash.as_str()), password)
     {
+        if let Some(name) = limit_key(username) {
+            app.login_limits.failed(&name, ip.unwrap_or("-"));
+        }
         login_failed(app, username, ip, "bad credentials");
         return Err(AuthError::BadCredentials.into());
     }
@@ -256,6 +261,9 @@ pub fn login(
         clock::now_rfc3339(),
     )?;
     inc(&METRICS.logins_ok);
+    if let Some(name) = limit_key(username) {
+        app.login_limits.succeeded(&name, ip.unwrap_or("-"));
+    }
     audit(
         app,
         Some(&user.username),

@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::enforce::ExpiryTimer;
 use crate::fanout::Fanout;
 use crate::hub::Hub;
-use crate::limits::{KeyedLimiter, SlowLane, Tarpit};
+use crate::limits::{KeyedLimiter, LoginLimits, SlowLane, Tarpit};
 use crate::model::Room;
 use crate::peer::FlushQueue;
 use crate::reaper::Activity;
@@ -34,8 +34,8 @@ pub struct App {
     pub fanout: Arc<Fanout>,
     /// Where sockets with a backlog register with the flusher.
     pub flush_queue: Arc<FlushQueue>,
-    /// Login attempts per IP and per username.
-    pub login_limiter: KeyedLimiter,
+    /// Login attempts per address, failures per name (`--login-rate`).
+    pub login_limits: LoginLimits,
     /// Registrations per IP (`--register-rate`).
     pub register_limiter: KeyedLimiter,
     /// Rooms created per user (`--room-rate`).

@@ -59,27 +59,88 @@ impl TokenBucket {
         }
     }
 
-    fn is_full(&mut self, now: Instant) -> bool {
+    /// Like [`take`](Self::take) without taking.
+    pub fn peek(&mut self, now: Instant) -> Result<(), Duration> {
         self.refill(now);
-        self.tokens >= self.capacity
+        if self.tokens >= 1.0 {
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec))
+        }
     }
 }
 
-/// One bucket per key (an IP, a username); `limit` 0 disables it.
+/// Most keys a [`Generations`] map holds per generation. Past it, the older
+/// generation is dropped early: those keys start afresh (documented as the price of a
+/// flood of distinct keys; memory stays bounded).
+pub const MAX_KEYS: usize = 50_000;
+
+/// A map whose entries are forgotten once unused for one to two `span`s, in O(1) per
+/// call: entries live in `current`; every `span` (or when `current` is full) the
+/// generations turn and what was not used since the last turn is dropped.
+struct Generations<V> {
+    current: HashMap<String, V>,
+    previous: HashMap<String, V>,
+    turned_at: Instant,
+    span: Duration,
+    max_keys: usize,
+}
+
+impl<V> Generations<V> {
+    fn new(span: Duration, max_keys: usize) -> Self {
+        Generations {
+            current: HashMap::new(),
+            previous: HashMap::new(),
+            turned_at: Instant::now(),
+            span,
+            max_keys,
+        }
+    }
+
+    /// Turns the generations when a span has passed (or `current` is full): what was
+    /// in `previous` was last used before the last turn, at least a span ago.
+    fn turn_if_due(&mut self, now: Instant) {
+        let due = now.saturating_duration_since(self.turned_at) >= self.span;
+        if due || self.current.len() >= self.max_keys {
+            self.previous = std::mem::take(&mut self.current);
+            self.turned_at = now;
+        }
+    }
+
+    /// The entry for `key`, moved into the current generation (or made by `new`).
+    fn entry(&mut self, key: &str, now: Instant, new: impl FnOnce() -> V) -> &mut V {
+        self.turn_if_due(now);
+        if let Some(v) = self.previous.remove(key) {
+            self.current.insert(key.to_owned(), v);
+        }
+        self.current.entry(key.to_owned()).or_insert_with(new)
+    }
+
+    fn get(&mut self, key: &str, now: Instant) -> Option<&mut V> {
+        self.turn_if_due(now);
+        match self.current.contains_key(key) {
+            true => self.current.get_mut(key),
+            false => self.previous.get_mut(key),
+        }
+    }
+}
+
+/// One token bucket per key (an IP, a username); `limit` 0 disables it.
+///
+/// Memory is bounded: a bucket unused for a whole `per` is full again, so forgetting
+/// it loses nothing, and the map turns over every `per` (see [`MAX_KEYS`] for a flood
+/// of distinct keys). Each call costs O(1).
 pub struct KeyedLimiter {
-    buckets: Mutex<HashMap<String, TokenBucket>>,
+    buckets: Mutex<Generations<TokenBucket>>,
     limit: u32,
     per: Duration,
 }
-
-/// Keys kept before idle (full) buckets are forgotten.
-const PRUNE_AT: usize = 10_000;
 
 impl KeyedLimiter {
     /// `limit` events per `per` for each key.
     pub fn new(limit: u32, per: Duration) -> KeyedLimiter {
         KeyedLimiter {
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(Generations::new(per, MAX_KEYS)),
             limit,
             per,
         }
@@ -91,14 +152,109 @@ impl KeyedLimiter {
             return Ok(());
         }
         let now = Instant::now();
-        let mut map = lock(&self.buckets);
-        if map.len() >= PRUNE_AT {
-            map.retain(|_, b| !b.is_full(now));
-        }
-        map.entry(key.to_owned())
-            .or_insert_with(|| TokenBucket::new(self.limit, self.per))
+        let (limit, per) = (self.limit, self.per);
+        lock(&self.buckets)
+            .entry(key, now, || TokenBucket::new(limit, per))
             .take(now)
             .map_err(|wait| wait.as_secs() + 1)
+    }
+
+    /// Whether an event for `key` would be allowed now, without counting it;
+    /// `Err(seconds)` to wait if not.
+    pub fn peek(&self, key: &str) -> Result<(), u64> {
+        if self.limit == 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        match lock(&self.buckets).get(key, now) {
+            Some(b) => b.peek(now).map_err(|wait| wait.as_secs() + 1),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Keys seen recently (within one to two `span`s), bounded like [`KeyedLimiter`].
+pub struct Recent {
+    seen: Mutex<Generations<()>>,
+}
+
+impl Recent {
+    /// Keys are remembered for at least `span`.
+    pub fn new(span: Duration) -> Recent {
+        Recent {
+            seen: Mutex::new(Generations::new(span, MAX_KEYS)),
+        }
+    }
+
+    /// Remembers `key`.
+    pub fn note(&self, key: &str) {
+        lock(&self.seen).entry(key, Instant::now(), || ());
+    }
+
+    /// Whether `key` was noted recently.
+    pub fn contains(&self, key: &str) -> bool {
+        lock(&self.seen).get(key, Instant::now()).is_some()
+    }
+}
+
+/// How many times `--login-rate` the failures for one name from all addresses
+/// together may reach in a minute.
+const NAME_CEILING: u32 = 5;
+
+/// The login limits (`--login-rate`), built so that brute force stays bounded without
+/// handing a stranger the power to lock the owner out:
+/// - every attempt from an address counts against that address, failed or not;
+/// - failures for a name count against the (name, address) pair, so one guessing
+///   address stops itself long before it touches the name's own budget;
+/// - failures for a name from all addresses together have a looser ceiling
+///   ([`NAME_CEILING`] times the rate), which only a guesser spread over several
+///   addresses reaches — and an address that logged in as that name within the last
+///   day is never held back by it.
+///
+/// Names are keyed only once valid (bounded and lower-cased); an invalid name counts
+/// against its address alone.
+pub struct LoginLimits {
+    per_address: KeyedLimiter,
+    per_pair: KeyedLimiter,
+    per_name: KeyedLimiter,
+    trusted: Recent,
+}
+
+impl LoginLimits {
+    /// Limits of `rate` attempts per minute (0 = off).
+    pub fn new(rate: u32) -> LoginLimits {
+        let minute = Duration::from_secs(60);
+        LoginLimits {
+            per_address: KeyedLimiter::new(rate, minute),
+            per_pair: KeyedLimiter::new(rate, minute),
+            per_name: KeyedLimiter::new(rate.saturating_mul(NAME_CEILING), minute),
+            trusted: Recent::new(Duration::from_secs(24 * 3600)),
+        }
+    }
+
+    /// Counts an attempt from `address` for `name` (a valid, lower-cased username, or
+    /// `None`); `Err(seconds)` when it must be refused before the password is checked.
+    pub fn admit(&self, name: Option<&str>, address: &str) -> Result<(), u64> {
+        self.per_address.check(address)?;
+        let Some(name) = name else { return Ok(()) };
+        let pair = format!("{name}\n{address}");
+        self.per_pair.peek(&pair)?;
+        if !self.trusted.contains(&pair) {
+            self.per_name.peek(name)?;
+        }
+        Ok(())
+    }
+
+    /// Records a wrong password (or unknown name) for `name` from `address`.
+    pub fn failed(&self, name: &str, address: &str) {
+        let _ = self.per_pair.check(&format!("{name}\n{address}"));
+        let _ = self.per_name.check(name);
+    }
+
+    /// Records a successful login: this address may log in as `name` whatever
+    /// strangers do to the name's budget.
+    pub fn succeeded(&self, name: &str, address: &str) {
+        self.trusted.note(&format!("{name}\n{address}"));
     }
 }
 
@@ -289,6 +445,35 @@ mod tests {
             "{wait:?}"
         );
         assert!(b.take(t + Duration::from_secs(21)).is_ok());
+    }
+
+    #[test]
+    fn generations_forget_unused_keys_and_stay_bounded() {
+        let span = Duration::from_secs(60);
+        let mut g: Generations<u32> = Generations::new(span, 3);
+        let t = Instant::now();
+        *g.entry("a", t, || 0) += 1;
+        *g.entry("b", t, || 0) += 1;
+        // One span later "a" is used again and survives; "b" lingers one more span.
+        *g.entry("a", t + span, || 0) += 1;
+        assert_eq!(g.get("b", t + span).copied(), Some(1));
+        assert_eq!(g.get("a", t + span * 2).copied(), Some(2));
+        assert_eq!(g.get("b", t + span * 2), None, "unused for a whole span");
+        // Past max_keys the oldest generation goes early: never more than 2 x 3 keys.
+        for (i, k) in ["c", "d", "e", "f", "g", "h", "i"].iter().enumerate() {
+            g.entry(k, t + span * 2 + Duration::from_secs(i as u64), || 0);
+            assert!(g.current.len() + g.previous.len() <= 6);
+        }
+    }
+
+    #[test]
+    fn peek_does_not_count() {
+        let l = KeyedLimiter::new(1, Duration::from_secs(60));
+        for _ in 0..5 {
+            assert!(l.peek("a").is_ok());
+        }
+        assert!(l.check("a").is_ok());
+        assert!(l.peek("a").is_err());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::enforce::{ExpiryTimer, Sweeper};
 use crate::fanout::Fanout;
 use crate::hub::Hub;
 use crate::keepalive::Keepalive;
-use crate::limits::{KeyedLimiter, SlowLane, Tarpit};
+use crate::limits::{KeyedLimiter, LoginLimits, SlowLane, Tarpit};
 use crate::peer::{close, Flusher};
 use crate::presence::Batcher;
 use crate::reaper::{Reaper, Watched};
@@ -91,7 +91,7 @@ fn start_app(
         fanout: Arc::new(Fanout::start(hub.clone()).map_err(io)?),
         hub,
         flush_queue: flusher.queue(),
-        login_limiter: KeyedLimiter::new(cfg.login_rate, Duration::from_secs(60)),
+        login_limits: LoginLimits::new(cfg.login_rate),
         register_limiter: KeyedLimiter::new(cfg.register_rate, HOUR),
         room_limiter: KeyedLimiter::new(cfg.room_rate, HOUR),
         slow_lane: SlowLane::start(cores, 64).map_err(io)?,

@@ -89,24 +89,39 @@ fn login_rate_limits_each_ip() {
     assert_status(&login_from(&srv, ip(2), "dave", PW), 200);
 }
 
+/// Failures count per (name, address) and, with a looser ceiling (5 x the rate), per
+/// name; a stranger can never lock the owner out.
 #[test]
-fn login_rate_limits_each_username() {
+fn login_failures_are_limited_without_locking_the_owner_out() {
     let srv = Server::start(&["--login-rate", "3", "--msg-rate", "0"]);
     register(&srv, "victim");
     register(&srv, "other");
-    // Three attempts on one name from three IPs.
-    for last in [2, 3, 4] {
-        assert_error(
-            &login_from(&srv, ip(last), "victim", "wrong password!"),
-            401,
-            "unauthorized",
-        );
+    // The owner has logged in from 127.0.0.1 before.
+    assert_status(&login_from(&srv, ip(1), "victim", PW), 200);
+    // One guessing address stops itself after 3 failures, right password or not.
+    for _ in 0..3 {
+        let r = login_from(&srv, ip(2), "victim", "wrong password!");
+        assert_error(&r, 401, "unauthorized");
     }
-    // A fourth, from a fresh IP and with the right password: 429.
-    assert_429(&login_from(&srv, ip(5), "victim", PW));
-    // The name is checked case-insensitively, like usernames themselves.
-    assert_429(&login_from(&srv, ip(6), "VICTIM", PW));
-    // Another name from that IP is fine.
+    assert_429(&login_from(&srv, ip(2), "victim", "wrong password!"));
+    assert_429(&login_from(&srv, ip(2), "victim", PW));
+    // Neither the owner nor a fresh address of theirs is held back by it.
+    assert_status(&login_from(&srv, ip(1), "victim", PW), 200);
+    assert_status(&login_from(&srv, ip(9), "victim", PW), 200);
+    // A guesser spread over four more addresses reaches the name's ceiling (15).
+    for last in 3..=6 {
+        for _ in 0..3 {
+            let r = login_from(&srv, ip(last), "victim", "wrong password!");
+            assert_error(&r, 401, "unauthorized");
+        }
+    }
+    // Now a fresh address is refused, the name compared case-insensitively...
+    assert_429(&login_from(&srv, ip(10), "victim", PW));
+    assert_429(&login_from(&srv, ip(11), "VICTIM", PW));
+    // ...but the addresses that logged in as the owner still get in.
+    assert_status(&login_from(&srv, ip(1), "victim", PW), 200);
+    assert_status(&login_from(&srv, ip(9), "victim", PW), 200);
+    // Another name is not affected.
     assert_status(&login_from(&srv, ip(7), "other", PW), 200);
 }
 
