@@ -7,6 +7,7 @@ use crate::clock;
 use crate::config::Registration;
 use crate::error::ApiError;
 use crate::fanout::Target;
+use crate::limits::Noted;
 use crate::metrics::{inc, METRICS};
 use crate::model::{DirectMessage, Message, Page, Room, User};
 use crate::store::audit::AuditEntry;
@@ -183,7 +184,11 @@ pub fn check_login_rate(app: &App, username: &str, ip: Option<&str>) -> Result<(
     app.login_limits
         .admit(name.as_deref(), ip.unwrap_or("-"))
         .map_err(|secs| {
-            login_failed(app, username, ip, "rate_limited");
+            inc(&METRICS.logins_failed);
+            let ip = ip.unwrap_or("-");
+            if app.folds.note("login_failed", ip) == Noted::First {
+                login_failed_row(app, username, Some(ip), "rate_limited");
+            }
             ApiError::rate_limited("too many login attempts", secs)
         })
 }
@@ -202,6 +207,11 @@ pub fn check_register_rate(app: &App, ip: Option<&str>) -> Result<(), ApiError> 
 /// and carry terminal escapes into `parley audit`).
 fn login_failed(app: &App, username: &str, ip: Option<&str>, reason: &str) {
     inc(&METRICS.logins_failed);
+    login_failed_row(app, username, ip, reason);
+}
+
+/// The audit row of a refused login.
+fn login_failed_row(app: &App, username: &str, ip: Option<&str>, reason: &str) {
     let (target, detail) = if valid_username(username) {
         (Some(username), json!({ "reason": reason }))
     } else {

@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::enforce::ExpiryTimer;
 use crate::fanout::Fanout;
 use crate::hub::Hub;
-use crate::limits::{KeyedLimiter, LoginLimits, SlowLane, Tarpit};
+use crate::limits::{Folds, KeyedLimiter, LoginLimits, SlowLane, Tarpit};
 use crate::model::Room;
 use crate::peer::FlushQueue;
 use crate::reaper::Activity;
@@ -40,6 +40,10 @@ pub struct App {
     pub register_limiter: KeyedLimiter,
     /// Rooms created per user (`--room-rate`).
     pub room_limiter: KeyedLimiter,
+    /// Refused anonymous upgrades per address.
+    pub upgrade_refusals: KeyedLimiter,
+    /// Anonymous refusals folded into one audit row per address and minute.
+    pub folds: Arc<Folds>,
     /// Runs bcrypt on a bounded number of threads.
     pub slow_lane: SlowLane,
     /// Answers refused password requests after a pause.

@@ -258,6 +258,94 @@ impl LoginLimits {
     }
 }
 
+/// Distinct addresses folded separately per window; the rest share one fold.
+pub const MAX_FOLDS: usize = 256;
+
+/// Whether a refusal gets its own audit row now or is counted into a later one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Noted {
+    /// The first of its kind from this address in the window: write it in full.
+    First,
+    /// Counted; the window's summary row carries it.
+    Folded,
+}
+
+/// Repeated refusals of one kind from one address, since the window began.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fold {
+    /// The audit action (`ws_rejected`, `login_failed`).
+    pub action: &'static str,
+    /// The address, an IPv6 /64, or `*` for "many addresses".
+    pub ip: String,
+    /// Refusals after the first.
+    pub repeated: u64,
+}
+
+/// Folds anonymous refusals into one audit row per kind, address and window, so that
+/// a stranger who can reach the port cannot grow the database without bound: the
+/// first refusal is written in full, the rest are counted and written as one summary
+/// row when the window closes ([`drain`](Self::drain)). At most [`MAX_FOLDS`] addresses
+/// are told apart per window; beyond that they share the address `*`. So an anonymous
+/// attacker adds at most 2 × (MAX_FOLDS + 1) rows per action and window, whatever
+/// the number of addresses or requests.
+pub struct Folds {
+    folds: Mutex<HashMap<(&'static str, String), u64>>,
+}
+
+impl Default for Folds {
+    fn default() -> Self {
+        Folds {
+            folds: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// The address a fold is kept under: IPv6 addresses by their /64, which one client
+/// usually owns whole.
+fn fold_address(ip: &str) -> String {
+    match ip.parse::<std::net::Ipv6Addr>() {
+        Ok(v6) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        _ => ip.to_owned(),
+    }
+}
+
+impl Folds {
+    /// Notes a refusal of kind `action` from `ip`.
+    pub fn note(&self, action: &'static str, ip: &str) -> Noted {
+        let mut folds = lock(&self.folds);
+        let mut key = (action, fold_address(ip));
+        if !folds.contains_key(&key) && folds.len() >= MAX_FOLDS {
+            key.1 = "*".into();
+        }
+        match folds.get_mut(&key) {
+            Some(n) => {
+                *n += 1;
+                Noted::Folded
+            }
+            None => {
+                folds.insert(key, 0);
+                Noted::First
+            }
+        }
+    }
+
+    /// Ends the window: the folds with repeats, for their summary rows.
+    pub fn drain(&self) -> Vec<Fold> {
+        std::mem::take(&mut *lock(&self.folds))
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|((action, ip), repeated)| Fold {
+                action,
+                ip,
+                repeated,
+            })
+            .collect()
+    }
+}
+
 type Job = Box<dyn FnOnce() + Send>;
 
 /// A small pool for CPU-heavy password work that admits only so many jobs at once.
@@ -464,6 +552,31 @@ mod tests {
             g.entry(k, t + span * 2 + Duration::from_secs(i as u64), || 0);
             assert!(g.current.len() + g.previous.len() <= 6);
         }
+    }
+
+    #[test]
+    fn folds_count_per_address_and_bound_the_addresses() {
+        let f = Folds::default();
+        assert_eq!(f.note("ws_rejected", "10.0.0.1"), Noted::First);
+        assert_eq!(f.note("ws_rejected", "10.0.0.1"), Noted::Folded);
+        assert_eq!(f.note("login_failed", "10.0.0.1"), Noted::First);
+        // One IPv6 client rotating through its /64 is one address.
+        assert_eq!(f.note("ws_rejected", "2001:db8::1"), Noted::First);
+        assert_eq!(f.note("ws_rejected", "2001:db8::2"), Noted::Folded);
+        for i in 0..1000 {
+            f.note("ws_rejected", &format!("10.1.{}.{}", i / 250, i % 250));
+        }
+        let mut drained = f.drain();
+        drained.sort_by(|a, b| a.ip.cmp(&b.ip));
+        let star = drained.iter().find(|d| d.ip == "*").expect("overflow fold");
+        assert!(drained.len() <= MAX_FOLDS + 1, "{}", drained.len());
+        assert!(star.repeated > 0);
+        assert!(drained.contains(&Fold {
+            action: "ws_rejected",
+            ip: "2001:db8:0:0::/64".into(),
+            repeated: 1
+        }));
+        assert!(f.drain().is_empty(), "a new window starts empty");
     }
 
     #[test]

@@ -17,10 +17,12 @@ use crate::enforce::{ExpiryTimer, Sweeper};
 use crate::fanout::Fanout;
 use crate::hub::Hub;
 use crate::keepalive::Keepalive;
-use crate::limits::{KeyedLimiter, LoginLimits, SlowLane, Tarpit};
+use crate::limits::{Folds, KeyedLimiter, LoginLimits, SlowLane, Tarpit};
 use crate::peer::{close, Flusher};
 use crate::presence::Batcher;
 use crate::reaper::{Reaper, Watched};
+use crate::service::Periodic;
+use crate::store::audit::AuditEntry;
 use crate::store::Store;
 use std::io::Write;
 use std::net::TcpListener;
@@ -30,10 +32,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const HOUR: Duration = Duration::from_secs(3600);
+const MINUTE: Duration = Duration::from_secs(60);
+/// Anonymous upgrade refusals an address gets answered at once per minute; past it,
+/// 429 after the tarpit's pause.
+const UPGRADE_REFUSALS_PER_MINUTE: u32 = 60;
 
 /// The services no request handler needs a handle to.
 struct Background {
     flusher: Flusher,
+    folds: Periodic,
     keepalive: Option<Keepalive>,
     presence: Batcher,
     sweeper: Sweeper,
@@ -94,6 +101,8 @@ fn start_app(
         login_limits: LoginLimits::new(cfg.login_rate),
         register_limiter: KeyedLimiter::new(cfg.register_rate, HOUR),
         room_limiter: KeyedLimiter::new(cfg.room_rate, HOUR),
+        upgrade_refusals: KeyedLimiter::new(UPGRADE_REFUSALS_PER_MINUTE, MINUTE),
+        folds: Default::default(),
         slow_lane: SlowLane::start(cores, 64).map_err(io)?,
         tarpit: Tarpit::start(Duration::from_secs(1), 4096).map_err(io)?,
         expiry: ExpiryTimer::start().map_err(io)?,
@@ -115,6 +124,9 @@ fn start_background(
     flusher: Flusher,
 ) -> Result<Background, String> {
     let sweeper = Sweeper::start(app.hub.clone(), app.store.clone())?;
+    let (folds, store) = (app.folds.clone(), app.store.clone());
+    let folds = Periodic::start("audit-folds", MINUTE, move || write_folds(&folds, &store))
+        .map_err(|e| e.to_string())?;
     let keepalive =
         Keepalive::start(app.hub.clone(), app.cfg.ws_ping).map_err(|e| e.to_string())?;
     let presence =
@@ -130,6 +142,7 @@ fn start_background(
     let http_workers = crate::http::start_workers(app, server, app.cfg.http_workers);
     Ok(Background {
         flusher,
+        folds,
         keepalive,
         presence,
         sweeper,
@@ -163,6 +176,20 @@ fn sockets_that_fit(wanted: usize, fd_limit: u64, max_maps: u64) -> usize {
     wanted.min(fits)
 }
 
+/// Writes the summary row of every fold with repeats: how many refusals of that kind
+/// came from that address in the window that just ended.
+fn write_folds(folds: &Folds, store: &Store) {
+    for f in folds.drain() {
+        store.audit(AuditEntry {
+            actor: None,
+            action: f.action,
+            target: None,
+            ip: Some(f.ip),
+            detail: serde_json::json!({"repeated": f.repeated, "window_secs": MINUTE.as_secs()}),
+        });
+    }
+}
+
 fn shutdown(app: &Arc<App>, server: Arc<tiny_http::Server>, background: Background) {
     for _ in 0..background.http_workers.len() {
         server.unblock();
@@ -192,6 +219,8 @@ fn shutdown(app: &Arc<App>, server: Arc<tiny_http::Server>, background: Backgrou
     app.expiry.stop();
     app.tarpit.stop();
     app.slow_lane.stop();
+    background.folds.stop();
+    write_folds(&app.folds, &app.store);
     app.fanout.stop();
     background.flusher.stop();
     app.store.close();

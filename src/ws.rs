@@ -12,7 +12,7 @@ use crate::auth::{AuthError, Identity};
 use crate::error::ApiError;
 use crate::fanout::Target;
 use crate::hub::PresenceMode;
-use crate::limits::TokenBucket;
+use crate::limits::{Noted, TokenBucket};
 use crate::metrics::{inc, METRICS};
 use crate::model::Page;
 use crate::peer::{close, text_frame, Frame, Peer};
@@ -39,7 +39,8 @@ pub fn upgrade(app: &Arc<App>, request: Request) {
     let ip = peer_ip(&request);
     let (identity, accept, offered) = match admit(app, &request) {
         Ok(ok) => ok,
-        Err(e) => return reject(app, request, &e, ip),
+        Err(Refusal::Anonymous(e)) => return reject_anonymous(app, request, e, ip),
+        Err(Refusal::Known(e)) => return reject(app, request, &e, ip),
     };
     let Some(peer) = attach(app, &request, &identity) else {
         app.hub.unreserve(identity.user_id);
@@ -69,12 +70,23 @@ pub fn upgrade(app: &Arc<App>, request: Request) {
     }
 }
 
+/// Why an upgrade was refused, and whether we know who asked.
+enum Refusal {
+    /// Before a valid token: bad Origin, not an upgrade, no token or a bad one.
+    Anonymous(ApiError),
+    /// A valid token, but a banned user or no socket slot.
+    Known(ApiError),
+}
+
 /// The pre-upgrade checks plus a reserved socket slot.
-fn admit(app: &App, request: &Request) -> Result<(Identity, String, bool), ApiError> {
+fn admit(app: &App, request: &Request) -> Result<(Identity, String, bool), Refusal> {
     let (identity, accept, offered) = check(app, request)?;
-    app.hub
-        .reserve(identity.user_id)
-        .map_err(|hit| ApiError::rate_limited(format!("too many sockets ({hit:?})"), 5))?;
+    app.hub.reserve(identity.user_id).map_err(|hit| {
+        Refusal::Known(ApiError::rate_limited(
+            format!("too many sockets ({hit:?})"),
+            5,
+        ))
+    })?;
     Ok((identity, accept, offered))
 }
 
@@ -102,12 +114,45 @@ fn attach(app: &App, request: &Request, identity: &Identity) -> Option<Arc<Peer>
 }
 
 fn reject(app: &App, request: Request, e: &ApiError, ip: Option<String>) {
+    count_refusal(e);
+    audit_refusal(app, e, ip);
+    let _ = request.respond(Reply::error(e).into_response());
+}
+
+/// Anonymous refusals cost the server as little as possible: past
+/// `UPGRADE_REFUSALS_PER_MINUTE` per address they become 429s answered after the
+/// tarpit's pause, and their audit rows are folded to one per address and minute
+/// ([`crate::limits::Folds`]).
+fn reject_anonymous(app: &App, request: Request, e: ApiError, ip: Option<String>) {
+    let address = ip.as_deref().unwrap_or("-");
+    let limited = app.upgrade_refusals.check(address).err();
+    let e = match limited {
+        Some(secs) => ApiError::rate_limited("too many refused upgrades from this address", secs),
+        None => e,
+    };
+    count_refusal(&e);
+    if app.folds.note("ws_rejected", address) == Noted::First {
+        audit_refusal(app, &e, ip);
+    }
+    let answer = move || {
+        let _ = request.respond(Reply::error(&e).into_response());
+    };
+    match limited {
+        Some(_) => app.tarpit.hold(answer),
+        None => answer(),
+    }
+}
+
+fn count_refusal(e: &ApiError) {
     let counter = match e.http_status() {
         401 => &METRICS.upgrades_rejected_unauthorized,
         403 => &METRICS.upgrades_rejected_forbidden,
         _ => &METRICS.upgrades_rejected_limit,
     };
     inc(counter);
+}
+
+fn audit_refusal(app: &App, e: &ApiError, ip: Option<String>) {
     app.store.audit(AuditEntry {
         actor: None,
         action: "ws_rejected",
@@ -115,12 +160,26 @@ fn reject(app: &App, request: Request, e: &ApiError, ip: Option<String>) {
         ip,
         detail: json!({"status": e.http_status(), "reason": e.message}),
     });
-    let _ = request.respond(Reply::error(e).into_response());
 }
 
 /// Origin, handshake headers and token, in PROTOCOL.md's order. Returns who the
 /// socket is for, the `Sec-WebSocket-Accept` value, and whether `parley.v1` was offered.
-fn check(app: &App, rq: &Request) -> Result<(Identity, String, bool), ApiError> {
+fn check(app: &App, rq: &Request) -> Result<(Identity, String, bool), Refusal> {
+    let (token, accept, offered) = handshake(app, rq).map_err(Refusal::Anonymous)?;
+    let identity = app
+        .auth
+        .authenticate(&app.store, &token)
+        .map_err(|e| match e {
+            AuthError::Banned => Refusal::Known(e.into()),
+            other => Refusal::Anonymous(other.into()),
+        })?;
+    Ok((identity, accept, offered))
+}
+
+/// The checks before the token's: Origin, the handshake headers, a token present.
+/// Returns the token, the `Sec-WebSocket-Accept` value and whether `parley.v1` was
+/// offered.
+fn handshake(app: &App, rq: &Request) -> Result<(String, String, bool), ApiError> {
     check_origin(app, rq)?;
     let key = header_value(rq, "Sec-WebSocket-Key");
     let upgrade = header_value(rq, "Upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
@@ -147,9 +206,8 @@ fn check(app: &App, rq: &Request) -> Result<(Identity, String, bool), ApiError> 
         .or_else(|| bearer_token(rq).map(str::to_owned))
         .or_else(|| query_param(rq.url(), "access_token"));
     let token = token.ok_or(AuthError::Missing)?;
-    let identity = app.auth.authenticate(&app.store, &token)?;
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-    Ok((identity, accept, offered.contains(&SUBPROTOCOL)))
+    Ok((token, accept, offered.contains(&SUBPROTOCOL)))
 }
 
 /// Absent Origin (native clients) passes; present, it must be our own origin or allowed.

@@ -69,3 +69,58 @@ fn rooms_per_user_are_limited() {
         201,
     );
 }
+
+fn audit_rows(db: &std::path::Path, action: &str) -> Vec<(Option<String>, serde_json::Value)> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let mut st = c
+        .prepare("SELECT ip, detail FROM audit_log WHERE action = ?1 ORDER BY id")
+        .unwrap();
+    let rows = st
+        .query_map([action], |r| {
+            let detail: String = r.get(1)?;
+            Ok((r.get(0)?, serde_json::from_str(&detail).unwrap()))
+        })
+        .unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+/// One client with no account sending tokenless upgrades over fresh connections (it
+/// once wrote 47,054 audit rows in 5 s): the trail keeps one row for the first refusal
+/// and one summary row counting the rest; past 60 a minute the answers are 429s, each
+/// after the tarpit's pause.
+#[test]
+fn anonymous_refused_upgrades_are_cheap_and_folded() {
+    let dir = TempDir::new();
+    let mut srv = Server::start_in(dir.path(), &[]);
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..30)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..4)
+                        .map(|_| ws_handshake_raw(&srv, "/ws", &[]).status)
+                        .collect::<Vec<u16>>()
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    });
+    let refused = statuses.iter().filter(|s| **s == 401).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(refused + limited, 120, "{statuses:?}");
+    assert!(
+        (60..=65).contains(&refused),
+        "{refused} answered 401 at once"
+    );
+    let rows = audit_rows(&srv.db_path(), "ws_rejected");
+    assert_eq!(rows.len(), 1, "one row while the window is open: {rows:?}");
+    assert_eq!(rows[0].0.as_deref(), Some("127.0.0.1"));
+    // The window's summary is written when it closes, at the latest at shutdown.
+    srv.sigterm();
+    assert!(srv.wait_exit(std::time::Duration::from_secs(15)).is_some());
+    let rows = audit_rows(&dir.path().join("chat.db"), "ws_rejected");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[1].1["repeated"], 119, "{rows:?}");
+}
