@@ -696,7 +696,7 @@ mod tests {
     #[test]
     fn slow_readers_get_every_frame() {
         const PEERS: u64 = 48;
-        const FRAMES: u32 = 8_000;
+        const FRAMES: u32 = 4_000;
         let flusher = Flusher::start().unwrap();
         let mut readers = Vec::new();
         let mut peers = Vec::new();
