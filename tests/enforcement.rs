@@ -435,9 +435,26 @@ fn refresh_moves_the_socket_to_the_new_tokens_login() {
     assert_eq!(v["type"], "refreshed", "{v}");
     assert!(v["expires_at"].as_str().is_some_and(is_rfc3339), "{v}");
 
-    // Logging out the first login no longer touches this socket.
+    // Logging out the first login no longer touches this socket: neither the logout
+    // itself nor the revocation sweep that the change sets off. Instead of sleeping
+    // "long enough", a canary proves a sweep has run since: another login's socket,
+    // revoked by hand in the file (which only the sweep can notice), is closed.
+    let l3 = login(&srv, "alice");
+    let mut canary = Ws::connect(&srv, &access(&l3));
+    alive(&mut canary);
     assert_status(&srv.post_empty("/api/logout", Some(&access(&l1))), 204);
-    sleep(Duration::from_millis(2500));
+    let sid3 = jwt_parts(&access(&l3)).1["sid"]
+        .as_str()
+        .expect("sid claim")
+        .to_string();
+    let n = open_db(&srv.db_path())
+        .execute(
+            "UPDATE sessions SET revoked_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now'), revoked_reason = 'canary' WHERE id = ?1",
+            [&sid3],
+        )
+        .unwrap();
+    assert_eq!(n, 1, "the canary's sid {sid3} is a sessions row");
+    assert_eq!(wait_close(&mut canary, Duration::from_secs(10)), Some(4003));
     alive(&mut ws);
     // Logging out the second one closes it.
     assert_status(&srv.post_empty("/api/logout", Some(&access(&l2))), 204);
