@@ -1,13 +1,12 @@
 //! The WebSocket at `/ws`: token transports and rejections before the upgrade, join /
 //! leave / presence, send / ack / fan-out, DMs, history, `since` replay, ping, bad
-//! input, size limits, slow clients, the socket cap, and revocation of live sockets.
+//! input, size limits, the socket cap, and revocation of live sockets.
 
 mod common;
 
 use common::*;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
-use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 use tungstenite::protocol::frame::coding::{Data, OpCode};
@@ -1307,83 +1306,10 @@ fn fragmented_small_message_is_reassembled() {
 }
 
 // ---------------------------------------------------------------------------------
-// slow clients, the socket cap, revocation
+// the socket cap, revocation
 // ---------------------------------------------------------------------------------
 
-/// A TCP connection whose receive buffer is made tiny before connecting.
-fn tiny_rcvbuf_stream(srv: &Server) -> TcpStream {
-    use rustix::net::{connect, socket, sockopt, AddressFamily, SocketType};
-    let fd = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
-    sockopt::set_socket_recv_buffer_size(&fd, 2048).unwrap();
-    connect(&fd, &srv.addr()).unwrap();
-    let s = TcpStream::from(fd);
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    s
-}
-
-#[test]
-fn a_client_that_stops_reading_is_closed_with_1008() {
-    let srv = Server::start(&["--send-queue", "8", "--msg-rate", "0"]);
-    let alice = new_user(&srv, "alice");
-    let bob = new_user(&srv, "bob");
-    let carol = new_user(&srv, "carol");
-
-    // bob: joins, then stops reading.
-    let req = with_header(
-        ws_request(&srv, "/ws"),
-        "Authorization",
-        &format!("Bearer {bob}"),
-    );
-    let (ws, _) = tungstenite::client::client(req, tiny_rcvbuf_stream(&srv)).expect("bob upgrade");
-    let mut slow = Ws {
-        ws,
-        response: tungstenite::http::Response::new(None),
-    };
-    slow.join("general");
-
-    // carol: a healthy reader in another thread.
-    let mut fast = Ws::connect(&srv, &carol);
-    fast.join("general");
-    let mut sender = Ws::connect(&srv, &alice);
-    sender.join("general");
-
-    let n = 200;
-    let body = "😀".repeat(4000); // 16 KB per message
-    let ids: Vec<i64> = thread::scope(|s| {
-        let reader = s.spawn(move || {
-            let mut got = Vec::new();
-            while got.len() < n {
-                let m = fast.recv_skipping(&["presence"]);
-                assert_eq!(m["type"], "message", "{m}");
-                got.push(m["id"].as_i64().unwrap());
-            }
-            got
-        });
-        let mut ids = Vec::new();
-        let mut i = 0;
-        while ids.len() < n {
-            let r = format!("s{i}");
-            i += 1;
-            sender.send(&json!({"type": "send", "room": "general", "body": body, "ref": r}));
-            let v = sender.recv_skipping(&["presence", "message"]);
-            if v["type"] == "ack" {
-                assert_eq!(v["ref"], r.as_str());
-                ids.push(v["id"].as_i64().unwrap());
-            } else if v["type"] == "error" && v["code"] == "rate_limited" {
-                thread::sleep(Duration::from_millis(100));
-            } else {
-                panic!("sender got {v}");
-            }
-        }
-        let got = reader.join().unwrap();
-        assert_eq!(got, ids, "the healthy reader got every message, in order");
-        ids
-    });
-    assert_eq!(ids.len(), n);
-    // bob, reading at last, finds his socket was closed with 1008.
-    assert_eq!(slow.expect_close(), Some(1008));
-}
+// (Slow clients and 1008 have their own file: tests/slow_clients.rs.)
 
 #[test]
 fn max_sockets_caps_connections_with_429() {
