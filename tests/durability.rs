@@ -346,3 +346,133 @@ fn sigterm_closes_sockets_with_1001_and_exits_0() {
 fn sigint_closes_sockets_with_1001_and_exits_0() {
     shutdown_closes_sockets_with_1001(true);
 }
+
+// ---------------------------------------------------------------------------------
+// an ack means the message is on disk
+// ---------------------------------------------------------------------------------
+
+/// Asserts that no frame at all arrives on `ws` for `quiet`.
+#[track_caller]
+fn assert_silent(ws: &mut Ws, quiet: Duration, what: &str) {
+    ws.stream().set_read_timeout(Some(quiet)).unwrap();
+    match ws.ws.read() {
+        Err(tungstenite::Error::Io(e))
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut => {}
+        other => panic!("{what}: expected nothing for {quiet:?}, got {other:?}"),
+    }
+    ws.stream().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+}
+
+/// The body of message `id` in the database file, if it is there.
+fn stored_body(dir: &std::path::Path, id: i64) -> Option<String> {
+    open_db(&dir.join("chat.db"))
+        .query_row("SELECT body FROM messages WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .map(Some)
+        .unwrap_or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => None,
+            e => panic!("query: {e}"),
+        })
+}
+
+/// Two users joined to `general` on a fresh server in `dir`: (server, alice's
+/// socket, bob's socket), with every presence frame already read.
+fn two_in_general(dir: &std::path::Path) -> (Server, Ws, Ws) {
+    let srv = Server::start_in(dir, &["--msg-rate", "0"]);
+    let alice = new_user(&srv, "alice");
+    let bob = new_user(&srv, "bob");
+    let mut a = Ws::connect(&srv, &alice);
+    a.join("general");
+    let mut b = Ws::connect(&srv, &bob);
+    b.join("general");
+    // alice sees bob arrive, then her pong: nothing else is pending for either.
+    a.send(&json!({"type": "ping"}));
+    assert_eq!(a.recv_skipping(&["presence"])["type"], "pong");
+    b.ping();
+    (srv, a, b)
+}
+
+#[test]
+fn no_ack_or_broadcast_while_the_database_cannot_be_written() {
+    // Claim: "An ack means the message is on disk", and messages are "stored first,
+    // then" broadcast. While the test holds the database's write lock (as sqlite3
+    // could), a send gets neither its ack nor its broadcast; once the lock is
+    // released (well inside the writer's 5 s busy timeout) both come, and the row is
+    // in the file.
+    let dir = TempDir::new();
+    let (_srv, mut a, mut b) = two_in_general(dir.path());
+    let lock = open_db(&dir.path().join("chat.db"));
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let held = Instant::now();
+    a.send(&json!({"type": "send", "room": "general", "body": "held back", "ref": "h"}));
+    assert_silent(
+        &mut a,
+        Duration::from_secs(1),
+        "the sender, while the lock is held",
+    );
+    assert_silent(
+        &mut b,
+        Duration::from_millis(100),
+        "bob, while the lock is held",
+    );
+    assert!(
+        held.elapsed() < Duration::from_secs(4),
+        "test premise: the lock was held well under the writer's 5 s busy timeout"
+    );
+    lock.execute_batch("ROLLBACK").unwrap();
+
+    let m = a.recv();
+    assert_eq!(m["type"], "message", "{m}");
+    assert_eq!(m["body"], "held back");
+    let ack = a.recv();
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["ref"], "h");
+    assert_eq!(ack["id"], m["id"]);
+    assert_eq!(b.recv(), m, "bob gets the broadcast after the commit");
+    let id = ack["id"].as_i64().unwrap();
+    assert_eq!(stored_body(dir.path(), id).as_deref(), Some("held back"));
+}
+
+#[test]
+fn a_failed_commit_is_never_acked_or_broadcast() {
+    // Claim: the ack (and the broadcast) follow the COMMIT, not the INSERT. A trap
+    // set in the file makes the writer's COMMIT fail for one message body: a deferred
+    // foreign key that only COMMIT checks. That send must get an error, never an
+    // ack; bob must not see it; it is not in the file; the next send works.
+    let dir = TempDir::new();
+    let (_srv, mut a, mut b) = two_in_general(dir.path());
+    open_db(&dir.path().join("chat.db"))
+        .execute_batch(
+            "CREATE TABLE test_trap_parent(id INTEGER PRIMARY KEY);
+             CREATE TABLE test_trap(x INTEGER REFERENCES test_trap_parent(id)
+                                    DEFERRABLE INITIALLY DEFERRED);
+             CREATE TRIGGER test_trap_fire AFTER INSERT ON messages
+               WHEN NEW.body = 'doomed'
+               BEGIN INSERT INTO test_trap(x) VALUES (42); END;",
+        )
+        .unwrap();
+
+    a.send(&json!({"type": "send", "room": "general", "body": "doomed", "ref": "d"}));
+    let v = reply_to(&mut a, "d", &[]);
+    assert_eq!(v["type"], "error", "a send whose COMMIT failed: {v}");
+    assert_silent(
+        &mut b,
+        Duration::from_millis(300),
+        "bob, after a failed commit",
+    );
+    let n: i64 = open_db(&dir.path().join("chat.db"))
+        .query_row(
+            "SELECT count(*) FROM messages WHERE body = 'doomed'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 0, "the failed message is not in the file");
+
+    // Other messages are unaffected.
+    let (m, id) = a.send_msg("general", "fine");
+    assert_eq!(b.recv(), m);
+    assert_eq!(stored_body(dir.path(), id).as_deref(), Some("fine"));
+}
