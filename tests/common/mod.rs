@@ -1251,6 +1251,45 @@ impl Ws {
         let _ = self.ws.close(None);
         let _ = self.ws.flush();
     }
+
+    /// Closes the socket and waits until the server has closed the TCP connection,
+    /// which it does only after it has taken the socket out of its rooms (so no later
+    /// `presence` from it can reach a socket that joins afterwards).
+    #[track_caller]
+    pub fn close_and_wait(mut self) {
+        let _ = self.ws.close(None);
+        let _ = self.ws.flush();
+        let deadline = Instant::now() + IO_TIMEOUT;
+        // The close handshake first (tungstenite answers ConnectionClosed once done)...
+        loop {
+            match self.ws.read() {
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut =>
+                {
+                    panic!("no answer to a close frame within {IO_TIMEOUT:?}")
+                }
+                Err(_) => break,
+            }
+        }
+        // ...then the end of the TCP stream.
+        let s = self.ws.get_mut();
+        let mut buf = [0u8; 1024];
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "the server kept the connection open"
+            );
+            match s.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                    panic!("the server kept the connection open")
+                }
+                Err(_) => return,
+            }
+        }
+    }
 }
 
 /// Reads until a close frame arrives (within `within`); returns its code.
@@ -1310,7 +1349,8 @@ pub fn expect_ws_error(ws: &mut Ws, code: &str, r: &str, skip: &[&str]) {
 
 /// Posts `n` messages to `room` as the holder of `token` and returns their ids in
 /// order. Uses a fresh socket per 15 messages so that a per-socket rate limit (20/s by
-/// default in a later version) is never reached.
+/// default in a later version) is never reached; each is fully closed (the server has
+/// let go of it) before the function returns.
 pub fn post_messages(srv: &Server, token: &str, room: &str, n: usize, prefix: &str) -> Vec<i64> {
     let mut ids = Vec::with_capacity(n);
     let mut i = 0;
@@ -1325,7 +1365,7 @@ pub fn post_messages(srv: &Server, token: &str, room: &str, n: usize, prefix: &s
             ids.push(id);
             i += 1;
         }
-        ws.close();
+        ws.close_and_wait();
     }
     ids
 }
