@@ -97,12 +97,9 @@ fn names_number(text: &str, n: i64) -> bool {
         .any(|w| w == n.to_string())
 }
 
+/// SIGTERM; returns once the process exited and its output was read to the end.
 fn stop(srv: &mut Server) {
-    srv.sigterm();
-    assert!(
-        srv.wait_exit(Duration::from_secs(30)).is_some(),
-        "server did not exit on SIGTERM"
-    );
+    srv.stop();
 }
 
 // ---------------------------------------------------------------------------------
@@ -381,14 +378,29 @@ fn audit_paging_and_limits() {
     joined.extend(ids(&p2));
     assert_eq!(joined, ids(&all)[..20].to_vec(), "pages join without gap");
     assert!(ids(&p2).iter().all(|i| *i < last));
-    // The very oldest: before the smallest id there is nothing.
-    let oldest = events(&srv, &alice, "?limit=1000&before=2");
-    assert!(
-        oldest.iter().all(|e| e["id"].as_i64().unwrap() < 2),
-        "{oldest:?}"
+    // The very oldest end of the trail, against the file itself: `before` the second
+    // oldest row gives exactly the oldest row, and `before` the oldest gives nothing.
+    let first_two: Vec<i64> = open_db(&srv.db_path())
+        .prepare("SELECT id FROM audit_log ORDER BY id LIMIT 2")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(first_two.len(), 2, "the trail has over a thousand rows");
+    let oldest = events(
+        &srv,
+        &alice,
+        &format!("?limit=1000&before={}", first_two[1]),
     );
-    let none = events(&srv, &alice, "?before=1");
-    assert!(none.is_empty(), "nothing before id 1: {none:?}");
+    assert_eq!(ids(&oldest), vec![first_two[0]], "{oldest:?}");
+    assert_eq!(
+        oldest[0]["action"], "register",
+        "the oldest row: {oldest:?}"
+    );
+    assert_eq!(oldest[0]["target"], "alice", "the oldest row: {oldest:?}");
+    let none = events(&srv, &alice, &format!("?before={}", first_two[0]));
+    assert!(none.is_empty(), "nothing before the oldest row: {none:?}");
 }
 
 #[test]

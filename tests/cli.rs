@@ -9,6 +9,18 @@ use std::process::Output;
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// Asserts that a failed run's stderr is a `parley: ...` message mentioning `word`
+/// (case-insensitively) and no panic.
+#[track_caller]
+fn assert_stderr_says(out: &Output, word: &str, what: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("parley: ") && err.to_lowercase().contains(&word.to_lowercase()),
+        "{what}: stderr should be a `parley: ...` message about {word:?}, got {err:?}"
+    );
+    assert!(!err.contains("panicked"), "{what}: the CLI panicked: {err}");
+}
+
 fn user_add(dir: &Path, name: &str, role: Option<&str>, password_line: &str) -> Output {
     let db = db_arg(dir);
     let mut args = vec!["user", "add", name];
@@ -142,22 +154,26 @@ fn user_add_failures() {
         1,
         "duplicate name",
     );
-    for (name, pw, what) in [
-        ("a b", "password-two\n", "invalid name"),
-        ("xy", "password-two\n", "name too short"),
-        ("bob", "short\n", "password too short"),
-        ("bob", "\n", "empty password"),
-        ("bob", "", "no password at all"),
+    // Invalid values are bad usage: exit 2 (not 1, and not a panic's 101), with a
+    // message on stderr that says what was wrong.
+    for (name, pw, what, says) in [
+        ("a b", "password-two\n", "invalid name", "username"),
+        ("xy", "password-two\n", "name too short", "username"),
+        ("bob", "short\n", "password too short", "password"),
+        ("bob", "\n", "empty password", "password"),
+        ("bob", "", "no password at all", "password"),
     ] {
         let out = user_add(dir.path(), name, None, pw);
-        assert!(
-            !out.status.success(),
-            "{what}: user add should fail, got {:?}",
-            out.status
-        );
+        assert_exit(&out, 2, what);
+        assert_stderr_says(&out, says, what);
     }
     let out = user_add(dir.path(), "bob", Some("wizard"), "password-two\n");
-    assert!(!out.status.success(), "unknown role must fail");
+    assert_exit(&out, 2, "unknown role");
+    assert_stderr_says(&out, "wizard", "unknown role");
+    // The duplicate above was a runtime failure (exit 1) that said so.
+    let out = user_add(dir.path(), "Alice", None, "password-two\n");
+    assert_exit(&out, 1, "duplicate name");
+    assert_stderr_says(&out, "taken", "duplicate name");
     // None of the failures created an account.
     let srv = Server::start_in(dir.path(), &[]);
     for name in ["bob", "xy"] {
@@ -202,7 +218,12 @@ fn backup_of_a_live_database() {
     // Writes keep going while the backup runs.
     let (during, out) = thread::scope(|s| {
         let w = s.spawn(|| post_messages(&srv, &at, "general", 30, "during"));
-        thread::sleep(Duration::from_millis(50));
+        // Start the backup once the concurrent writes have begun.
+        wait_until(
+            Duration::from_secs(10),
+            "the first concurrent write",
+            || stored_message_count(&db) > before.len() as i64,
+        );
         let out = run_cli(
             &[
                 "backup",
@@ -275,7 +296,10 @@ fn backup_failures() {
         ],
         "",
     );
-    assert!(!out.status.success(), "backup of a missing db must fail");
+    // A runtime failure (exit 1), explained, and no copy written.
+    assert_exit(&out, 1, "backup of a missing database");
+    assert_stderr_says(&out, "nope", "backup of a missing database");
+    assert!(!target.exists(), "no copy of a missing database");
     // Missing FILE argument.
     let out = run_cli(&["backup", "--db", missing.to_str().unwrap()], "");
     assert_exit(&out, 2, "backup without FILE");

@@ -334,6 +334,56 @@ fn an_expired_token_closes_its_socket_with_4001() {
     assert_ws_rejected(&upgrade_header(&srv, &token), 401, "unauthorized");
 }
 
+/// Reads `ws` until its close frame, which must come before the wall clock passes
+/// `deadline` (unix seconds); returns the close code.
+#[track_caller]
+fn close_before(ws: &mut Ws, deadline: f64) -> Option<u16> {
+    let left = deadline - now_f64();
+    assert!(
+        left > 0.0,
+        "already past the deadline {deadline} for a close"
+    );
+    let code = wait_close(ws, Duration::from_secs_f64(left));
+    assert!(now_f64() <= deadline + 0.05, "closed after {deadline}");
+    code
+}
+
+#[test]
+fn sockets_close_in_the_order_their_tokens_expire() {
+    // Claim: the one expiry timer closes each socket at its own token's expiry, the
+    // earliest first. Two sockets of one user whose tokens expire two seconds apart:
+    // the first closes (4001) within a second of its expiry while the second is still
+    // open, and the second closes within a second of its own. (A timer that looked
+    // at the latest expiry first would close both at the later one.)
+    let srv = start_unlimited(&["--access-ttl", "4"]);
+    register(&srv, "alice");
+    let early = access(&login(&srv, "alice"));
+    let exp1 = exp_of(&early);
+    // Log in again once the clock is two whole seconds past the first token's iat.
+    sleep_until((exp1 - 4 + 2) as f64);
+    let late = access(&login(&srv, "alice"));
+    let exp2 = exp_of(&late);
+    assert!(
+        exp2 >= exp1 + 2,
+        "test premise: the tokens expire two seconds apart ({exp1} vs {exp2})"
+    );
+    let mut a = Ws::connect(&srv, &early);
+    let mut b = Ws::connect(&srv, &late);
+    alive(&mut a);
+    alive(&mut b);
+    assert!(
+        now_f64() < exp1 as f64,
+        "test premise: both sockets opened in time"
+    );
+
+    assert_eq!(close_before(&mut a, exp1 as f64 + 1.0), Some(4001));
+    assert!(now_secs() >= exp1, "closed before its token expired");
+    // At that moment the later socket is open and working.
+    alive(&mut b);
+    assert_eq!(close_before(&mut b, exp2 as f64 + 1.0), Some(4001));
+    assert!(now_secs() >= exp2, "closed before its token expired");
+}
+
 #[test]
 fn refresh_on_a_live_socket_keeps_it_open_until_the_new_expiry() {
     let srv = start_unlimited(&["--access-ttl", "4"]);
@@ -435,9 +485,26 @@ fn refresh_moves_the_socket_to_the_new_tokens_login() {
     assert_eq!(v["type"], "refreshed", "{v}");
     assert!(v["expires_at"].as_str().is_some_and(is_rfc3339), "{v}");
 
-    // Logging out the first login no longer touches this socket.
+    // Logging out the first login no longer touches this socket: neither the logout
+    // itself nor the revocation sweep that the change sets off. Instead of sleeping
+    // "long enough", a canary proves a sweep has run since: another login's socket,
+    // revoked by hand in the file (which only the sweep can notice), is closed.
+    let l3 = login(&srv, "alice");
+    let mut canary = Ws::connect(&srv, &access(&l3));
+    alive(&mut canary);
     assert_status(&srv.post_empty("/api/logout", Some(&access(&l1))), 204);
-    sleep(Duration::from_millis(2500));
+    let sid3 = jwt_parts(&access(&l3)).1["sid"]
+        .as_str()
+        .expect("sid claim")
+        .to_string();
+    let n = open_db(&srv.db_path())
+        .execute(
+            "UPDATE sessions SET revoked_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now'), revoked_reason = 'canary' WHERE id = ?1",
+            [&sid3],
+        )
+        .unwrap();
+    assert_eq!(n, 1, "the canary's sid {sid3} is a sessions row");
+    assert_eq!(wait_close(&mut canary, Duration::from_secs(10)), Some(4003));
     alive(&mut ws);
     // Logging out the second one closes it.
     assert_status(&srv.post_empty("/api/logout", Some(&access(&l2))), 204);

@@ -52,23 +52,35 @@ fn example_db_opens_and_matches_schema_sql() {
         "chat.db.example layout == schema.sql"
     );
 
+    // The example carries the schema version that the current binary writes into a
+    // database it creates (a fresh file made by `parley user add`), so a server built
+    // from this tree accepts it as its own.
     let v_example: i64 = example
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert!(v_example > 0, "the example carries a schema version");
-    // If schema.sql itself sets the version (outside comments), the two agree.
-    let schema_code: String = schema
-        .lines()
-        .map(|l| l.split("--").next().unwrap_or(""))
-        .collect::<Vec<_>>()
-        .join("\n")
-        .to_ascii_lowercase();
-    if schema_code.contains("user_version") {
-        let v_schema: i64 = fresh
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(v_example, v_schema);
-    }
+    let fresh_dir = TempDir::new();
+    let out = run_cli(
+        &[
+            "user",
+            "add",
+            "someone",
+            "--db",
+            &db_arg(fresh_dir.path()),
+            "--bcrypt-cost",
+            "4",
+        ],
+        "password-one\n",
+    );
+    assert_exit(&out, 0, "user add on a fresh database");
+    let v_fresh: i64 = Connection::open(fresh_dir.path().join("chat.db"))
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert!(v_fresh > 0, "a fresh database carries a schema version");
+    assert_eq!(
+        v_example, v_fresh,
+        "chat.db.example's user_version == a fresh database's"
+    );
 
     // The tables PROTOCOL.md names, and a little demo data.
     for t in ["roles", "permissions", "role_permissions"] {

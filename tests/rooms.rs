@@ -94,6 +94,75 @@ fn create_room_and_conflict() {
 }
 
 #[test]
+fn room_create_follows_the_role_permissions_table() {
+    // Claim: `POST /api/rooms` is decided by the database's role_permissions, not by
+    // a fixed rule. With room.create taken from `member` (by hand, in the live file),
+    // a member is refused 403, no room is made, and the refusal is audited with the
+    // permission; an admin still creates rooms.
+    let srv = start_unlimited(&[]);
+    let admin = new_user(&srv, "alice");
+    let member = new_user(&srv, "bob");
+    let removed = open_db(&srv.db_path())
+        .execute(
+            "DELETE FROM role_permissions WHERE role = 'member' AND permission = 'room.create'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(removed, 1, "member held room.create in a new database");
+
+    // PROTOCOL.md lets such a change take up to 5 s to reach the server; a room made
+    // in that window gets its own name, and only the refused one is checked.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        let name = format!("bobs-room-{}", unique());
+        let r = srv.post("/api/rooms", Some(&member), &json!({ "name": name }));
+        if r.status == 403 {
+            assert_error(&r, 403, "forbidden");
+            break name;
+        }
+        assert_status(&r, 201);
+        assert!(
+            Instant::now() < deadline,
+            "members still create rooms 5 s after room.create was taken away"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        room(&rooms(&srv, &member), &refused).is_none(),
+        "a refused room is not listed"
+    );
+    let in_file: i64 = open_db(&srv.db_path())
+        .query_row(
+            "SELECT count(*) FROM rooms WHERE name = ?1",
+            [&refused],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(in_file, 0, "a refused room is not in the database");
+    // The socket cannot join it either.
+    let mut ws = Ws::connect(&srv, &member);
+    ws.send(&json!({"type": "join", "room": refused, "ref": "j"}));
+    expect_ws_error(&mut ws, "not_found", "j", &[]);
+
+    // The refusal is audited: actor bob, action forbidden, the permission named.
+    wait_until(Duration::from_secs(10), "the forbidden audit row", || {
+        let r = srv.get("/api/admin/audit?limit=1000", Some(&admin));
+        assert_status(&r, 200);
+        r.json()["events"].as_array().unwrap().iter().any(|e| {
+            e["action"] == "forbidden"
+                && e["actor"] == "bob"
+                && e["target"] == refused.as_str()
+                && e["detail"]["permission"] == "room.create"
+        })
+    });
+
+    // The admin role keeps room.create.
+    let r = srv.post("/api/rooms", Some(&admin), &json!({"name": "admins-room"}));
+    assert_status(&r, 201);
+    assert!(room(&rooms(&srv, &admin), "admins-room").is_some());
+}
+
+#[test]
 fn create_room_validation_and_auth() {
     let srv = Server::start(&[]);
     let at = new_user(&srv, "alice");

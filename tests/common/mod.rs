@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,6 +32,24 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 /// A process-unique number (for temp dir names, refs, message bodies).
 pub fn unique() -> u64 {
     COUNTER.fetch_add(1, Ordering::SeqCst)
+}
+
+/// Polls `cond` every 10 ms until it holds; fails the test, naming `what`, if it still
+/// does not hold after `within`. The replacement for a fixed sleep: it waits exactly as
+/// long as the condition needs, and a loaded machine only makes it slower, not wrong.
+#[track_caller]
+pub fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    loop {
+        if cond() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -91,8 +109,13 @@ pub struct Server {
     pub port: u16,
     pub dir: PathBuf,
     tmp: Option<TempDir>,
-    stderr: Arc<Mutex<String>>,
+    /// Everything the server wrote to stderr, byte for byte (a log line need not be
+    /// UTF-8 for a test to search it).
+    stderr: Arc<Mutex<Vec<u8>>>,
     stdout: Arc<Mutex<String>>,
+    /// Set by each pipe's reader thread once that pipe reached end-of-file.
+    stderr_eof: Arc<AtomicBool>,
+    stdout_eof: Arc<AtomicBool>,
 }
 
 impl Server {
@@ -144,45 +167,50 @@ impl Server {
         }
         let mut child = cmd.spawn().expect("spawn parley");
 
-        let stderr = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
         let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr_eof = Arc::new(AtomicBool::new(false));
+        let stdout_eof = Arc::new(AtomicBool::new(false));
         {
-            let err = child.stderr.take().unwrap();
-            let log = stderr.clone();
+            let mut err = child.stderr.take().unwrap();
+            let (log, eof) = (stderr.clone(), stderr_eof.clone());
             thread::spawn(move || {
-                let mut r = BufReader::new(err);
-                let mut line = String::new();
+                let mut buf = [0u8; 8192];
                 loop {
-                    line.clear();
-                    match r.read_line(&mut line) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => log.lock().unwrap().push_str(&line),
+                    match err.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => log.lock().unwrap().extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                        Err(_) => break,
                     }
                 }
+                eof.store(true, Ordering::SeqCst);
             });
         }
         let (tx, rx) = mpsc::channel::<String>();
         {
             let out = child.stdout.take().unwrap();
-            let rest = stdout.clone();
+            let (rest, eof) = (stdout.clone(), stdout_eof.clone());
             thread::spawn(move || {
                 let mut r = BufReader::new(out);
                 let mut first = true;
-                let mut line = String::new();
+                let mut line = Vec::new();
                 loop {
                     line.clear();
-                    match r.read_line(&mut line) {
+                    match r.read_until(b'\n', &mut line) {
                         Ok(0) | Err(_) => break,
                         Ok(_) => {
+                            let text = String::from_utf8_lossy(&line).into_owned();
                             if first {
                                 first = false;
-                                let _ = tx.send(line.clone());
+                                let _ = tx.send(text);
                             } else {
-                                rest.lock().unwrap().push_str(&line);
+                                rest.lock().unwrap().push_str(&text);
                             }
                         }
                     }
                 }
+                eof.store(true, Ordering::SeqCst);
             });
         }
 
@@ -193,6 +221,8 @@ impl Server {
             tmp: None,
             stderr,
             stdout,
+            stderr_eof,
+            stdout_eof,
         };
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(line) => {
@@ -230,8 +260,37 @@ impl Server {
         self.child.as_ref().expect("server already reaped").id()
     }
 
+    /// The server's stderr so far, as text (invalid UTF-8 replaced).
     pub fn stderr_log(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// The server's stderr so far, byte for byte.
+    pub fn stderr_raw(&self) -> Vec<u8> {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// Whether both of the server's output pipes have reached end-of-file (every
+    /// process holding them has closed them).
+    pub fn pipes_closed(&self) -> bool {
+        self.stderr_eof.load(Ordering::SeqCst) && self.stdout_eof.load(Ordering::SeqCst)
+    }
+
+    /// SIGTERM, then waits (up to 30 s) for the process to exit and for its output
+    /// pipes to reach end-of-file, so that everything it logged has been read.
+    /// Returns the exit status.
+    #[track_caller]
+    pub fn stop(&mut self) -> ExitStatus {
+        self.sigterm();
+        let status = self
+            .wait_exit(Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("server did not exit within 30 s of SIGTERM"));
+        wait_until(
+            Duration::from_secs(10),
+            "the server's output pipes to close",
+            || self.pipes_closed(),
+        );
+        status
     }
 
     pub fn stdout_rest(&self) -> String {
@@ -321,6 +380,35 @@ impl Drop for Server {
         }
         self.kill9();
     }
+}
+
+/// The value of the un-labelled metric `name` in the server's `/metrics` now.
+#[track_caller]
+pub fn metric_now(srv: &Server, name: &str) -> f64 {
+    let r = srv.get("/metrics", None);
+    assert_status(&r, 200);
+    let text = r.text();
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.trim().rsplit_once(' ')?;
+            (k == name).then(|| v.parse::<f64>().expect("a numeric metric"))
+        })
+        .unwrap_or_else(|| panic!("metric {name} missing from:\n{text}"))
+}
+
+/// A connection to the server's database file, as `sqlite3` would open it while the
+/// server runs (WAL; waits up to 5 s for a lock).
+pub fn open_db(path: &Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(path).expect("open the database file");
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn
+}
+
+/// `SELECT count(*) FROM messages` in the database file at `path`.
+pub fn stored_message_count(path: &Path) -> i64 {
+    open_db(path)
+        .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+        .expect("count messages")
 }
 
 /// A server with the login and message rate limits off (every test connects from
@@ -1163,6 +1251,45 @@ impl Ws {
         let _ = self.ws.close(None);
         let _ = self.ws.flush();
     }
+
+    /// Closes the socket and waits until the server has closed the TCP connection,
+    /// which it does only after it has taken the socket out of its rooms (so no later
+    /// `presence` from it can reach a socket that joins afterwards).
+    #[track_caller]
+    pub fn close_and_wait(mut self) {
+        let _ = self.ws.close(None);
+        let _ = self.ws.flush();
+        let deadline = Instant::now() + IO_TIMEOUT;
+        // The close handshake first (tungstenite answers ConnectionClosed once done)...
+        loop {
+            match self.ws.read() {
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut =>
+                {
+                    panic!("no answer to a close frame within {IO_TIMEOUT:?}")
+                }
+                Err(_) => break,
+            }
+        }
+        // ...then the end of the TCP stream.
+        let s = self.ws.get_mut();
+        let mut buf = [0u8; 1024];
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "the server kept the connection open"
+            );
+            match s.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                    panic!("the server kept the connection open")
+                }
+                Err(_) => return,
+            }
+        }
+    }
 }
 
 /// Reads until a close frame arrives (within `within`); returns its code.
@@ -1222,7 +1349,8 @@ pub fn expect_ws_error(ws: &mut Ws, code: &str, r: &str, skip: &[&str]) {
 
 /// Posts `n` messages to `room` as the holder of `token` and returns their ids in
 /// order. Uses a fresh socket per 15 messages so that a per-socket rate limit (20/s by
-/// default in a later version) is never reached.
+/// default in a later version) is never reached; each is fully closed (the server has
+/// let go of it) before the function returns.
 pub fn post_messages(srv: &Server, token: &str, room: &str, n: usize, prefix: &str) -> Vec<i64> {
     let mut ids = Vec::with_capacity(n);
     let mut i = 0;
@@ -1237,7 +1365,7 @@ pub fn post_messages(srv: &Server, token: &str, room: &str, n: usize, prefix: &s
             ids.push(id);
             i += 1;
         }
-        ws.close();
+        ws.close_and_wait();
     }
     ids
 }
