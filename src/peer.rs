@@ -184,6 +184,21 @@ struct Held {
     frame: Frame,
 }
 
+impl Outq {
+    /// Whether a live room message was already sent by a replay. Live messages come
+    /// in id order, so the first one past a seam ends it.
+    fn already_replayed(&mut self, room: &str, id: i64) -> bool {
+        let Some(at) = self.seams.iter().position(|(r, _)| r == room) else {
+            return false;
+        };
+        if id <= self.seams[at].1 {
+            return true;
+        }
+        self.seams.swap_remove(at);
+        false
+    }
+}
+
 struct Outq {
     /// False until the 101 response is out: frames queue but are not written.
     writable: bool,
@@ -194,6 +209,10 @@ struct Outq {
     /// Whether the flusher is watching this peer.
     watched: bool,
     hold: Option<Vec<Held>>,
+    /// Rooms whose replay ended at a message id, until a live message above it comes:
+    /// a message the replay read may still be on its way to the fan-out (stored and
+    /// visible, its broadcast not yet queued), and its live copy must not double it.
+    seams: Vec<(String, i64)>,
     /// When a closing peer that still cannot take its close frame is cut off.
     close_deadline: Option<Instant>,
 }
@@ -254,6 +273,7 @@ impl Peer {
                 state: State::Open,
                 watched: false,
                 hold: None,
+                seams: Vec::new(),
                 close_deadline: None,
             }),
             changed: Condvar::new(),
@@ -355,6 +375,11 @@ impl Peer {
         let out: &mut Outq = &mut q;
         if out.state != State::Open {
             return Handed::Closed;
+        }
+        if let Some((room, id)) = room_msg {
+            if out.already_replayed(room, id) {
+                return Handed::Queued;
+            }
         }
         match out.hold.as_mut().filter(|_| mode != Mode::Direct) {
             Some(held) if held.len() < self.queue_limit => {
@@ -511,11 +536,17 @@ impl Peer {
     pub fn release(self: &Arc<Self>, room: &str, replayed_up_to: i64) {
         let mut q = self.lock();
         let Some(held) = q.hold.take() else { return };
+        let mut seam = true;
         for h in held {
-            let dup = matches!(&h.room_msg, Some((r, id)) if r == room && *id <= replayed_up_to);
-            if !dup {
-                q.frames.push_back(h.frame);
+            match &h.room_msg {
+                Some((r, id)) if r == room && *id <= replayed_up_to => continue,
+                Some((r, _)) if r == room => seam = false,
+                _ => {}
             }
+            q.frames.push_back(h.frame);
+        }
+        if seam && replayed_up_to > i64::MIN {
+            q.seams.push((room.to_owned(), replayed_up_to));
         }
         if q.frames.len() > self.queue_limit {
             drop(q);
