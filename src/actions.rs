@@ -392,10 +392,18 @@ pub fn me(app: &App, actor: &Actor) -> Result<User, ApiError> {
 }
 
 /// `GET /api/rooms`.
-pub fn list_rooms(app: &App) -> Result<Vec<RoomView>, ApiError> {
+///
+/// Paged by name: `limit` defaults to 200 and is clamped to 1–1000; `after` continues
+/// a listing.
+pub fn list_rooms(
+    app: &App,
+    after: Option<&str>,
+    limit: Option<i64>,
+) -> Result<Vec<RoomView>, ApiError> {
+    let limit = limit.unwrap_or(200).clamp(1, 1000) as u32;
     Ok(app
         .store
-        .rooms()?
+        .rooms(after, limit)?
         .into_iter()
         .map(|r| RoomView {
             online: app.hub.online_count(&r.name),

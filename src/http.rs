@@ -70,10 +70,10 @@ fn route(app: &Arc<App>, rq: &mut Request, path: &str) -> Result<Reply, ApiError
         }
         (["api", "rooms"], Get) => {
             authenticate(app, rq)?;
-            Ok(Reply::json(
-                200,
-                json!({"rooms": actions::list_rooms(app)?}),
-            ))
+            let after = query_param(rq.url(), "after");
+            let limit = int_param(rq.url(), "limit")?;
+            let rooms = actions::list_rooms(app, after.as_deref(), limit)?;
+            Ok(Reply::json(200, json!({ "rooms": rooms })))
         }
         (["api", "rooms"], Post) => create_room(app, rq),
         (["api", "rooms", room, "messages"], Get) => {

@@ -465,3 +465,41 @@ fn dm_history() {
     let r = srv.get("/api/dms/bob", None);
     assert_error(&r, 401, "unauthorized");
 }
+
+/// `GET /api/rooms` pages by name: `limit` (default 200, clamped to 1–1000) and `after`.
+#[test]
+fn room_list_pages_by_name() {
+    let srv = start_unlimited(&["--room-rate", "0"]);
+    let alice = new_user(&srv, "alice");
+    for i in 0..12 {
+        let r = srv.post(
+            "/api/rooms",
+            Some(&alice),
+            &json!({"name": format!("r{i:02}")}),
+        );
+        assert_status(&r, 201);
+    }
+    let names = |q: &str| -> Vec<String> {
+        let r = srv.get(&format!("/api/rooms{q}"), Some(&alice));
+        assert_status(&r, 200);
+        r.json()["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all = names("");
+    assert_eq!(all.len(), 13, "general and twelve more: {all:?}");
+    let first = names("?limit=5");
+    assert_eq!(first, all[..5]);
+    let next = names(&format!("?limit=5&after={}", first[4]));
+    assert_eq!(next, all[5..10]);
+    assert_eq!(names("?after=r11"), Vec::<String>::new());
+    assert_eq!(names("?limit=0").len(), 1, "limit is clamped to at least 1");
+    assert_error(
+        &srv.get("/api/rooms?limit=x", Some(&alice)),
+        400,
+        "bad_request",
+    );
+}

@@ -14,12 +14,13 @@ fn page_plan(page: Page) -> (&'static str, i64, i64) {
 }
 
 impl Store {
-    /// Every room, by name.
-    pub fn rooms(&self) -> Result<Vec<Room>> {
+    /// Rooms by name: at most `limit`, only names after `after` if given.
+    pub fn rooms(&self, after: Option<&str>, limit: u32) -> Result<Vec<Room>> {
         self.read(|c| {
-            let mut st =
-                c.prepare_cached("SELECT id, name, created_at FROM rooms ORDER BY name")?;
-            let rows = st.query_map([], |r| {
+            let mut st = c.prepare_cached(
+                "SELECT id, name, created_at FROM rooms WHERE name > ?1 ORDER BY name LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![after.unwrap_or(""), limit], |r| {
                 Ok(Room {
                     id: r.get(0)?,
                     name: r.get(1)?,

@@ -459,13 +459,13 @@ pub(crate) mod tests {
         let dir = tempdir();
         let path = dir.join("t.db");
         let store = Store::open(&path).unwrap();
-        let rooms = store.rooms().unwrap();
+        let rooms = store.rooms(None, 10).unwrap();
         assert_eq!(rooms.len(), 1);
         assert_eq!(rooms[0].name, "general");
         store.close();
         // Reopening neither re-seeds nor fails.
         let store = Store::open(&path).unwrap();
-        assert_eq!(store.rooms().unwrap().len(), 1);
+        assert_eq!(store.rooms(None, 10).unwrap().len(), 1);
         store.close();
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
