@@ -105,6 +105,14 @@ pub struct ServeArgs {
     /// Frames queued for a slow socket before it is dropped (1008).
     #[arg(long, env = "PARLEY_SEND_QUEUE", default_value_t = 1024, global = true)]
     pub send_queue: usize,
+    /// Bytes queued for a slow socket before it is dropped (1008).
+    #[arg(
+        long,
+        env = "PARLEY_SEND_QUEUE_BYTES",
+        default_value_t = 4 << 20,
+        global = true
+    )]
+    pub send_queue_bytes: usize,
     /// Ping a socket silent this many seconds; close it after two silent intervals
     /// (0 = off).
     #[arg(long, env = "PARLEY_WS_PING", default_value_t = 30, global = true)]
@@ -215,6 +223,7 @@ impl Cli {
             max_sockets: a.max_sockets,
             max_sockets_per_user: a.max_sockets_per_user,
             send_queue: a.send_queue,
+            send_queue_bytes: a.send_queue_bytes,
             ws_ping: std::time::Duration::from_secs(a.ws_ping),
             http_idle_timeout: std::time::Duration::from_secs(a.http_idle_timeout),
             ..Config::default()

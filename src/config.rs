@@ -46,6 +46,9 @@ pub struct Config {
     pub max_sockets_per_user: usize,
     /// Frames queued for one slow socket before it is dropped with 1008.
     pub send_queue: usize,
+    /// Bytes queued for one slow socket before it is dropped with 1008 (a single frame
+    /// bigger than this still goes to a socket with nothing else queued).
+    pub send_queue_bytes: usize,
     /// A socket silent this long is pinged; silent twice as long, closed (zero: off).
     pub ws_ping: std::time::Duration,
     /// Plain HTTP connections with no request for this long are closed.
@@ -81,6 +84,7 @@ impl Default for Config {
             max_sockets: 10_000,
             max_sockets_per_user: 50,
             send_queue: 1024,
+            send_queue_bytes: 4 << 20,
             ws_ping: std::time::Duration::from_secs(30),
             http_idle_timeout: std::time::Duration::from_secs(30),
             max_body_bytes: 64 * 1024,
@@ -111,8 +115,8 @@ impl Config {
         if self.http_idle_timeout.is_zero() {
             return Err("--http-idle-timeout must be positive".into());
         }
-        if self.send_queue == 0 {
-            return Err("--send-queue must be positive".into());
+        if self.send_queue == 0 || self.send_queue_bytes == 0 {
+            return Err("--send-queue and --send-queue-bytes must be positive".into());
         }
         Ok(())
     }

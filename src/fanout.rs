@@ -15,7 +15,7 @@ use crate::peer::{Frame, Handed, Peer};
 use crate::service::{Worker, SERVICE_STACK};
 use crate::sync::lock;
 use std::collections::HashMap;
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
 /// Who receives a frame.
@@ -45,19 +45,24 @@ enum Item {
     Sync(SyncSender<()>),
 }
 
+/// Most deliveries waiting for the fan-out thread. Past it, whoever delivers waits
+/// (the completion thread, the presence thread, a socket reporting presence): the
+/// fan-out thread never waits on them, it only writes without blocking.
+pub const QUEUE_CAP: usize = 65_536;
+
 /// Most deliveries coalesced in one pass.
 const MAX_PASS: usize = 512;
 
 /// Handle to the fan-out thread.
 pub struct Fanout {
-    tx: Mutex<Option<Sender<Item>>>,
+    tx: Mutex<Option<SyncSender<Item>>>,
     worker: Worker,
 }
 
 impl Fanout {
     /// Starts the fan-out thread.
     pub fn start(hub: Arc<Hub>) -> std::io::Result<Fanout> {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(QUEUE_CAP);
         let worker = Worker::spawn("fanout", SERVICE_STACK, move || run(&hub, &rx))?;
         Ok(Fanout {
             tx: Mutex::new(Some(tx)),

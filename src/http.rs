@@ -167,12 +167,13 @@ fn known_path(segs: &[&str]) -> bool {
 fn metrics(app: &App) -> Reply {
     let s = app.store.writer_stats();
     use std::sync::atomic::Ordering::Relaxed;
-    let text = crate::metrics::render(
-        app.hub.socket_count(),
-        s.batches.load(Relaxed),
-        s.jobs.load(Relaxed),
-        s.max_batch.load(Relaxed),
-    );
+    let text = crate::metrics::render(&crate::metrics::Gauges {
+        open_sockets: app.hub.socket_count(),
+        db_batches: s.batches.load(Relaxed),
+        db_batched_writes: s.jobs.load(Relaxed),
+        db_max_batch: s.max_batch.load(Relaxed),
+        db_queued: s.queued.load(Relaxed),
+    });
     Reply::text("text/plain; version=0.0.4", text)
 }
 

@@ -44,8 +44,29 @@ pub fn inc(c: &AtomicU64) {
     c.fetch_add(1, Relaxed);
 }
 
-/// Renders every counter plus the gauges passed in, in Prometheus text format.
-pub fn render(open_sockets: usize, batches: u64, batched_jobs: u64, max_batch: u64) -> String {
+/// Values read from elsewhere at render time.
+pub struct Gauges {
+    /// Open WebSockets.
+    pub open_sockets: usize,
+    /// Write transactions committed.
+    pub db_batches: u64,
+    /// Writes committed in them.
+    pub db_batched_writes: u64,
+    /// Largest batch so far.
+    pub db_max_batch: u64,
+    /// Writes waiting for the writer.
+    pub db_queued: u64,
+}
+
+/// Renders every counter plus the gauges, in Prometheus text format.
+pub fn render(g: &Gauges) -> String {
+    let Gauges {
+        open_sockets,
+        db_batches: batches,
+        db_batched_writes: batched_jobs,
+        db_max_batch: max_batch,
+        db_queued,
+    } = *g;
     let m = &METRICS;
     let mut out = String::new();
     let mut line = |name: &str, kind: &str, help: &str, value: String| {
@@ -124,6 +145,12 @@ pub fn render(open_sockets: usize, batches: u64, batched_jobs: u64, max_batch: u
         "gauge",
         "Largest write batch so far.",
         max_batch,
+    );
+    line(
+        "parley_db_queue_depth",
+        "gauge",
+        "Writes waiting for the writer.",
+        db_queued,
     );
     out
 }

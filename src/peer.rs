@@ -114,13 +114,85 @@ const IOV_MAX_FRAMES: usize = 64;
 /// resident for the socket's life, do not touch a deep frame for a rare case.
 const IOV_ON_STACK: usize = 4;
 
+/// Frames waiting for the kernel, with their size in bytes.
+#[derive(Default)]
+struct Backlog {
+    frames: VecDeque<Frame>,
+    /// Bytes of `frames[0]` already written.
+    head_sent: usize,
+    /// Bytes of every queued frame (the head's written part included).
+    bytes: usize,
+}
+
+impl Backlog {
+    fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    fn push(&mut self, frame: Frame) {
+        self.bytes += frame.len();
+        self.frames.push_back(frame);
+    }
+
+    fn clear(&mut self) {
+        self.frames.clear();
+        self.head_sent = 0;
+        self.bytes = 0;
+    }
+
+    /// Drops everything but a half-written head, so the stream stays well-formed.
+    fn keep_partial_head(&mut self) {
+        if self.head_sent == 0 {
+            return self.clear();
+        }
+        self.frames.truncate(1);
+        self.bytes = self.frames.front().map_or(0, |f| f.len());
+    }
+
+    /// Drops `n` written bytes from the front.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(head) = self.frames.front() else {
+                return;
+            };
+            let left = head.len() - self.head_sent;
+            if n >= left {
+                n -= left;
+                self.bytes -= head.len();
+                self.frames.pop_front();
+                self.head_sent = 0;
+            } else {
+                self.head_sent += n;
+                n = 0;
+            }
+        }
+    }
+
+    /// Whether `extra` more bytes in one more frame would pass the limits. A lone
+    /// frame always fits, however big: a history page may be bigger than the cap.
+    fn would_overflow(&self, extra: usize, limits: QueueLimits) -> bool {
+        self.frames.len() >= limits.frames
+            || (!self.frames.is_empty() && self.bytes + extra > limits.bytes)
+    }
+}
+
+/// How much may wait for one slow socket before it is dropped with 1008.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Frames (`--send-queue`).
+    pub frames: usize,
+    /// Bytes (`--send-queue-bytes`).
+    pub bytes: usize,
+}
+
 /// One non-blocking `sendmsg` of the queued frames (the first from `head_sent`);
 /// returns the bytes written and the bytes offered.
-fn send_frames(
-    sock: &OwnedFd,
-    frames: &VecDeque<Frame>,
-    head_sent: usize,
-) -> rustix::io::Result<(usize, usize)> {
+fn send_frames(sock: &OwnedFd, backlog: &Backlog) -> rustix::io::Result<(usize, usize)> {
+    let (frames, head_sent) = (&backlog.frames, backlog.head_sent);
     let parts = frames
         .iter()
         .take(IOV_MAX_FRAMES)
@@ -151,19 +223,14 @@ fn send_frames(
     }
 }
 
-/// Drops `n` written bytes from the front of the backlog.
-fn advance(q: &mut Outq, mut n: usize) {
-    while n > 0 {
-        let Some(head) = q.frames.front() else { return };
-        let left = head.len() - q.head_sent;
-        if n >= left {
-            n -= left;
-            q.frames.pop_front();
-            q.head_sent = 0;
-        } else {
-            q.head_sent += n;
-            n = 0;
-        }
+/// A request of a socket in flight; dropping it ends the request.
+pub struct InFlight(Arc<Peer>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut q = self.0.lock();
+        q.in_flight = q.in_flight.saturating_sub(1);
+        self.0.changed.notify_all();
     }
 }
 
@@ -202,13 +269,15 @@ impl Outq {
 struct Outq {
     /// False until the 101 response is out: frames queue but are not written.
     writable: bool,
-    frames: VecDeque<Frame>,
-    /// Bytes of `frames[0]` already written.
-    head_sent: usize,
+    frames: Backlog,
     state: State,
     /// Whether the flusher is watching this peer.
     watched: bool,
     hold: Option<Vec<Held>>,
+    /// Bytes of the held frames.
+    held_bytes: usize,
+    /// Requests of this socket still in the writer's queue (see [`Peer::begin_request`]).
+    in_flight: usize,
     /// Rooms whose replay ended at a message id, until a live message above it comes:
     /// a message the replay read may still be on its way to the fan-out (stored and
     /// visible, its broadcast not yet queued), and its live copy must not double it.
@@ -241,7 +310,7 @@ pub struct Peer {
     out: Mutex<Outq>,
     changed: Condvar,
     flusher: Arc<FlushQueue>,
-    queue_limit: usize,
+    limits: QueueLimits,
 }
 
 impl Peer {
@@ -252,7 +321,7 @@ impl Peer {
         remote: std::net::SocketAddr,
         socket: crate::sys::Claimed,
         flusher: Arc<FlushQueue>,
-        queue_limit: usize,
+        limits: QueueLimits,
     ) -> Peer {
         Peer {
             id,
@@ -268,17 +337,18 @@ impl Peer {
             sock: socket.fd,
             out: Mutex::new(Outq {
                 writable: false,
-                frames: VecDeque::new(),
-                head_sent: 0,
+                frames: Backlog::default(),
                 state: State::Open,
                 watched: false,
                 hold: None,
+                held_bytes: 0,
+                in_flight: 0,
                 seams: Vec::new(),
                 close_deadline: None,
             }),
             changed: Condvar::new(),
             flusher,
-            queue_limit,
+            limits,
         }
     }
 
@@ -381,19 +451,25 @@ impl Peer {
                 return Handed::Queued;
             }
         }
+        let limits = self.limits;
         match out.hold.as_mut().filter(|_| mode != Mode::Direct) {
-            Some(held) if held.len() < self.queue_limit => {
+            Some(held) => {
+                let full = held.len() >= limits.frames
+                    || (!held.is_empty() && out.held_bytes + frame.len() > limits.bytes);
+                if full {
+                    return Handed::Overflow;
+                }
+                out.held_bytes += frame.len();
                 held.push(Held {
                     room_msg: room_msg.map(|(r, id)| (r.to_owned(), id)),
                     frame: frame.clone(),
                 });
                 return Handed::Queued;
             }
-            Some(_) => return Handed::Overflow,
-            None if out.frames.len() >= self.queue_limit => return Handed::Overflow,
+            None if out.frames.would_overflow(frame.len(), limits) => return Handed::Overflow,
             None => {}
         }
-        out.frames.push_back(frame.clone());
+        out.frames.push(frame.clone());
         inc(&METRICS.frames_delivered);
         if mode != Mode::Later {
             self.pump(q);
@@ -437,9 +513,9 @@ impl Peer {
     /// frames go out together, up to [`IOV_MAX_FRAMES`] per system call.
     fn write_some(&self, q: &mut Outq) {
         while !q.frames.is_empty() {
-            match send_frames(&self.sock, &q.frames, q.head_sent) {
+            match send_frames(&self.sock, &q.frames) {
                 Ok((written, total)) => {
-                    advance(q, written);
+                    q.frames.advance(written);
                     if written < total {
                         break;
                     }
@@ -481,12 +557,12 @@ impl Peer {
         }
         q.state = State::Closing;
         q.hold = None;
+        q.held_bytes = 0;
         q.close_deadline = Some(Instant::now() + CLOSE_GRACE);
         if !keep_pending {
-            let keep = usize::from(q.head_sent > 0);
-            q.frames.truncate(keep);
+            q.frames.keep_partial_head();
         }
-        q.frames.push_back(close_frame(code, reason));
+        q.frames.push(close_frame(code, reason));
         self.pump(q);
     }
 
@@ -498,12 +574,29 @@ impl Peer {
         self.changed.notify_all();
     }
 
+    /// Counts a request that completes later (a write) against this socket; while
+    /// `max` are in flight, waits for one to finish, so one socket cannot fill the
+    /// writer's queue. `None` once the socket is closed. The request ends when the
+    /// returned guard is dropped (by its completion, or on any early return).
+    pub fn begin_request(self: &Arc<Self>, max: usize) -> Option<InFlight> {
+        let mut q = self.lock();
+        while q.state == State::Open && q.in_flight >= max {
+            q = wait_timeout(&self.changed, q, Duration::from_secs(1));
+        }
+        if q.state != State::Open {
+            return None;
+        }
+        q.in_flight += 1;
+        Some(InFlight(self.clone()))
+    }
+
     /// Blocks until the backlog drops below half the queue limit (used by history
     /// replay, which may send more than a queue holds) or `timeout` passes.
     pub fn wait_for_room(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut q = self.lock();
-        while q.state == State::Open && q.frames.len() > self.queue_limit / 2 {
+        let (frames, bytes) = (self.limits.frames / 2, self.limits.bytes / 2);
+        while q.state == State::Open && (q.frames.len() > frames || q.frames.bytes > bytes) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
@@ -543,12 +636,13 @@ impl Peer {
                 Some((r, _)) if r == room => seam = false,
                 _ => {}
             }
-            q.frames.push_back(h.frame);
+            q.frames.push(h.frame);
         }
+        q.held_bytes = 0;
         if seam && replayed_up_to > i64::MIN {
             q.seams.push((room.to_owned(), replayed_up_to));
         }
-        if q.frames.len() > self.queue_limit {
+        if q.frames.len() > self.limits.frames || q.frames.bytes > self.limits.bytes {
             drop(q);
             self.drop_slow();
             return;
@@ -693,7 +787,7 @@ mod tests {
     /// A peer on one end of a real loopback TCP connection with small kernel buffers,
     /// so most frames go through the backlog and the flusher; the other end is returned
     /// for reading.
-    fn peer_pair(id: u64, flusher: &Flusher, queue_limit: usize) -> (Arc<Peer>, TcpStream) {
+    fn peer_pair(id: u64, flusher: &Flusher, frames: usize) -> (Arc<Peer>, TcpStream) {
         use rustix::net::{sockopt, AddressFamily, SocketType};
         // Buffer sizes are set before the connection exists, or TCP has already
         // advertised a large window.
@@ -714,7 +808,11 @@ mod tests {
             fd: OwnedFd::from(server_side),
             numbers: Vec::new(),
         };
-        let peer = Peer::new(id, &identity, remote, claimed, flusher.queue(), queue_limit);
+        let limits = QueueLimits {
+            frames,
+            bytes: usize::MAX,
+        };
+        let peer = Peer::new(id, &identity, remote, claimed, flusher.queue(), limits);
         let peer = Arc::new(peer);
         peer.start_writing();
         (peer, client)

@@ -15,7 +15,7 @@ use crate::hub::PresenceMode;
 use crate::limits::{Noted, TokenBucket};
 use crate::metrics::{inc, METRICS};
 use crate::model::Page;
-use crate::peer::{close, text_frame, Frame, Peer};
+use crate::peer::{close, text_frame, Frame, Peer, QueueLimits};
 use crate::protocol::{self, error_event, event, ClientMsg, PresenceChoice};
 use crate::request::{bearer_token, header_value, peer_ip, query_param, with_header, Reply};
 use crate::store::audit::AuditEntry;
@@ -28,6 +28,9 @@ use tungstenite::protocol::{Message, Role, WebSocketConfig, WebSocketContext};
 
 /// The subprotocol parley speaks.
 pub const SUBPROTOCOL: &str = "parley.v1";
+/// Writes (send, dm, delete) one socket may have in the writer's queue; its reader
+/// waits past that, so a flood from one socket is held back by TCP, not queued.
+const MAX_PENDING: usize = 64;
 /// How long a closing socket may take to flush before it is cut.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -106,7 +109,10 @@ fn attach(app: &App, request: &Request, identity: &Identity) -> Option<Arc<Peer>
         peer_addr,
         sock,
         app.flush_queue.clone(),
-        app.cfg.send_queue,
+        QueueLimits {
+            frames: app.cfg.send_queue,
+            bytes: app.cfg.send_queue_bytes,
+        },
     ));
     app.hub.register(peer.clone());
     app.expiry.watch(&peer);
@@ -453,8 +459,12 @@ impl Conn {
             }
             ClientMsg::Refresh { access_token } => self.refresh(&access_token, reference),
             ClientMsg::Delete { id } => {
+                let Some(pending) = self.peer.begin_request(MAX_PENDING) else {
+                    return Ok(());
+                };
                 let (peer, reference) = (self.peer.clone(), reference.clone());
                 actions::delete_message(&self.app, &self.actor, id, move |res| {
+                    drop(pending);
                     if let Err(e) = res {
                         peer.send(&text_frame(&error_event(&e, &reference)));
                     }
@@ -546,15 +556,23 @@ impl Conn {
                 "join room {name:?} before sending to it"
             )));
         };
+        let Some(pending) = self.peer.begin_request(MAX_PENDING) else {
+            return Ok(());
+        };
         let (app, peer, reference) = (self.app.clone(), self.peer.clone(), reference.clone());
         actions::send_message(&self.app, &self.actor, room, body, move |res| {
+            drop(pending);
             ack(&app, peer, res.map(|m| m.id), &reference)
         })
     }
 
     fn dm(&self, to: &str, body: String, reference: &Value) -> Result<(), ApiError> {
+        let Some(pending) = self.peer.begin_request(MAX_PENDING) else {
+            return Ok(());
+        };
         let (app, peer, reference) = (self.app.clone(), self.peer.clone(), reference.clone());
         actions::send_dm(&self.app, &self.actor, to, body, move |res| {
+            drop(pending);
             ack(&app, peer, res.map(|m| m.id), &reference)
         })
     }

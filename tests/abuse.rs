@@ -124,3 +124,94 @@ fn anonymous_refused_upgrades_are_cheap_and_folded() {
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert_eq!(rows[1].1["repeated"], 119, "{rows:?}");
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+fn metric(srv: &Server, name: &str) -> u64 {
+    let text = srv.get("/metrics", None).text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in {text}"))
+}
+
+/// A socket that never reads and asks for the biggest history pages it can (200
+/// messages of 4,000 control characters, each escaped to 6 bytes: ~4.8 MB a page)
+/// every 50 ms once grew the server by ~90 MiB/s. Its queue is capped in bytes: it is
+/// dropped with 1008 and the server stays within a bound — `--send-queue-bytes`
+/// (4 MiB) plus one page per socket, with room here for the allocator's slack.
+#[test]
+fn one_reader_that_never_reads_cannot_eat_the_servers_memory() {
+    let srv = start_unlimited(&[]);
+    let alice = new_user(&srv, "alice");
+    let mut a = Ws::connect(&srv, &alice);
+    a.join("general");
+    let nasty = "\u{1}".repeat(4000);
+    for _ in 0..200 {
+        a.send_msg("general", &nasty);
+    }
+    let before = rss_kib(srv.pid());
+    let mut hog = tiny_window_socket(&srv, &alice);
+    let ask = json!({"type": "history", "room": "general", "limit": 200}).to_string();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut peak = before;
+    while std::time::Instant::now() < until {
+        if hog.send(tungstenite::Message::text(ask.clone())).is_err() {
+            break;
+        }
+        peak = peak.max(rss_kib(srv.pid()));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let growth_mib = peak.saturating_sub(before) / 1024;
+    assert!(growth_mib < 48, "the server grew by {growth_mib} MiB");
+    assert_eq!(metric(&srv, "parley_slow_clients_dropped_total"), 1);
+    a.ping();
+}
+
+/// One socket cannot fill the writer's queue: while the database is locked (by the
+/// test, as another process would), a socket that sends 500 messages without waiting
+/// gets at most 64 of them queued; its reader waits for those before reading more.
+/// All 500 are stored once the lock is gone.
+#[test]
+fn one_socket_keeps_at_most_64_writes_in_flight() {
+    let srv = start_unlimited(&[]);
+    let alice = new_user(&srv, "alice");
+    let mut a = Ws::connect(&srv, &alice);
+    a.join("general");
+    let lock = rusqlite::Connection::open(srv.db_path()).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    for i in 0..500 {
+        a.send(&json!({"type": "send", "room": "general", "body": format!("m{i}")}));
+    }
+    // The socket's first writes reach the queue; then it holds still.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while metric(&srv, "parley_db_queue_depth") < 64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writes never queued"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let queued = metric(&srv, "parley_db_queue_depth");
+    assert!(
+        (60..=70).contains(&queued),
+        "{queued} writes queued for one socket"
+    );
+    lock.execute_batch("ROLLBACK").unwrap();
+    let mut acks = 0;
+    while acks < 500 {
+        if a.recv()["type"] == "ack" {
+            acks += 1;
+        }
+    }
+    let r = srv.get("/api/rooms/general/messages?limit=1", Some(&alice));
+    assert_eq!(r.json()["messages"][0]["body"], "m499");
+}

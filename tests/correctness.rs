@@ -5,30 +5,10 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
-use tungstenite::client::IntoClientRequest;
-
-/// A WebSocket whose TCP receive buffer is tiny (set before the connection exists, so
-/// the window TCP advertises is small too): a client that stops reading fills up fast.
-fn tiny_window_socket(srv: &Server, token: &str) -> tungstenite::WebSocket<TcpStream> {
-    use rustix::net::{sockopt, AddressFamily, SocketType};
-    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
-    sockopt::set_socket_recv_buffer_size(&fd, 2048).unwrap();
-    rustix::net::connect(&fd, &SocketAddr::from(([127, 0, 0, 1], srv.port))).unwrap();
-    let stream = TcpStream::from(fd);
-    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    let mut req = format!("ws://127.0.0.1:{}/ws", srv.port)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
-    let (ws, _) = tungstenite::client::client(req, stream).expect("upgrade");
-    ws
-}
 
 fn messages_from(srv: &Server, user: &str) -> i64 {
     let c = rusqlite::Connection::open(srv.db_path()).unwrap();

@@ -464,13 +464,15 @@ fn clients_that_read_in_bursts_get_every_frame_in_order() {
     // segments and receive buffers; each reads for 30 ms, then pauses for 30 ms) and
     // one sender at ~8 MB/s per reader for about 3 s, ending in an unpaced burst that
     // leaves the readers with backlogs only the flusher can deliver. With
-    // --send-queue far above anything the readers lag by, a 1008 or a missing frame
+    // --send-queue(-bytes) far above anything the readers lag by, a 1008 or a missing frame
     // is a bug. A stress test: a socket the flusher stops watching while it still
     // has a backlog (a lost wake-up) shows up as a reader that stalls short of the
     // last message.
     let srv = Server::start(&[
         "--send-queue",
         "100000",
+        "--send-queue-bytes",
+        "1000000000",
         "--msg-rate",
         "0",
         "--login-rate",

@@ -31,6 +31,10 @@ use std::sync::{Arc, RwLock};
 
 /// Most jobs in one transaction; bounds the latency of the first job in a batch.
 const MAX_BATCH: usize = 1024;
+/// Most jobs waiting for the writer. Past it, whoever submits waits: the writer never
+/// waits on a submitter, so this only slows producers down (sockets already hold
+/// theirs to a few each, see `ws::MAX_PENDING`).
+pub const QUEUE_CAP: usize = 16_384;
 
 thread_local! {
     /// Set on the writer thread, where waiting for a write would wait for ourselves.
@@ -154,11 +158,13 @@ pub struct WriterStats {
     pub jobs: AtomicU64,
     /// Largest batch seen.
     pub max_batch: AtomicU64,
+    /// Jobs submitted and not yet committed.
+    pub queued: AtomicU64,
 }
 
 /// Handle to the writer and completion threads.
 pub struct Writer {
-    tx: RwLock<Option<Sender<Boxed>>>,
+    tx: RwLock<Option<SyncSender<Boxed>>>,
     writer: Worker,
     completions: Worker,
     /// Batch statistics.
@@ -168,7 +174,9 @@ pub struct Writer {
 impl Writer {
     /// Starts the threads; the writer owns `conn`.
     pub fn start(conn: Connection) -> std::io::Result<Writer> {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(QUEUE_CAP);
+        // Unbounded on purpose: the writer must never wait on a completion (one may
+        // itself be waiting on the writer); it holds at most what the writer took.
         let (done_tx, done_rx) = mpsc::channel::<Finished>();
         let stats = Arc::new(WriterStats::default());
         let completions = Worker::spawn("db-done", SERVICE_STACK, move || {
@@ -240,10 +248,14 @@ impl Writer {
     }
 
     fn enqueue(&self, task: Boxed) {
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
         let refused = match read(&self.tx).as_ref() {
             Some(tx) => tx.send(task).err().map(|e| e.0),
             None => Some(task),
         };
+        if refused.is_some() {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Some(mut task) = refused {
             task.fail(StoreError::Closed);
             task.finish(Err(StoreError::Closed));
@@ -273,6 +285,7 @@ fn run(conn: Connection, rx: &Receiver<Boxed>, done: &Sender<Finished>, stats: &
         let commit = commit_batch(&mut conn, &mut batch);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.jobs.fetch_add(n, Ordering::Relaxed);
+        stats.queued.fetch_sub(n, Ordering::Relaxed);
         stats.max_batch.fetch_max(n, Ordering::Relaxed);
         let mut later = Vec::with_capacity(batch.len());
         for task in batch {
