@@ -193,6 +193,14 @@ pub fn check_login_rate(app: &App, username: &str, ip: Option<&str>) -> Result<(
         })
 }
 
+/// Counts a write made through REST (or GraphQL) against the user's `--msg-rate`
+/// budget: the same number per second a socket may send.
+pub fn check_write_rate(app: &App, actor: &Actor) -> Result<(), ApiError> {
+    app.write_limiter
+        .check(&actor.user_id.to_string())
+        .map_err(|secs| ApiError::rate_limited("too many requests; slow down", secs))
+}
+
 /// Counts a registration against `--register-rate` for the IP (its own budget: a
 /// burst of sign-ups does not lock anyone out of logging in).
 pub fn check_register_rate(app: &App, ip: Option<&str>) -> Result<(), ApiError> {

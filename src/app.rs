@@ -38,6 +38,8 @@ pub struct App {
     pub login_limits: LoginLimits,
     /// Registrations per IP (`--register-rate`).
     pub register_limiter: KeyedLimiter,
+    /// Writes through REST per user (`--msg-rate` per second).
+    pub write_limiter: KeyedLimiter,
     /// Rooms created per user (`--room-rate`).
     pub room_limiter: KeyedLimiter,
     /// Refused anonymous upgrades per address.

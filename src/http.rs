@@ -297,10 +297,17 @@ fn create_room(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
 }
 
 /// Verifies the `Authorization: Bearer` token against the database's current state.
+/// A request that changes something counts against the user's `--msg-rate` budget
+/// (logging out never does).
 fn authenticate(app: &App, rq: &Request) -> Result<Actor, ApiError> {
     let token = bearer_token(rq).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
     let id = app.auth.authenticate(&app.store, token)?;
-    Ok(Actor::new(&id, peer_ip(rq)))
+    let actor = Actor::new(&id, peer_ip(rq));
+    let reads = matches!(rq.method(), Method::Get | Method::Head);
+    if !reads && !rq.url().starts_with("/api/logout") {
+        actions::check_write_rate(app, &actor)?;
+    }
+    Ok(actor)
 }
 
 fn require_json(rq: &Request) -> Result<(), ApiError> {

@@ -101,6 +101,7 @@ fn start_app(
         login_limits: LoginLimits::new(cfg.login_rate),
         register_limiter: KeyedLimiter::new(cfg.register_rate, HOUR),
         room_limiter: KeyedLimiter::new(cfg.room_rate, HOUR),
+        write_limiter: KeyedLimiter::new(cfg.msg_rate, Duration::from_secs(1)),
         upgrade_refusals: KeyedLimiter::new(UPGRADE_REFUSALS_PER_MINUTE, MINUTE),
         folds: Default::default(),
         slow_lane: SlowLane::start(cores, 64).map_err(io)?,

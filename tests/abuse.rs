@@ -215,3 +215,25 @@ fn one_socket_keeps_at_most_64_writes_in_flight() {
     let r = srv.get("/api/rooms/general/messages?limit=1", Some(&alice));
     assert_eq!(r.json()["messages"][0]["body"], "m499");
 }
+
+/// REST writes count against the user's `--msg-rate` budget per second; reads and
+/// logout do not.
+#[test]
+fn rest_writes_share_the_message_rate_budget() {
+    let srv = Server::start(&["--msg-rate", "3", "--login-rate", "0", "--room-rate", "0"]);
+    let alice = new_user(&srv, "alice");
+    for i in 0..3 {
+        let r = srv.post(
+            "/api/rooms",
+            Some(&alice),
+            &json!({"name": format!("r{i}")}),
+        );
+        assert_status(&r, 201);
+    }
+    let r = srv.post("/api/rooms", Some(&alice), &json!({"name": "r3"}));
+    assert_error(&r, 429, "rate_limited");
+    for _ in 0..10 {
+        assert_status(&srv.get("/api/rooms", Some(&alice)), 200);
+    }
+    assert_status(&srv.post_empty("/api/logout", Some(&alice)), 204);
+}
