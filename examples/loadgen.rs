@@ -378,13 +378,113 @@ struct Server {
     stopped: bool,
 }
 
+/// Does the server binary know this `serve` flag? (New flags arrive while the loadgen
+/// is used against older binaries; an unknown flag would stop the server from starting.)
+fn server_knows_flag(bin: &PathBuf, flag: &str) -> bool {
+    Command::new(bin)
+        .args(["serve", "--help"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
+        .unwrap_or(false)
+}
+
+fn log_tail_of(log: &PathBuf, n: usize) -> String {
+    let s = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    let from = lines.len().saturating_sub(n);
+    lines[from..]
+        .iter()
+        .map(|l| format!("    | {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Starts the server process (its stderr appended to `log`) and waits for the line that
+/// announces its address. On failure the process is killed and the error says why.
+fn launch(bin: &PathBuf, args: &[String], log: &PathBuf) -> Result<(Child, SocketAddr), String> {
+    let cmdline = std::iter::once(bin.display().to_string())
+        .chain(args.iter().cloned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("open log {}: {e}", log.display()))?;
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(logf))
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", bin.display()))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = mpsc::channel::<String>();
+    // Read the first line, then keep draining stdout so the server never blocks on it.
+    let drain = thread::Builder::new()
+        .name("server-stdout".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let mut first = true;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if first {
+                    let _ = tx.send(line);
+                    first = false;
+                }
+            }
+        });
+    let fail = |child: &mut Child, msg: String| -> String {
+        let _ = child.kill();
+        let _ = child.wait();
+        msg
+    };
+    if let Err(e) = drain {
+        return Err(fail(&mut child, format!("spawn: {e}")));
+    }
+    let line = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(l) => l,
+        Err(_) => {
+            thread::sleep(Duration::from_millis(200));
+            let status = match child.try_wait() {
+                Ok(Some(s)) => format!("exited with {s}"),
+                _ => "still running, printed nothing on stdout within 60 s".to_string(),
+            };
+            let msg = format!(
+                "server did not announce its address ({status}); command: {cmdline}\nserver log tail:\n{}",
+                log_tail_of(log, 20)
+            );
+            return Err(fail(&mut child, msg));
+        }
+    };
+    let prefix = "parley listening on http://";
+    let addr = line
+        .strip_prefix(prefix)
+        .ok_or_else(|| format!("unexpected first stdout line from server: {line:?}"))
+        .and_then(|hostport| {
+            hostport
+                .trim()
+                .trim_end_matches('/')
+                .parse()
+                .map_err(|e| format!("bad address in {line:?}: {e}"))
+        });
+    match addr {
+        Ok(a) => Ok((child, a)),
+        Err(e) => Err(fail(&mut child, e)),
+    }
+}
+
 impl Server {
-    /// `bcrypt_cost` is passed unless `extra` sets `--bcrypt-cost` itself.
+    /// `bcrypt_cost` is passed unless `extra` sets `--bcrypt-cost` itself; `listen` is
+    /// the `--addr` (port 0: any free port).
     fn start(
         bin: &PathBuf,
         extra: &[String],
         keep: bool,
         bcrypt_cost: u32,
+        listen: &str,
     ) -> Result<Server, String> {
         // A relative default also works from outside the repository.
         let in_repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(bin);
@@ -412,103 +512,59 @@ impl Server {
         let db = dir.join("chat.db");
         let log = dir.join("server.log");
         let cost = bcrypt_cost.to_string();
-        let mut args: Vec<&str> = vec!["serve", "--addr", "127.0.0.1:0", "--db"];
+        let mut args: Vec<&str> = vec!["serve", "--addr", listen, "--db"];
         let db = db.to_string_lossy();
         args.push(&db);
         if !extra.iter().any(|a| a.starts_with("--bcrypt-cost")) {
             args.extend(["--bcrypt-cost", &cost]);
         }
-        let mut args: Vec<String> = args
-            .iter()
-            .chain(&[
-                "--max-sockets",
-                "20000",
-                "--max-sockets-per-user",
-                "10000",
-                "--msg-rate",
-                "0",
-                "--login-rate",
-                "0",
-            ])
-            .map(|s| s.to_string())
-            .collect();
+        args.extend([
+            "--max-sockets",
+            "20000",
+            "--max-sockets-per-user",
+            "10000",
+            "--msg-rate",
+            "0",
+            "--login-rate",
+            "0",
+        ]);
+        // Every scenario registers more accounts from one IP than a real client would.
+        if !extra.iter().any(|a| a.starts_with("--register-rate"))
+            && server_knows_flag(bin, "--register-rate")
+        {
+            args.extend(["--register-rate", "0"]);
+        }
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         args.extend(extra.iter().cloned());
         let cmdline = std::iter::once(bin.display().to_string())
             .chain(args.iter().cloned())
             .collect::<Vec<_>>()
             .join(" ");
-        let logf = std::fs::File::create(&log).map_err(|e| format!("create log: {e}"))?;
-        let mut child = Command::new(bin)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(logf))
-            .spawn()
-            .map_err(|e| format!("start {}: {e}", bin.display()))?;
-        let pid = child.id();
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let (tx, rx) = mpsc::channel::<String>();
-        // Read the first line, then keep draining stdout so the server never blocks on it.
-        thread::Builder::new()
-            .name("server-stdout".into())
-            .stack_size(64 * 1024)
-            .spawn(move || {
-                let mut first = true;
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if first {
-                        let _ = tx.send(line);
-                        first = false;
-                    }
+        let (child, addr) = match launch(bin, &args, &log) {
+            Ok(x) => x,
+            Err(e) => {
+                if keep {
+                    eprintln!("kept {}", dir.display());
+                } else {
+                    let _ = std::fs::remove_dir_all(&dir);
                 }
-            })
-            .map_err(|e| format!("spawn: {e}"))?;
-        let mut server = Server {
+                return Err(e);
+            }
+        };
+        Ok(Server {
+            pid: child.id(),
             child,
-            pid,
-            addr: "127.0.0.1:1".parse().expect("literal"),
+            addr,
             dir,
             log,
             cmdline,
             keep,
             stopped: false,
-        };
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(l) => l,
-            Err(_) => {
-                thread::sleep(Duration::from_millis(200));
-                let status = match server.child.try_wait() {
-                    Ok(Some(s)) => format!("exited with {s}"),
-                    _ => "still running, printed nothing on stdout within 60 s".to_string(),
-                };
-                return Err(format!(
-                    "server did not announce its address ({status}); command: {}\nserver log tail:\n{}",
-                    server.cmdline,
-                    server.log_tail(20)
-                ));
-            }
-        };
-        let prefix = "parley listening on http://";
-        let hostport = line
-            .strip_prefix(prefix)
-            .ok_or_else(|| format!("unexpected first stdout line from server: {line:?}"))?;
-        server.addr = hostport
-            .trim()
-            .trim_end_matches('/')
-            .parse()
-            .map_err(|e| format!("bad address in {line:?}: {e}"))?;
-        Ok(server)
+        })
     }
 
     fn log_tail(&self, n: usize) -> String {
-        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        let from = lines.len().saturating_sub(n);
-        lines[from..]
-            .iter()
-            .map(|l| format!("    | {l}"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        log_tail_of(&self.log, n)
     }
 
     /// None while running, else a description of how it ended.
@@ -3006,7 +3062,7 @@ fn main() {
     } else {
         // A login flood is only realistic at the production cost (the server's default).
         let cost = if o.login_flood > 0 { 12 } else { 4 };
-        match Server::start(&o.server_bin, &o.server_args, o.keep, cost) {
+        match Server::start(&o.server_bin, &o.server_args, o.keep, cost, "127.0.0.1:0") {
             Ok(s) => {
                 println!("server:   {}", s.cmdline);
                 println!(
