@@ -5148,11 +5148,12 @@ fn storm(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
         let worst_all = worst(&all_done);
         let gaps = n_missed_acked + n_missed_unacked + n_extra + n_disorder;
         restart_summary = format!(
-            "; restart (kill -9 while sending): all back {:.1} s, replayed {:.1} s, sent+acked {:.1} s, {} clients missed a message",
+            "; restart (kill -9 while sending): all back {:.1} s, replayed {:.1} s, sent+acked {:.1} s, {} clients missed a message, {} got one twice",
             worst(&rejoined),
             worst(&replayed),
             worst(&acked_t),
-            n_missed_acked + n_missed_unacked
+            thousands((n_missed_acked + n_missed_unacked) as u64),
+            thousands(n_disorder as u64)
         );
         verdicts.push((
             format!(
