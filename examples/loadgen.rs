@@ -5213,13 +5213,18 @@ fn storm(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
     }
     println!();
     println!(
-        "summary:  | `storm --presence {mode}`: {} sockets, one user each, all connecting at once | **{} upgrades+joins/s** ({wall:.1} s), {} frames to the clients ({} presence), server {} CPU s, {} RSS{restart_summary} | >= 5,000/s; all back within 5 s |",
+        "summary:  | `storm --presence {mode}`: {} sockets, one user each, all connecting at once | **{} upgrades+joins/s** ({wall:.1} s), {} frames to the clients ({} presence), server {} CPU s, {} RSS{restart_summary} | >= 5,000/s{} |",
         thousands(n as u64),
         thousands(rate as u64),
         millions(storm_frames),
         millions(storm_presence),
         storm_cpu.map_or("n/a".into(), |c| format!("{c:.1}")),
-        mib(storm_rss)
+        mib(storm_rss),
+        if rs.is_some() {
+            "; all back within 5 s"
+        } else {
+            ""
+        }
     );
     Ok(verdicts.iter().all(|v| v.1) && problems.is_empty())
 }
