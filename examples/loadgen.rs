@@ -31,6 +31,7 @@ const USAGE: &str = "\
 parley load generator
 
 usage: cargo run --release --example loadgen -- SCENARIO [options]
+       e.g. storm --sockets 2000 --presence each
 
 scenarios (defaults in brackets):
   fanout   N sockets in one room [1000], S of them senders [10] at an aggregate paced
@@ -43,13 +44,31 @@ scenarios (defaults in brackets):
                                       target: < 40 KiB RSS and <= 2 threads per socket
   acks     S senders [50], each in its own room, each keeping W messages in flight [8]
            for [10 s]; acknowledged messages/s, ack latency.  target: >= 5,000/s
+  storm    everyone connects at once, as after a restart. N sockets [5000], one distinct
+           user each, opened with up to --inflight handshakes at a time [256] by the epoll
+           workers; each authenticates, upgrades and joins --room. Figures: wall time from
+           the first connect to the last `joined`, upgrades+joins/s, per-socket connect /
+           upgrade / join latency, frames received by type (presence, presence_batch,
+           other) until the clients go quiet, server CPU and RSS.
+                                                target: >= 5,000 upgrades+joins/s
+           Then (unless --no-restart) S senders [10] send at a paced [50 msg/s] for [2 s],
+           the server is killed with SIGKILL while they send and started again at once on
+           the same database and port; every client reconnects by itself after a random
+           jitter [0-500 ms] (failed attempts back off 100 ms doubling, at most 1 s), joins
+           again with \"since\": <last id it saw>, must receive every stored message it had
+           not seen (checked against the acks and the database: no gap, no duplicate, in
+           id order), and sends one message that must be acked: the senders to the room,
+           the others a DM to themselves (so the check is not N x N deliveries; see
+           --resend). Times from the kill to: reconnected, replayed, sent-and-acked.
+                    target: every client back, replayed and sending within 5 s
 
 options:
   --sockets N          sockets in total (acks: defaults to --senders)
   --senders N          sending sockets (the first N sockets)
-  --rate R             aggregate paced rate in msg/s (0 = windowed by acks)
+  --rate R             aggregate paced rate in msg/s (0 = windowed by acks; storm: > 0)
   --window W           un-acked messages in flight per sender (when --rate is 0)
-  --secs T             sending time: seconds (\"10\", \"2.5\") or a humantime (\"1m\")
+  --secs T             sending time: seconds (\"10\", \"2.5\") or a humantime (\"1m\");
+                       storm: the sending before the kill
   --hold T             idle: how long to hold the sockets after they are all open [5s]
   --poll-us N          client read coalescing: after a wake-up, wait N µs before the
                        next poll [fanout, burst: 1000; others: 0]. Cuts the loadgen's
@@ -63,16 +82,30 @@ options:
                        server then runs with --bcrypt-cost 12 (its default) instead of 4
   --room NAME          room for fanout/burst/idle [general]
   --one-room           acks: put every sender in --room instead of one room each
-  --per-user N         sockets per account [40]
+  --per-user N         sockets per account [40; storm: always 1]
   --workers N          client epoll threads [2; idle: 1]
-  --connectors N       client threads opening sockets in parallel [4]
+  --connectors N       client threads opening sockets in parallel [4]; storm: threads
+                       creating the accounts [16]
   --addr HOST:PORT     use a running server instead of starting one (no RSS/CPU figures
                        unless --server-pid is given too)
   --server-pid PID     the running server's pid, for RSS/threads/CPU with --addr
   --server-bin PATH    server binary to start [target/release/parley]
-  --server-arg ARG     extra argument for the started server (repeatable)
+  --server-arg ARG     extra argument for the started server (repeatable). It runs with
+                       --msg-rate 0 --login-rate 0, and --register-rate 0 when it knows
+                       that flag; storm with the restart fixes a free port up front
   --password PW        password for the load-generator accounts [loadgen-password-1]
   --keep               keep the temporary database directory and server log
+  --presence MODE      storm: batch (each join asks for \"presence\": \"batch\", i.e.
+                       presence_batch frames) or each (plain joins) [batch]
+  --restart            storm: kill -9 and restart after the storm (the default)
+  --no-restart         storm: stop after the storm
+  --inflight N         storm: handshakes in flight at once, over all workers [256]
+  --jitter T           storm: reconnect delay after the kill, uniform in [0, T) [0.5s]
+  --resend dm|room     storm: the message each client sends after rejoining: dm = the
+                       senders to the room, the others a DM to themselves; room = every
+                       client to the room (N x N deliveries) [dm]
+  --deadline T         storm: the most the storm, the settling and the restart may each
+                       take [2m]
   -h, --help           this text
 
 exit status: 0 every target met, 3 a target missed, 1 the run failed, 2 bad usage.
@@ -87,6 +120,7 @@ enum Scenario {
     Burst,
     Idle,
     Acks,
+    Storm,
 }
 
 impl Scenario {
@@ -96,6 +130,7 @@ impl Scenario {
             Scenario::Burst => "burst",
             Scenario::Idle => "idle",
             Scenario::Acks => "acks",
+            Scenario::Storm => "storm",
         }
     }
 }
@@ -123,6 +158,18 @@ struct Opts {
     server_args: Vec<String>,
     password: String,
     keep: bool,
+    /// storm: joins ask for `presence_batch` frames.
+    batch: bool,
+    /// storm: kill -9 and restart after the storm.
+    restart: bool,
+    /// storm: handshakes in flight at once.
+    inflight: usize,
+    /// storm: reconnect delay after the kill, uniform in [0, jitter).
+    jitter: Duration,
+    /// storm: every client's message after the rejoin goes to the room.
+    resend_room: bool,
+    /// storm: the most each phase (storm, settling, restart) may take.
+    deadline: Duration,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -149,13 +196,19 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
     let mut one_room = false;
     let mut per_user = 40usize;
     let mut workers = None;
-    let mut connectors = 4usize;
+    let mut connectors = None;
     let mut addr = None;
     let mut server_pid = None;
     let mut server_bin = PathBuf::from("target/release/parley");
     let mut server_args = Vec::new();
     let mut password = "loadgen-password-1".to_string();
     let mut keep = false;
+    let mut batch = true;
+    let mut restart = true;
+    let mut inflight = 256usize;
+    let mut jitter = Duration::from_millis(500);
+    let mut resend_room = false;
+    let mut deadline = Duration::from_secs(120);
 
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
@@ -188,13 +241,32 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             "--one-room" => one_room = true,
             "--per-user" => per_user = num(&flag, value()?)?,
             "--workers" => workers = Some(num::<usize>(&flag, value()?)?),
-            "--connectors" => connectors = num(&flag, value()?)?,
+            "--connectors" => connectors = Some(num::<usize>(&flag, value()?)?),
             "--addr" => addr = Some(value()?),
             "--server-pid" => server_pid = Some(num::<u32>(&flag, value()?)?),
             "--server-bin" => server_bin = PathBuf::from(value()?),
             "--server-arg" => server_args.push(value()?),
             "--password" => password = value()?,
             "--keep" => keep = true,
+            "--presence" => {
+                batch = match value()?.as_str() {
+                    "batch" => true,
+                    "each" => false,
+                    v => return Err(format!("--presence: batch or each, not {v:?}")),
+                }
+            }
+            "--restart" => restart = true,
+            "--no-restart" => restart = false,
+            "--inflight" => inflight = num(&flag, value()?)?,
+            "--jitter" => jitter = parse_duration(&value()?)?,
+            "--resend" => {
+                resend_room = match value()?.as_str() {
+                    "room" => true,
+                    "dm" => false,
+                    v => return Err(format!("--resend: dm or room, not {v:?}")),
+                }
+            }
+            "--deadline" => deadline = parse_duration(&value()?)?,
             s if s.starts_with('-') => return Err(format!("unknown option {s}")),
             s => {
                 if scenario.is_some() {
@@ -205,17 +277,19 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
                     "burst" => Scenario::Burst,
                     "idle" => Scenario::Idle,
                     "acks" => Scenario::Acks,
+                    "storm" => Scenario::Storm,
                     _ => return Err(format!("unknown scenario {s:?}")),
                 });
             }
         }
     }
-    let scenario = scenario.ok_or("missing SCENARIO (fanout, burst, idle or acks)")?;
+    let scenario = scenario.ok_or("missing SCENARIO (fanout, burst, idle, acks or storm)")?;
     let (d_sockets, d_senders, d_rate, d_window, d_secs, d_workers, d_poll) = match scenario {
         Scenario::Fanout => (1000, 10, 200.0, 0, 10.0, 2, 1000),
         Scenario::Burst => (100, 1, 0.0, 256, 5.0, 2, 1000),
         Scenario::Idle => (5000, 0, 0.0, 0, 0.0, 1, 0),
         Scenario::Acks => (0, 50, 0.0, 8, 10.0, 2, 0),
+        Scenario::Storm => (5000, 10, 50.0, 0, 2.0, 2, 0),
     };
     let senders = senders.unwrap_or(d_senders);
     let mut sockets = sockets.unwrap_or(d_sockets);
@@ -241,15 +315,27 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         login_flood,
         room,
         one_room,
-        per_user,
+        // storm: one distinct user per socket.
+        per_user: if scenario == Scenario::Storm {
+            1
+        } else {
+            per_user
+        },
         workers: workers.unwrap_or(d_workers),
-        connectors,
+        // storm: the threads that create the accounts.
+        connectors: connectors.unwrap_or(if scenario == Scenario::Storm { 16 } else { 4 }),
         addr,
         server_pid,
         server_bin,
         server_args,
         password,
         keep,
+        batch,
+        restart,
+        inflight,
+        jitter,
+        resend_room,
+        deadline,
     };
     if o.sockets == 0 || o.sockets > 60_000 {
         return Err("--sockets must be 1..=60000".into());
@@ -284,6 +370,29 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
     }
     if o.login_flood > 1000 {
         return Err("--login-flood must be at most 1000".into());
+    }
+    if o.scenario == Scenario::Storm {
+        if o.rate <= 0.0 {
+            return Err("storm: --rate must be more than 0 (the senders are paced)".into());
+        }
+        if o.login_flood > 0 {
+            return Err("storm: --login-flood is not supported".into());
+        }
+        if o.restart && o.addr.is_some() {
+            return Err(
+                "storm: the restart kills and restarts the server, so it needs a started one: drop --addr or pass --no-restart"
+                    .into(),
+            );
+        }
+        if o.inflight == 0 || o.inflight > 60_000 {
+            return Err("--inflight must be 1..=60000".into());
+        }
+        if o.jitter > Duration::from_secs(60) {
+            return Err("--jitter must be at most 60 s".into());
+        }
+        if o.deadline.is_zero() || o.deadline > Duration::from_secs(3600) {
+            return Err("--deadline must be more than 0 and at most 1h".into());
+        }
     }
     if o.window > 100_000 || o.body_bytes > 60_000 {
         return Err("--window or --body-bytes too large".into());
@@ -373,18 +482,126 @@ struct Server {
     addr: SocketAddr,
     dir: PathBuf,
     log: PathBuf,
+    bin: PathBuf,
+    args: Vec<String>,
     cmdline: String,
     keep: bool,
     stopped: bool,
 }
 
+/// Does the server binary know this `serve` flag? (New flags arrive while the loadgen
+/// is used against older binaries; an unknown flag would stop the server from starting.)
+fn server_knows_flag(bin: &PathBuf, flag: &str) -> bool {
+    Command::new(bin)
+        .args(["serve", "--help"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
+        .unwrap_or(false)
+}
+
+/// A free loopback port, for a server that must come back on the same address.
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+fn log_tail_of(log: &PathBuf, n: usize) -> String {
+    let s = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    let from = lines.len().saturating_sub(n);
+    lines[from..]
+        .iter()
+        .map(|l| format!("    | {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Starts the server process (its stderr appended to `log`) and waits for the line that
+/// announces its address. On failure the process is killed and the error says why.
+fn launch(bin: &PathBuf, args: &[String], log: &PathBuf) -> Result<(Child, SocketAddr), String> {
+    let cmdline = std::iter::once(bin.display().to_string())
+        .chain(args.iter().cloned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("open log {}: {e}", log.display()))?;
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(logf))
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", bin.display()))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = mpsc::channel::<String>();
+    // Read the first line, then keep draining stdout so the server never blocks on it.
+    let drain = thread::Builder::new()
+        .name("server-stdout".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let mut first = true;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if first {
+                    let _ = tx.send(line);
+                    first = false;
+                }
+            }
+        });
+    let fail = |child: &mut Child, msg: String| -> String {
+        let _ = child.kill();
+        let _ = child.wait();
+        msg
+    };
+    if let Err(e) = drain {
+        return Err(fail(&mut child, format!("spawn: {e}")));
+    }
+    let line = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(l) => l,
+        Err(_) => {
+            thread::sleep(Duration::from_millis(200));
+            let status = match child.try_wait() {
+                Ok(Some(s)) => format!("exited with {s}"),
+                _ => "still running, printed nothing on stdout within 60 s".to_string(),
+            };
+            let msg = format!(
+                "server did not announce its address ({status}); command: {cmdline}\nserver log tail:\n{}",
+                log_tail_of(log, 20)
+            );
+            return Err(fail(&mut child, msg));
+        }
+    };
+    let prefix = "parley listening on http://";
+    let addr = line
+        .strip_prefix(prefix)
+        .ok_or_else(|| format!("unexpected first stdout line from server: {line:?}"))
+        .and_then(|hostport| {
+            hostport
+                .trim()
+                .trim_end_matches('/')
+                .parse()
+                .map_err(|e| format!("bad address in {line:?}: {e}"))
+        });
+    match addr {
+        Ok(a) => Ok((child, a)),
+        Err(e) => Err(fail(&mut child, e)),
+    }
+}
+
 impl Server {
-    /// `bcrypt_cost` is passed unless `extra` sets `--bcrypt-cost` itself.
+    /// `bcrypt_cost` is passed unless `extra` sets `--bcrypt-cost` itself; `listen` is
+    /// the `--addr` (port 0: any free port).
     fn start(
         bin: &PathBuf,
         extra: &[String],
         keep: bool,
         bcrypt_cost: u32,
+        listen: &str,
     ) -> Result<Server, String> {
         // A relative default also works from outside the repository.
         let in_repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(bin);
@@ -412,103 +629,61 @@ impl Server {
         let db = dir.join("chat.db");
         let log = dir.join("server.log");
         let cost = bcrypt_cost.to_string();
-        let mut args: Vec<&str> = vec!["serve", "--addr", "127.0.0.1:0", "--db"];
+        let mut args: Vec<&str> = vec!["serve", "--addr", listen, "--db"];
         let db = db.to_string_lossy();
         args.push(&db);
         if !extra.iter().any(|a| a.starts_with("--bcrypt-cost")) {
             args.extend(["--bcrypt-cost", &cost]);
         }
-        let mut args: Vec<String> = args
-            .iter()
-            .chain(&[
-                "--max-sockets",
-                "20000",
-                "--max-sockets-per-user",
-                "10000",
-                "--msg-rate",
-                "0",
-                "--login-rate",
-                "0",
-            ])
-            .map(|s| s.to_string())
-            .collect();
+        args.extend([
+            "--max-sockets",
+            "20000",
+            "--max-sockets-per-user",
+            "10000",
+            "--msg-rate",
+            "0",
+            "--login-rate",
+            "0",
+        ]);
+        // Every scenario registers more accounts from one IP than a real client would.
+        if !extra.iter().any(|a| a.starts_with("--register-rate"))
+            && server_knows_flag(bin, "--register-rate")
+        {
+            args.extend(["--register-rate", "0"]);
+        }
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         args.extend(extra.iter().cloned());
         let cmdline = std::iter::once(bin.display().to_string())
             .chain(args.iter().cloned())
             .collect::<Vec<_>>()
             .join(" ");
-        let logf = std::fs::File::create(&log).map_err(|e| format!("create log: {e}"))?;
-        let mut child = Command::new(bin)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(logf))
-            .spawn()
-            .map_err(|e| format!("start {}: {e}", bin.display()))?;
-        let pid = child.id();
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let (tx, rx) = mpsc::channel::<String>();
-        // Read the first line, then keep draining stdout so the server never blocks on it.
-        thread::Builder::new()
-            .name("server-stdout".into())
-            .stack_size(64 * 1024)
-            .spawn(move || {
-                let mut first = true;
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if first {
-                        let _ = tx.send(line);
-                        first = false;
-                    }
+        let (child, addr) = match launch(bin, &args, &log) {
+            Ok(x) => x,
+            Err(e) => {
+                if keep {
+                    eprintln!("kept {}", dir.display());
+                } else {
+                    let _ = std::fs::remove_dir_all(&dir);
                 }
-            })
-            .map_err(|e| format!("spawn: {e}"))?;
-        let mut server = Server {
+                return Err(e);
+            }
+        };
+        Ok(Server {
+            pid: child.id(),
             child,
-            pid,
-            addr: "127.0.0.1:1".parse().expect("literal"),
+            addr,
             dir,
             log,
+            bin: bin.clone(),
+            args,
             cmdline,
             keep,
             stopped: false,
-        };
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(l) => l,
-            Err(_) => {
-                thread::sleep(Duration::from_millis(200));
-                let status = match server.child.try_wait() {
-                    Ok(Some(s)) => format!("exited with {s}"),
-                    _ => "still running, printed nothing on stdout within 60 s".to_string(),
-                };
-                return Err(format!(
-                    "server did not announce its address ({status}); command: {}\nserver log tail:\n{}",
-                    server.cmdline,
-                    server.log_tail(20)
-                ));
-            }
-        };
-        let prefix = "parley listening on http://";
-        let hostport = line
-            .strip_prefix(prefix)
-            .ok_or_else(|| format!("unexpected first stdout line from server: {line:?}"))?;
-        server.addr = hostport
-            .trim()
-            .trim_end_matches('/')
-            .parse()
-            .map_err(|e| format!("bad address in {line:?}: {e}"))?;
-        Ok(server)
+        })
     }
 
     fn log_tail(&self, n: usize) -> String {
-        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        let from = lines.len().saturating_sub(n);
-        lines[from..]
-            .iter()
-            .map(|l| format!("    | {l}"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        log_tail_of(&self.log, n)
     }
 
     /// None while running, else a description of how it ended.
@@ -518,6 +693,31 @@ impl Server {
             Ok(None) => None,
             Err(e) => Some(format!("wait failed: {e}")),
         }
+    }
+
+    /// SIGKILL, no questions asked (the crash the restart test is about); returns once
+    /// the process is gone.
+    fn kill9(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+        let _ = self.child.wait();
+    }
+
+    /// Starts the same command again (same database, same `--addr`) after `kill9`;
+    /// the log continues in the same file.
+    fn respawn(&mut self) -> Result<(), String> {
+        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&self.log) {
+            let _ = writeln!(
+                f,
+                "---- loadgen: server killed with SIGKILL, starting it again ----"
+            );
+        }
+        let (child, addr) = launch(&self.bin, &self.args, &self.log)?;
+        self.pid = child.id();
+        self.child = child;
+        self.addr = addr;
+        Ok(())
     }
 
     /// SIGTERM, wait up to 10 s, then SIGKILL. Returns a description.
@@ -2758,7 +2958,7 @@ fn traffic(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
             );
             ok1
         }
-        Scenario::Idle => unreachable!(),
+        Scenario::Idle | Scenario::Storm => unreachable!(),
     };
     if o.login_flood > 0 {
         println!(
@@ -2935,6 +3135,2100 @@ fn idle(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
     Ok(ok && problems.is_empty())
 }
 
+// ---------------------------------------------------------------------------------------
+// the storm: every client connects at once, and again after a kill -9
+//
+// Each client is a small state machine on a non-blocking socket, driven by the epoll
+// workers from the first connect on (connect, upgrade, join, live, and after the kill:
+// wait a random jitter, reconnect, re-join with `since`, send once), so thousands of
+// handshakes can be in flight without a thread each.
+
+/// Storm phases, set by the main thread.
+const S_IDLE: u8 = 0;
+const S_STORM: u8 = 1;
+const S_SEND: u8 = 2;
+const S_KILL: u8 = 3;
+const S_STOP: u8 = 4;
+
+/// Progress counters the workers publish (index into `StormShared::ctr`).
+const C_UPGRADED: usize = 0;
+const C_JOINED: usize = 1;
+const C_REUPGRADED: usize = 2;
+const C_REJOINED: usize = 3;
+const C_RESENT: usize = 4;
+const C_FRAMES: usize = 5;
+const C_PRESENCE: usize = 6;
+const C_PBATCH: usize = 7;
+const C_MESSAGES: usize = 8;
+const C_SENT: usize = 9;
+const C_ACKS: usize = 10;
+const C_DROPS: usize = 11;
+const C_ATTEMPTS: usize = 12;
+const C_FAILS: usize = 13;
+const NC: usize = 14;
+
+/// Longest one connect + upgrade + join may take before the attempt counts as failed.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+struct StormShared {
+    base: Instant,
+    addr: SocketAddr,
+    room_json: String,
+    batch: bool,
+    resend_room: bool,
+    jitter: Duration,
+    rate: f64,
+    /// Handshakes in flight per worker during the storm.
+    inflight: usize,
+    phase: AtomicU8,
+    /// Set just before the kill: from then on a lost connection means "reconnect"
+    /// (the senders keep sending until their connection drops).
+    armed: AtomicBool,
+    /// When sending started, µs since `base`.
+    t0_us: AtomicU64,
+    ctr: [AtomicU64; NC],
+    /// Presence-view snapshots: the main thread bumps `snap_req`; each worker counts
+    /// its joined clients whose view is `snap_want` users, notes the others, and bumps
+    /// `snap_done`.
+    snap_req: AtomicU64,
+    snap_done: AtomicU64,
+    snap_want: AtomicU64,
+    snap_ok: AtomicU64,
+    snap_wrong: Mutex<Vec<(usize, i64)>>,
+}
+
+impl StormShared {
+    fn now_us(&self) -> u64 {
+        self.base.elapsed().as_micros() as u64
+    }
+    fn get(&self, k: usize) -> u64 {
+        self.ctr[k].load(Ordering::Relaxed)
+    }
+    /// Asks every worker for its clients' presence views; returns (right, wrong ones).
+    fn views(&self, want: usize, workers: usize) -> (u64, Vec<(usize, i64)>) {
+        self.snap_ok.store(0, Ordering::SeqCst);
+        if let Ok(mut w) = self.snap_wrong.lock() {
+            w.clear();
+        }
+        self.snap_want.store(want as u64, Ordering::SeqCst);
+        let done = self.snap_done.load(Ordering::SeqCst);
+        self.snap_req.fetch_add(1, Ordering::SeqCst);
+        let t = Instant::now();
+        while self.snap_done.load(Ordering::SeqCst) < done + workers as u64
+            && t.elapsed() < Duration::from_secs(10)
+        {
+            thread::sleep(Duration::from_millis(2));
+        }
+        let wrong = self
+            .snap_wrong
+            .lock()
+            .map(|w| w.clone())
+            .unwrap_or_default();
+        (self.snap_ok.load(Ordering::SeqCst), wrong)
+    }
+
+    fn frames(&self) -> [u64; 4] {
+        [
+            self.get(C_FRAMES),
+            self.get(C_PRESENCE),
+            self.get(C_PBATCH),
+            self.get(C_MESSAGES),
+        ]
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Cs {
+    /// Not started yet (waits for a free in-flight slot in the storm).
+    Pending,
+    /// Waiting until `due` to connect (jitter after the kill, or backoff after a failure).
+    Backoff,
+    /// Non-blocking connect in progress.
+    Connecting,
+    /// Upgrade request written, reading the response head.
+    Upgrading,
+    /// `join` sent, waiting for `joined`.
+    Joining,
+    Live,
+}
+
+struct StormSender {
+    interval: Duration,
+    next_due: Option<Instant>,
+    seq: u64,
+    /// seq -> send time (µs since base) of messages not yet acked.
+    inflight: HashMap<u64, u64>,
+    /// (seq, message id) of every acked message, before the kill.
+    acked: Vec<(u64, i64)>,
+    sent: u64,
+    skipped: u64,
+    errors: u64,
+}
+
+/// What a client's one message after the rejoin came to.
+#[derive(Clone, Debug, PartialEq)]
+enum Resend {
+    NotYet,
+    /// Sent at (µs since base), no answer yet.
+    Sent(u64),
+    /// Acked with this id at (µs since base).
+    Acked(i64, u64),
+    Failed(String),
+}
+
+struct StormClient {
+    idx: usize,
+    name: String,
+    token: String,
+    state: Cs,
+    sock: Option<TcpStream>,
+    key: String,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    frag: Vec<u8>,
+    frag_op: u8,
+    due: Instant,
+    /// The current attempt: when it started, when TCP connected, when the 101 came.
+    attempt_us: u64,
+    conn_us: u64,
+    up_us: u64,
+    /// Failed attempts in a row (for the backoff).
+    fails: u32,
+    /// 0 before the kill, 1 after this client lost its connection to the kill.
+    round: usize,
+    /// Per round, of the last successful attempt: (start, TCP connected, 101, joined).
+    times: [(u64, u64, u64, u64); 2],
+    joined: [bool; 2],
+    /// Connect attempts after the kill.
+    reattempts: u32,
+    /// The highest message id seen, and the one the first rejoin asked `since`.
+    last_id: i64,
+    since: Option<i64>,
+    /// Every room message id received, with its arrival time (µs since base).
+    ids: Vec<(i64, u64)>,
+    /// How many of `ids` had arrived when the kill cut this client off.
+    ids_at_kill: usize,
+    /// Room messages that did not have a higher id than the one before (duplicate or
+    /// out of order).
+    disorder: u32,
+    /// Online users as this client's frames tell it: `joined.online`, then presence.
+    view: i64,
+    sender: Option<StormSender>,
+    resend: Resend,
+}
+
+/// A client reached `joined`; sent to the main thread for the live report.
+struct JoinedEv {
+    round: usize,
+    times: (u64, u64, u64, u64),
+}
+
+#[derive(Default)]
+struct StormStats {
+    /// Failed connect attempts by (round, reason).
+    fails: BTreeMap<(usize, String), u64>,
+    /// Connections lost before the kill, by reason.
+    early_drops: BTreeMap<String, u64>,
+    errors: BTreeMap<String, u64>,
+    error_samples: Vec<String>,
+    other: BTreeMap<String, u64>,
+    masked: u64,
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        // splitmix64 of the seed, never zero
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Rng((z ^ (z >> 31)) | 1)
+    }
+    fn unit(&mut self) -> f64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The `type` of a server frame, without a full parse. Our server sorts JSON keys, so
+/// `type` is near the end; look there first.
+fn frame_type(p: &[u8]) -> &[u8] {
+    const KEY: &[u8] = b"\"type\":\"";
+    let tail = p.len().saturating_sub(48);
+    let at = find(&p[tail..], KEY)
+        .map(|i| tail + i)
+        .or_else(|| find(p, KEY));
+    match at {
+        Some(i) => {
+            let rest = &p[i + KEY.len()..];
+            let end = rest.iter().position(|&b| b == b'"').unwrap_or(rest.len());
+            &rest[..end]
+        }
+        None => b"",
+    }
+}
+
+/// Number of names in the JSON string array `"key":[...]` (usernames hold no `,` or `]`).
+fn count_list(p: &[u8], key: &[u8]) -> i64 {
+    let Some(i) = find(p, key) else { return 0 };
+    let rest = &p[i + key.len()..];
+    let end = rest.iter().position(|&b| b == b']').unwrap_or(rest.len());
+    let list = &rest[..end];
+    if list.iter().all(|b| b.is_ascii_whitespace()) {
+        0
+    } else {
+        1 + list.iter().filter(|&&b| b == b',').count() as i64
+    }
+}
+
+/// The integer after `key` (e.g. `"id":`).
+fn int_after(p: &[u8], key: &[u8]) -> Option<i64> {
+    let i = find(p, key)?;
+    let rest = &p[i + key.len()..];
+    let mut n: i64 = 0;
+    let mut digits = 0;
+    for &b in rest.iter().skip_while(|b| b.is_ascii_whitespace()) {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        n = n.checked_mul(10)?.checked_add((b - b'0') as i64)?;
+        digits += 1;
+    }
+    (digits > 0).then_some(n)
+}
+
+struct StormWorker {
+    ep: rustix::fd::OwnedFd,
+    cl: Vec<StormClient>,
+    sh: Arc<StormShared>,
+    rng: Rng,
+    timers: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, usize)>>,
+    /// Next client that has never been started.
+    next_pending: usize,
+    /// Clients started in the storm that have not joined yet.
+    inflight: usize,
+    again: Vec<usize>,
+    scratch: Vec<u8>,
+    local: [u64; NC],
+    published: [u64; NC],
+    st: StormStats,
+    tx: mpsc::Sender<JoinedEv>,
+    senders: Vec<usize>,
+}
+
+impl StormWorker {
+    fn bump(&mut self, k: usize) {
+        self.local[k] += 1;
+    }
+
+    fn publish(&mut self) {
+        for k in 0..NC {
+            if self.local[k] != self.published[k] {
+                self.sh.ctr[k].fetch_add(self.local[k] - self.published[k], Ordering::Relaxed);
+                self.published[k] = self.local[k];
+            }
+        }
+    }
+
+    fn arm(&mut self, i: usize, after: Duration) {
+        let due = Instant::now() + after;
+        let c = &mut self.cl[i];
+        c.state = Cs::Backoff;
+        c.due = due;
+        self.timers.push(std::cmp::Reverse((due, i)));
+    }
+
+    /// Forgets the socket (if any) and everything half-read on it.
+    fn drop_socket(&mut self, i: usize) {
+        let c = &mut self.cl[i];
+        if let Some(s) = c.sock.take() {
+            let _ = epoll::delete(&self.ep, &s);
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        c.inbuf = Vec::new();
+        c.out.clear();
+        c.frag.clear();
+    }
+
+    /// A connect attempt failed: back off exponentially (100 ms doubling, at most 1 s,
+    /// times a random 0.5-1.5) and try again.
+    fn fail_attempt(&mut self, i: usize, why: String) {
+        self.drop_socket(i);
+        let round = self.cl[i].round;
+        *self.st.fails.entry((round, why)).or_default() += 1;
+        self.bump(C_FAILS);
+        let c = &mut self.cl[i];
+        c.fails += 1;
+        let base = (0.1 * 2f64.powi(c.fails.min(10) as i32 - 1)).min(1.0);
+        let wait = base * (0.5 + self.rng.unit());
+        self.arm(i, Duration::from_secs_f64(wait));
+    }
+
+    /// A joined (or joining) connection was lost. After the kill that is expected: wait a
+    /// random jitter and reconnect. Before it, note why, and reconnect the same way.
+    fn lost(&mut self, i: usize, why: String) {
+        let state = self.cl[i].state;
+        if matches!(state, Cs::Connecting | Cs::Upgrading) {
+            return self.fail_attempt(i, why);
+        }
+        if state != Cs::Live && state != Cs::Joining {
+            return;
+        }
+        self.drop_socket(i);
+        self.bump(C_DROPS);
+        let killed = self.sh.armed.load(Ordering::Relaxed);
+        let c = &mut self.cl[i];
+        if killed && c.round == 0 {
+            c.round = 1;
+            c.since = Some(c.last_id);
+            c.ids_at_kill = c.ids.len();
+            let jitter = self.sh.jitter.as_secs_f64() * self.rng.unit();
+            self.arm(i, Duration::from_secs_f64(jitter));
+        } else {
+            if !killed {
+                *self.st.early_drops.entry(why).or_default() += 1;
+            }
+            let jitter = self.sh.jitter.as_secs_f64() * self.rng.unit();
+            self.arm(i, Duration::from_secs_f64(jitter.max(0.05)));
+        }
+    }
+
+    fn start_connect(&mut self, i: usize) {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType};
+        let now_us = self.sh.now_us();
+        if self.cl[i].round == 1 {
+            self.cl[i].reattempts += 1;
+            self.bump(C_ATTEMPTS);
+        }
+        {
+            let c = &mut self.cl[i];
+            c.attempt_us = now_us;
+            c.conn_us = 0;
+            c.up_us = 0;
+            c.due = Instant::now() + HANDSHAKE_TIMEOUT;
+            c.inbuf = Vec::new();
+            c.out.clear();
+        }
+        let family = if self.sh.addr.is_ipv4() {
+            AddressFamily::INET
+        } else {
+            AddressFamily::INET6
+        };
+        let fd = match rustix::net::socket_with(
+            family,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            None,
+        ) {
+            Ok(fd) => fd,
+            Err(e) => {
+                return self.fail_attempt(i, format!("socket: {:?}", io::Error::from(e).kind()))
+            }
+        };
+        let _ = rustix::net::sockopt::set_tcp_nodelay(&fd, true);
+        let r = rustix::net::connect(&fd, &self.sh.addr);
+        let sock = TcpStream::from(fd);
+        let flags = epoll::EventFlags::IN
+            | epoll::EventFlags::OUT
+            | epoll::EventFlags::RDHUP
+            | epoll::EventFlags::ET;
+        match r {
+            Ok(()) | Err(rustix::io::Errno::INPROGRESS) => {
+                if let Err(e) =
+                    epoll::add(&self.ep, &sock, epoll::EventData::new_u64(i as u64), flags)
+                {
+                    return self.fail_attempt(i, format!("epoll add: {e}"));
+                }
+                self.cl[i].sock = Some(sock);
+                self.cl[i].state = Cs::Connecting;
+                if r.is_ok() {
+                    self.connected(i);
+                }
+            }
+            Err(e) => self.fail_attempt(i, format!("connect: {:?}", io::Error::from(e).kind())),
+        }
+    }
+
+    /// TCP is up: send the upgrade request.
+    fn connected(&mut self, i: usize) {
+        let now_us = self.sh.now_us();
+        let addr = self.sh.addr;
+        let c = &mut self.cl[i];
+        c.conn_us = now_us;
+        c.key = tungstenite::handshake::client::generate_key();
+        let req = format!(
+            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\
+             Authorization: Bearer {}\r\n\r\n",
+            c.key, c.token
+        );
+        c.out.extend_from_slice(req.as_bytes());
+        c.state = Cs::Upgrading;
+        self.flush(i);
+    }
+
+    fn flush(&mut self, i: usize) {
+        let c = &mut self.cl[i];
+        let Some(sock) = c.sock.as_ref() else {
+            c.out.clear();
+            return;
+        };
+        let mut written = 0;
+        let mut err = None;
+        while written < c.out.len() {
+            match (&*sock).write(&c.out[written..]) {
+                Ok(0) => {
+                    err = Some("write returned 0".to_string());
+                    break;
+                }
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    err = Some(format!("write error: {:?}", e.kind()));
+                    break;
+                }
+            }
+        }
+        c.out.drain(..written);
+        if let Some(e) = err {
+            self.lost(i, e);
+        }
+    }
+
+    fn send_text(&mut self, i: usize, text: &str) {
+        encode_frame(&mut self.cl[i].out, 1, text.as_bytes());
+        self.flush(i);
+    }
+
+    fn send_join(&mut self, i: usize) {
+        let c = &self.cl[i];
+        let mut j = format!("{{\"type\":\"join\",\"room\":{}", self.sh.room_json);
+        if self.sh.batch {
+            j.push_str(",\"presence\":\"batch\"");
+        }
+        if c.joined[0] {
+            // A rejoin: everything after the last message seen.
+            j.push_str(&format!(",\"since\":{}", c.last_id));
+        }
+        j.push('}');
+        self.cl[i].state = Cs::Joining;
+        self.send_text(i, &j);
+    }
+
+    /// After the rejoin: one message, acked. The senders (or everyone with
+    /// `--resend room`) post to the room; the others send a DM to themselves.
+    fn send_resend(&mut self, i: usize) {
+        let c = &self.cl[i];
+        if matches!(c.resend, Resend::Acked(..)) {
+            return;
+        }
+        let body = format!("st|r|{}", c.idx);
+        let msg = if self.sh.resend_room || c.sender.is_some() {
+            format!(
+                "{{\"type\":\"send\",\"room\":{},\"body\":\"{body}\",\"ref\":\"r\"}}",
+                self.sh.room_json
+            )
+        } else {
+            format!(
+                "{{\"type\":\"dm\",\"to\":\"{}\",\"body\":\"{body}\",\"ref\":\"r\"}}",
+                c.name
+            )
+        };
+        self.cl[i].resend = Resend::Sent(self.sh.now_us());
+        self.send_text(i, &msg);
+    }
+
+    /// Paced senders: send what is due; returns the next due time.
+    fn pace(&mut self, i: usize, now: Instant) -> Option<Instant> {
+        let t0 = self.sh.base + Duration::from_micros(self.sh.t0_us.load(Ordering::Relaxed));
+        let room_json = self.sh.room_json.clone();
+        let rate = self.sh.rate;
+        let now_us = self.sh.now_us();
+        let c = &mut self.cl[i];
+        if c.state != Cs::Live || c.round != 0 {
+            return None;
+        }
+        let idx = c.idx;
+        let s = c.sender.as_mut()?;
+        let mut due = *s
+            .next_due
+            .get_or_insert_with(|| t0 + Duration::from_secs_f64(idx as f64 / rate));
+        let mut n = 0u64;
+        while due <= now {
+            if now.duration_since(due) > Duration::from_secs(1) {
+                let skip =
+                    (now.duration_since(due).as_secs_f64() / s.interval.as_secs_f64()) as u32;
+                s.skipped += skip as u64;
+                due += s.interval * skip.max(1);
+                continue;
+            }
+            n += 1;
+            due += s.interval;
+        }
+        s.next_due = Some(due);
+        for _ in 0..n {
+            let seq = s.seq;
+            s.seq += 1;
+            s.sent += 1;
+            s.inflight.insert(seq, now_us);
+            let msg = format!(
+                "{{\"type\":\"send\",\"room\":{room_json},\"body\":\"st|{idx}|{seq}\",\"ref\":\"{seq}\"}}"
+            );
+            encode_frame(&mut c.out, 1, msg.as_bytes());
+        }
+        if n > 0 {
+            self.local[C_SENT] += n;
+            self.flush(i);
+        }
+        Some(due)
+    }
+
+    fn on_joined(&mut self, i: usize, p: &[u8]) {
+        let now_us = self.sh.now_us();
+        let c = &mut self.cl[i];
+        if c.state != Cs::Joining {
+            *self.st.other.entry("joined (unasked)".into()).or_default() += 1;
+            return;
+        }
+        c.state = Cs::Live;
+        c.fails = 0;
+        c.view = count_list(p, b"\"online\":[");
+        let r = c.round;
+        c.times[r] = (c.attempt_us, c.conn_us, c.up_us, now_us);
+        let first = !c.joined[r];
+        c.joined[r] = true;
+        let ev = JoinedEv {
+            round: r,
+            times: c.times[r],
+        };
+        if first {
+            if r == 0 {
+                self.inflight = self.inflight.saturating_sub(1);
+                self.bump(C_JOINED);
+            } else {
+                self.bump(C_REJOINED);
+            }
+            let _ = self.tx.send(ev);
+        }
+        if r == 1 {
+            self.send_resend(i);
+        }
+    }
+
+    fn on_ack_or_error(&mut self, i: usize, p: &[u8], is_ack: bool) {
+        let v: Value = match serde_json::from_slice(p) {
+            Ok(v) => v,
+            Err(_) => {
+                *self.st.other.entry("invalid JSON".into()).or_default() += 1;
+                return;
+            }
+        };
+        let now_us = self.sh.now_us();
+        let reference = v.get("ref").and_then(Value::as_str).unwrap_or("");
+        if !is_ack {
+            let code = v
+                .get("code")
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_string();
+            let text = v.get("message").and_then(Value::as_str).unwrap_or("");
+            *self.st.errors.entry(code.clone()).or_default() += 1;
+            if self.st.error_samples.len() < 5 {
+                self.st
+                    .error_samples
+                    .push(format!("{code}: {text} (ref {reference:?})"));
+            }
+        }
+        let c = &mut self.cl[i];
+        if reference == "r" {
+            c.resend = if is_ack {
+                match v.get("id").and_then(Value::as_i64) {
+                    Some(id) => {
+                        self.local[C_RESENT] += 1;
+                        Resend::Acked(id, now_us)
+                    }
+                    None => Resend::Failed("ack without id".into()),
+                }
+            } else {
+                self.local[C_RESENT] += 1;
+                Resend::Failed(format!("error {}", v.get("code").unwrap_or(&Value::Null)))
+            };
+            return;
+        }
+        let (Some(s), Ok(seq)) = (c.sender.as_mut(), reference.parse::<u64>()) else {
+            *self
+                .st
+                .other
+                .entry("answer to nothing we sent".into())
+                .or_default() += 1;
+            return;
+        };
+        if s.inflight.remove(&seq).is_none() {
+            *self
+                .st
+                .other
+                .entry("answer to nothing in flight".into())
+                .or_default() += 1;
+            return;
+        }
+        if is_ack {
+            match v.get("id").and_then(Value::as_i64) {
+                Some(id) => {
+                    s.acked.push((seq, id));
+                    self.local[C_ACKS] += 1;
+                }
+                None => {
+                    *self.st.other.entry("ack without id".into()).or_default() += 1;
+                }
+            }
+        } else {
+            s.errors += 1;
+        }
+    }
+
+    fn handle_text(&mut self, i: usize, p: &[u8]) {
+        self.bump(C_FRAMES);
+        match frame_type(p) {
+            b"presence" => {
+                self.bump(C_PRESENCE);
+                let d = if find(p, b"\"status\":\"online\"").is_some() {
+                    1
+                } else if find(p, b"\"status\":\"offline\"").is_some() {
+                    -1
+                } else {
+                    0
+                };
+                self.cl[i].view += d;
+            }
+            b"presence_batch" => {
+                self.bump(C_PBATCH);
+                let d = count_list(p, b"\"online\":[") - count_list(p, b"\"offline\":[");
+                self.cl[i].view += d;
+            }
+            b"message" => {
+                self.bump(C_MESSAGES);
+                let now_us = self.sh.now_us();
+                match int_after(p, b"\"id\":") {
+                    Some(id) => {
+                        let c = &mut self.cl[i];
+                        c.ids.push((id, now_us));
+                        if id > c.last_id {
+                            c.last_id = id;
+                        } else {
+                            c.disorder += 1;
+                        }
+                    }
+                    None => {
+                        *self
+                            .st
+                            .other
+                            .entry("message without id".into())
+                            .or_default() += 1
+                    }
+                }
+            }
+            b"joined" => self.on_joined(i, p),
+            b"ack" => self.on_ack_or_error(i, p, true),
+            b"error" => self.on_ack_or_error(i, p, false),
+            t => {
+                let t = String::from_utf8_lossy(t).into_owned();
+                *self.st.other.entry(t).or_default() += 1;
+            }
+        }
+    }
+
+    fn handle_frame(&mut self, i: usize, opcode: u8, payload: &[u8]) {
+        match opcode {
+            1 => self.handle_text(i, payload),
+            8 => {
+                let d = close_desc(payload);
+                let code = if payload.len() >= 2 {
+                    &payload[..2]
+                } else {
+                    &[]
+                };
+                encode_frame(&mut self.cl[i].out, 8, code);
+                self.flush(i);
+                self.lost(i, format!("server sent {d}"));
+            }
+            9 => {
+                encode_frame(&mut self.cl[i].out, 10, payload);
+                self.flush(i);
+            }
+            10 => {}
+            op => *self.st.other.entry(format!("opcode {op}")).or_default() += 1,
+        }
+    }
+
+    /// The 101 (or a refusal) in `buf`; returns how many bytes the head took, or None
+    /// when the attempt is over or the head is incomplete.
+    fn upgrade_reply(&mut self, i: usize, buf: &[u8]) -> Option<usize> {
+        let (status, headers, hlen) = match parse_head(buf) {
+            Ok(Some(h)) => h,
+            Ok(None) => return None,
+            Err(e) => {
+                self.fail_attempt(i, e);
+                return None;
+            }
+        };
+        if status != 101 {
+            self.fail_attempt(i, format!("upgrade refused: HTTP {status}"));
+            return None;
+        }
+        let accept = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-accept"))
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("");
+        if accept != tungstenite::handshake::derive_accept_key(self.cl[i].key.as_bytes()) {
+            self.fail_attempt(i, "bad Sec-WebSocket-Accept".into());
+            return None;
+        }
+        self.cl[i].up_us = self.sh.now_us();
+        self.bump(if self.cl[i].round == 0 {
+            C_UPGRADED
+        } else {
+            C_REUPGRADED
+        });
+        self.send_join(i);
+        Some(hlen)
+    }
+
+    /// Handles what is buffered: the upgrade reply, then whole frames.
+    fn process(&mut self, i: usize) {
+        let mut buf = std::mem::take(&mut self.cl[i].inbuf);
+        let mut off = 0;
+        if self.cl[i].state == Cs::Upgrading {
+            match self.upgrade_reply(i, &buf) {
+                Some(h) => off = h,
+                None => {
+                    if self.cl[i].state == Cs::Upgrading {
+                        self.cl[i].inbuf = buf;
+                    }
+                    return;
+                }
+            }
+        }
+        loop {
+            if !matches!(self.cl[i].state, Cs::Joining | Cs::Live) {
+                return; // lost while handling a frame
+            }
+            let f = match parse_frame(&mut buf[off..]) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    self.lost(i, format!("client saw a protocol error: {e}"));
+                    return;
+                }
+            };
+            if f.masked {
+                self.st.masked += 1;
+            }
+            let (ps, pe) = (off + f.start, off + f.end);
+            off += f.end;
+            if f.opcode == 0 || (!f.fin && f.opcode < 8) {
+                let c = &mut self.cl[i];
+                if f.opcode != 0 {
+                    c.frag_op = f.opcode;
+                    c.frag.clear();
+                }
+                c.frag.extend_from_slice(&buf[ps..pe]);
+                if f.fin {
+                    let op = c.frag_op;
+                    let whole = std::mem::take(&mut c.frag);
+                    self.handle_frame(i, op, &whole);
+                }
+            } else {
+                self.handle_frame(i, f.opcode, &buf[ps..pe]);
+            }
+        }
+        buf.drain(..off);
+        if buf.capacity() > 256 * 1024 && buf.len() < 64 * 1024 {
+            buf.shrink_to(64 * 1024);
+        }
+        self.cl[i].inbuf = buf;
+    }
+
+    /// Reads what is available (edge-triggered) and handles it.
+    fn on_readable(&mut self, i: usize) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut reads = 0;
+        while let Some(sock) = self.cl[i].sock.as_ref() {
+            if reads >= 16 {
+                self.again.push(i); // fairness: come back after the others
+                break;
+            }
+            reads += 1;
+            match (&*sock).read(&mut scratch) {
+                Ok(0) => {
+                    self.lost(
+                        i,
+                        "server closed the TCP connection without a close frame".into(),
+                    );
+                    break;
+                }
+                Ok(n) => {
+                    self.cl[i].inbuf.extend_from_slice(&scratch[..n]);
+                    self.process(i);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.lost(i, format!("read error: {:?}", e.kind()));
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    fn on_event(&mut self, i: usize, flags: epoll::EventFlags) {
+        if self.cl[i].sock.is_none() {
+            return;
+        }
+        if self.cl[i].state == Cs::Connecting {
+            if !flags.intersects(
+                epoll::EventFlags::OUT | epoll::EventFlags::ERR | epoll::EventFlags::HUP,
+            ) {
+                return;
+            }
+            let err = match self.cl[i]
+                .sock
+                .as_ref()
+                .map(rustix::net::sockopt::socket_error)
+            {
+                Some(Ok(Ok(()))) => None,
+                Some(Ok(Err(e))) => Some(format!("connect: {:?}", io::Error::from(e).kind())),
+                Some(Err(e)) => Some(format!("SO_ERROR: {e}")),
+                None => return,
+            };
+            match err {
+                Some(e) => return self.fail_attempt(i, e),
+                None => self.connected(i),
+            }
+            // Fall through: the reply may already be readable.
+        }
+        if flags.intersects(
+            epoll::EventFlags::IN
+                | epoll::EventFlags::RDHUP
+                | epoll::EventFlags::HUP
+                | epoll::EventFlags::ERR,
+        ) {
+            self.on_readable(i);
+        }
+        if flags.contains(epoll::EventFlags::OUT) && !self.cl[i].out.is_empty() {
+            self.flush(i);
+        }
+    }
+
+    fn run(mut self) -> (Vec<StormClient>, StormStats) {
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(1024);
+        let mut last_scan = Instant::now();
+        let mut snap = 0u64;
+        loop {
+            let phase = self.sh.phase.load(Ordering::Relaxed);
+            if phase == S_STOP {
+                break;
+            }
+            let req = self.sh.snap_req.load(Ordering::SeqCst);
+            if req != snap {
+                snap = req;
+                self.snapshot();
+            }
+            let now = Instant::now();
+            // The storm: start clients while there are free in-flight slots.
+            if phase >= S_STORM {
+                while self.inflight < self.sh.inflight && self.next_pending < self.cl.len() {
+                    let i = self.next_pending;
+                    self.next_pending += 1;
+                    self.inflight += 1;
+                    self.start_connect(i);
+                }
+            }
+            // Reconnects that are due.
+            while let Some(std::cmp::Reverse((due, i))) = self.timers.peek().copied() {
+                if due > now {
+                    break;
+                }
+                self.timers.pop();
+                if self.cl[i].state == Cs::Backoff && self.cl[i].due == due {
+                    self.start_connect(i);
+                }
+            }
+            // Handshakes that take too long.
+            if now.duration_since(last_scan) > Duration::from_millis(250) {
+                last_scan = now;
+                for i in 0..self.cl.len() {
+                    let c = &self.cl[i];
+                    if matches!(c.state, Cs::Connecting | Cs::Upgrading | Cs::Joining)
+                        && c.due < now
+                    {
+                        let what = match c.state {
+                            Cs::Connecting => "connect",
+                            Cs::Upgrading => "upgrade reply",
+                            _ => "joined reply",
+                        };
+                        let why = format!("no {what} within {HANDSHAKE_TIMEOUT:?}");
+                        if c.state == Cs::Joining {
+                            // Counts as a failed attempt, not as a lost live socket.
+                            self.cl[i].state = Cs::Upgrading;
+                        }
+                        self.fail_attempt(i, why);
+                    }
+                }
+            }
+            let mut next_due: Option<Instant> = self.timers.peek().map(|r| r.0 .0);
+            if phase == S_SEND {
+                for k in 0..self.senders.len() {
+                    let i = self.senders[k];
+                    if let Some(d) = self.pace(i, now) {
+                        next_due = Some(next_due.map_or(d, |n: Instant| n.min(d)));
+                    }
+                }
+            }
+            let timeout = if !self.again.is_empty() {
+                Duration::ZERO
+            } else {
+                next_due
+                    .map_or(Duration::from_millis(20), |d| {
+                        d.saturating_duration_since(Instant::now())
+                    })
+                    .min(Duration::from_millis(20))
+            };
+            let ts = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: timeout.as_nanos() as _,
+            };
+            events.clear();
+            match epoll::wait(
+                &self.ep,
+                rustix::buffer::spare_capacity(&mut events),
+                Some(&ts),
+            ) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    eprintln!("epoll_wait: {e}");
+                    break;
+                }
+            }
+            for i in std::mem::take(&mut self.again) {
+                self.on_readable(i);
+            }
+            for ev in events.iter().copied() {
+                let i = ev.data.u64() as usize;
+                if i < self.cl.len() {
+                    self.on_event(i, ev.flags);
+                }
+            }
+            self.publish();
+        }
+        self.publish();
+        for i in 0..self.cl.len() {
+            self.drop_socket(i);
+        }
+        (self.cl, self.st)
+    }
+
+    /// Answers a presence-view snapshot request (see `StormShared::views`).
+    fn snapshot(&mut self) {
+        let want = self.sh.snap_want.load(Ordering::SeqCst) as i64;
+        let mut ok = 0;
+        let mut wrong = Vec::new();
+        for c in &self.cl {
+            if c.state == Cs::Live {
+                if c.view == want {
+                    ok += 1;
+                } else {
+                    wrong.push((c.idx, c.view));
+                }
+            }
+        }
+        self.sh.snap_ok.fetch_add(ok, Ordering::SeqCst);
+        if let Ok(mut w) = self.sh.snap_wrong.lock() {
+            w.extend(wrong);
+        }
+        self.sh.snap_done.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+type StormHandle = thread::JoinHandle<(Vec<StormClient>, StormStats)>;
+
+fn spawn_storm_workers(
+    tokens: Vec<String>,
+    names: Vec<String>,
+    senders: usize,
+    nworkers: usize,
+    sh: &Arc<StormShared>,
+    tx: &mpsc::Sender<JoinedEv>,
+) -> Result<Vec<StormHandle>, String> {
+    let mut parts: Vec<Vec<StormClient>> = (0..nworkers).map(|_| Vec::new()).collect();
+    let now = Instant::now();
+    for (i, (token, name)) in tokens.into_iter().zip(names).enumerate() {
+        parts[i % nworkers].push(StormClient {
+            idx: i,
+            name,
+            token,
+            state: Cs::Pending,
+            sock: None,
+            key: String::new(),
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            frag: Vec::new(),
+            frag_op: 0,
+            due: now,
+            attempt_us: 0,
+            conn_us: 0,
+            up_us: 0,
+            fails: 0,
+            round: 0,
+            times: [(0, 0, 0, 0); 2],
+            joined: [false; 2],
+            reattempts: 0,
+            last_id: 0,
+            since: None,
+            ids: Vec::new(),
+            ids_at_kill: 0,
+            disorder: 0,
+            view: 0,
+            sender: (i < senders).then(|| StormSender {
+                interval: Duration::from_secs_f64(senders as f64 / sh.rate),
+                next_due: None,
+                seq: 0,
+                inflight: HashMap::new(),
+                acked: Vec::new(),
+                sent: 0,
+                skipped: 0,
+                errors: 0,
+            }),
+            resend: Resend::NotYet,
+        });
+    }
+    let mut hs = Vec::new();
+    for (k, cl) in parts.into_iter().enumerate() {
+        let ep = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| format!("epoll: {e}"))?;
+        let senders = (0..cl.len()).filter(|&i| cl[i].sender.is_some()).collect();
+        let w = StormWorker {
+            ep,
+            cl,
+            sh: sh.clone(),
+            rng: Rng::new(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+                    ^ (k as u64) << 56,
+            ),
+            timers: std::collections::BinaryHeap::new(),
+            next_pending: 0,
+            inflight: 0,
+            again: Vec::new(),
+            scratch: vec![0; 256 * 1024],
+            local: [0; NC],
+            published: [0; NC],
+            st: StormStats::default(),
+            tx: tx.clone(),
+            senders,
+        };
+        let h = thread::Builder::new()
+            .name(format!("storm-{k}"))
+            .stack_size(256 * 1024)
+            .spawn(move || w.run())
+            .map_err(|e| format!("spawn worker: {e}"))?;
+        hs.push(h);
+    }
+    Ok(hs)
+}
+
+/// Ids of every stored message of `room`, oldest first (REST, paged).
+fn stored_ids(addr: SocketAddr, token: &str, room: &str) -> Result<Vec<i64>, String> {
+    let mut out = Vec::new();
+    let mut after = 0i64;
+    for _ in 0..100_000 {
+        let path = format!("/api/rooms/{room}/messages?after={after}&limit=200");
+        let r = http(addr, "GET", &path, None, Some(token))?;
+        if r.status != 200 {
+            return Err(format!("GET {path}: HTTP {}: {}", r.status, short(&r.body)));
+        }
+        let v: Value =
+            serde_json::from_str(&r.body).map_err(|e| format!("GET {path}: bad JSON: {e}"))?;
+        let page: Vec<i64> = v
+            .get("messages")
+            .and_then(Value::as_array)
+            .ok_or_else(|| format!("GET {path}: no messages array"))?
+            .iter()
+            .filter_map(|m| m.get("id").and_then(Value::as_i64))
+            .collect();
+        out.extend(&page);
+        match page.last() {
+            Some(&last) if page.len() >= 200 => after = last,
+            _ => return Ok(out),
+        }
+    }
+    Err("too many pages of history".into())
+}
+
+/// The kernel's count of connections dropped because a listen queue was full
+/// (`TcpExt: ListenOverflows` in /proc/net/netstat; machine-wide).
+fn listen_overflows() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = s.lines().filter(|l| l.starts_with("TcpExt:"));
+    let names = lines.next()?;
+    let values = lines.next()?;
+    let k = names
+        .split_whitespace()
+        .position(|x| x == "ListenOverflows")?;
+    values.split_whitespace().nth(k)?.parse().ok()
+}
+
+/// Per-socket handshake figures from (start, TCP connected, 101, joined) times, µs.
+fn handshake_lines(times: &[(u64, u64, u64, u64)]) {
+    let mut tcp: Vec<u64> = times.iter().map(|x| x.1.saturating_sub(x.0)).collect();
+    let mut up: Vec<u64> = times.iter().map(|x| x.2.saturating_sub(x.1)).collect();
+    let mut jn: Vec<u64> = times.iter().map(|x| x.3.saturating_sub(x.2)).collect();
+    let mut whole: Vec<u64> = times.iter().map(|x| x.3.saturating_sub(x.0)).collect();
+    let slow_syn = tcp.iter().filter(|&&us| us >= 900_000).count();
+    println!(
+        "  per socket:   TCP connect            {}",
+        spread(&mut tcp, false)
+    );
+    println!(
+        "                upgrade request -> 101 {}",
+        spread(&mut up, false)
+    );
+    println!(
+        "                join -> `joined`       {}",
+        spread(&mut jn, false)
+    );
+    println!(
+        "                connect -> `joined`    {}",
+        spread(&mut whole, false)
+    );
+    if slow_syn > 0 {
+        println!(
+            "                {} sockets waited >= 0.9 s for TCP connect: their SYN was dropped and resent (a full listen queue)",
+            thousands(slow_syn as u64)
+        );
+    }
+}
+
+/// "p50 X  p99 Y  max Z" of µs values, in ms (or seconds when `secs`).
+fn spread(v: &mut [u64], secs: bool) -> String {
+    if v.is_empty() {
+        return "no samples".into();
+    }
+    v.sort_unstable();
+    let at = |p: f64| v[(((p / 100.0) * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)];
+    let f = |us: u64| {
+        if secs {
+            format!("{:.2} s", us as f64 / 1e6)
+        } else {
+            format!("{:.1} ms", us as f64 / 1e3)
+        }
+    };
+    format!(
+        "p50 {}  p99 {}  max {}",
+        f(at(50.0)),
+        f(at(99.0)),
+        f(v[v.len() - 1])
+    )
+}
+
+fn mib(k: Option<u64>) -> String {
+    k.map_or("n/a".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+}
+
+fn millions(n: u64) -> String {
+    if n >= 1_000_000 {
+        format!("{:.1} M", n as f64 / 1e6)
+    } else {
+        thousands(n)
+    }
+}
+
+/// "total (presence a, presence_batch b, other c)" from two `StormShared::frames` snapshots.
+fn frames_line(a: [u64; 4], b: [u64; 4]) -> String {
+    let d: Vec<u64> = (0..4).map(|k| b[k] - a[k]).collect();
+    format!(
+        "{} (presence {}, presence_batch {}, message {}, other {})",
+        thousands(d[0]),
+        thousands(d[1]),
+        thousands(d[2]),
+        thousands(d[3]),
+        thousands(d[0] - d[1] - d[2] - d[3])
+    )
+}
+
+fn fail_reasons(st: &StormStats, round: usize) -> String {
+    let v: Vec<String> = st
+        .fails
+        .iter()
+        .filter(|((r, _), _)| *r == round)
+        .map(|((_, why), n)| format!("{} x {why}", thousands(*n)))
+        .collect();
+    v.join(", ")
+}
+
+/// Once the frames have stopped, every joined client should count every user online
+/// (from `joined.online` plus the presence frames since). Returns the report line and
+/// a problem, if any.
+fn presence_check(sh: &StormShared, o: &Opts, names: &[String]) -> (String, Option<String>) {
+    let n = names.len();
+    let (ok, wrong) = sh.views(n, o.workers);
+    let line = format!(
+        "{} of {} joined clients count all {n} users online from `joined` + {} frames",
+        thousands(ok),
+        thousands(ok + wrong.len() as u64),
+        if o.batch {
+            "presence_batch (or presence)"
+        } else {
+            "presence"
+        }
+    );
+    let problem = (!wrong.is_empty()).then(|| {
+        let ex: Vec<String> = wrong
+            .iter()
+            .take(5)
+            .map(|(i, v)| format!("{} counts {v}", names[*i]))
+            .collect();
+        format!(
+            "{} clients' presence view is not {n} users: {}",
+            wrong.len(),
+            ex.join(", ")
+        )
+    });
+    (line, problem)
+}
+
+fn storm(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
+    let addr = t.addr;
+    let n = o.sockets;
+    let mut problems: Vec<String> = Vec::new();
+    let ts = Instant::now();
+    let tokens = make_accounts(addr, rid, n, &o.password, o.connectors)?;
+    let secs = ts.elapsed().as_secs_f64();
+    println!(
+        "setup:    {n} accounts, one per socket, registered and logged in ({secs:.1} s = {} accounts/s, {} at a time, bcrypt cost {})",
+        thousands((n as f64 / secs.max(1e-9)) as u64),
+        o.connectors.min(n),
+        server_cost(o)
+    );
+    let names: Vec<String> = (0..n).map(|i| format!("lg{rid}_{i}")).collect();
+    let sh = Arc::new(StormShared {
+        base: Instant::now(),
+        addr,
+        room_json: serde_json::to_string(&o.room).unwrap_or_default(),
+        batch: o.batch,
+        resend_room: o.resend_room,
+        jitter: o.jitter,
+        rate: o.rate,
+        inflight: o.inflight.div_ceil(o.workers).max(1),
+        phase: AtomicU8::new(S_IDLE),
+        armed: AtomicBool::new(false),
+        t0_us: AtomicU64::new(0),
+        ctr: std::array::from_fn(|_| AtomicU64::new(0)),
+        snap_req: AtomicU64::new(0),
+        snap_done: AtomicU64::new(0),
+        snap_want: AtomicU64::new(0),
+        snap_ok: AtomicU64::new(0),
+        snap_wrong: Mutex::new(Vec::new()),
+    });
+    let (tx, rx) = mpsc::channel::<JoinedEv>();
+    let workers = spawn_storm_workers(
+        tokens.clone(),
+        names.clone(),
+        o.senders,
+        o.workers,
+        &sh,
+        &tx,
+    )?;
+    drop(tx);
+    let pid = t.pid.clone();
+    let p = pid.as_deref();
+    thread::sleep(Duration::from_millis(500)); // let the server's login work settle
+    let (rss0, thr0) = (p.and_then(rss_kib), p.and_then(threads));
+    let cpu0 = cpu_now(p);
+    let f0 = sh.frames();
+    let lo0 = listen_overflows();
+    let mode = if o.batch { "batch" } else { "each" };
+    println!(
+        "storm:    {n} sockets connect at once, at most {} handshakes in flight ({} epoll workers), joins with presence {mode}",
+        sh.inflight * o.workers,
+        o.workers
+    );
+
+    // 1. The storm: until every socket has its `joined`.
+    sh.phase.store(S_STORM, Ordering::SeqCst);
+    let started = Instant::now();
+    let deadline = started + o.deadline;
+    let mut storm_times: Vec<(u64, u64, u64, u64)> = Vec::with_capacity(n);
+    let mut tick = started + Duration::from_secs(1);
+    let mut last = (sh.frames(), 0u64, started);
+    let mut dead = false;
+    let progress = |sh: &StormShared,
+                    last: &mut ([u64; 4], u64, Instant),
+                    now: Instant,
+                    t0: Instant| {
+        let f = sh.frames();
+        let j = sh.get(C_JOINED) + sh.get(C_REJOINED);
+        let dt = now.duration_since(last.2).as_secs_f64().max(1e-9);
+        println!(
+            "  t={:>5.1}s  upgraded {:>6}  joined {:>6}  (+{}/s)  frames {:>11}/s (presence {}/s, batch {}/s)  failed attempts {}",
+            now.duration_since(t0).as_secs_f64(),
+            sh.get(C_UPGRADED) + sh.get(C_REUPGRADED),
+            j,
+            thousands(((j - last.1) as f64 / dt) as u64),
+            thousands(((f[0] - last.0[0]) as f64 / dt) as u64),
+            thousands(((f[1] - last.0[1]) as f64 / dt) as u64),
+            thousands(((f[2] - last.0[2]) as f64 / dt) as u64),
+            sh.get(C_FAILS)
+        );
+        *last = (f, j, now);
+    };
+    loop {
+        while let Ok(ev) = rx.try_recv() {
+            if ev.round == 0 {
+                storm_times.push(ev.times);
+            }
+        }
+        if storm_times.len() >= n {
+            break;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            problems.push(format!(
+                "the storm did not finish within --deadline {:.0} s: {} of {n} joined",
+                o.deadline.as_secs_f64(),
+                storm_times.len()
+            ));
+            break;
+        }
+        if now >= tick {
+            tick += Duration::from_secs(1);
+            progress(&sh, &mut last, now, started);
+            if t.server.as_mut().is_some_and(|s| s.exited().is_some()) {
+                dead = true;
+                break;
+            }
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    let cpu1 = cpu_now(p);
+    let (rss1, thr1) = (p.and_then(rss_kib), p.and_then(threads));
+    let f1 = sh.frames();
+    let lo1 = listen_overflows();
+    let joined_all = storm_times.len() >= n;
+
+    // Presence still arrives after the last `joined`: wait until the clients go quiet.
+    let settle_from = Instant::now();
+    let mut last_f = sh.get(C_FRAMES);
+    let mut last_change = settle_from;
+    let settle_deadline = settle_from + o.deadline;
+    while !dead && Instant::now() < settle_deadline {
+        thread::sleep(Duration::from_millis(50));
+        let now = Instant::now();
+        let f = sh.get(C_FRAMES);
+        if f != last_f {
+            last_f = f;
+            last_change = now;
+        } else if now.duration_since(last_change) >= Duration::from_secs(1) {
+            break;
+        }
+        if now >= tick {
+            tick += Duration::from_secs(1);
+            progress(&sh, &mut last, now, started);
+        }
+    }
+    if !dead && Instant::now() >= settle_deadline {
+        problems.push(format!(
+            "frames were still arriving {:.0} s after the last joined (--deadline)",
+            o.deadline.as_secs_f64()
+        ));
+    }
+    let quiet_after = last_change.duration_since(settle_from).as_secs_f64();
+    let cpu2 = cpu_now(p);
+    let (rss2, thr2) = (p.and_then(rss_kib), p.and_then(threads));
+    let f2 = sh.frames();
+
+    // The storm's figures.
+    println!();
+    println!("storm results:");
+    let first = storm_times.iter().map(|x| x.0).min().unwrap_or(0);
+    let last_joined = storm_times.iter().map(|x| x.3).max().unwrap_or(0);
+    let wall = (last_joined.saturating_sub(first)) as f64 / 1e6;
+    let rate = if wall > 0.0 {
+        storm_times.len() as f64 / wall
+    } else {
+        0.0
+    };
+    println!(
+        "  sockets:      {} of {n} upgraded and joined; {} failed attempts (retried)",
+        thousands(storm_times.len() as u64),
+        thousands(sh.get(C_FAILS))
+    );
+    println!(
+        "  wall time:    first connect -> last `joined` {wall:.2} s  =>  {} upgrades+joins/s",
+        thousands(rate as u64)
+    );
+    handshake_lines(&storm_times);
+    if let (Some(a), Some(b)) = (lo0, lo1) {
+        println!(
+            "                kernel ListenOverflows +{} during the storm (machine-wide counter)",
+            thousands(b - a)
+        );
+    }
+    println!(
+        "  frames:       by the last joined:  {}",
+        frames_line(f0, f1)
+    );
+    println!(
+        "                until quiet (last frame {quiet_after:.2} s after the last joined): {}",
+        frames_line(f0, f2)
+    );
+    if let (Some(a), Some(b), Some(c)) = (cpu0.server, cpu1.server, cpu2.server) {
+        println!(
+            "  server CPU:   {:.2} s up to the last joined, {:.2} s until quiet",
+            b - a,
+            c - a
+        );
+    }
+    println!(
+        "  server RSS:   before {}, at the last joined {}, when quiet {}; threads {} / {} / {}",
+        mib(rss0),
+        mib(rss1),
+        mib(rss2),
+        thr0.map_or("n/a".into(), |x| x.to_string()),
+        thr1.map_or("n/a".into(), |x| x.to_string()),
+        thr2.map_or("n/a".into(), |x| x.to_string())
+    );
+    cpu_report(
+        &cpu0,
+        &cpu1,
+        Some((storm_times.len() as u64, "upgrade+join")),
+    );
+    if !dead {
+        let (line, problem) = presence_check(&sh, o, &names);
+        println!("  presence:     {line}");
+        problems.extend(problem);
+    }
+    if o.batch && f2[2] == f0[2] && f2[1] > f0[1] {
+        println!(
+            "                (the server sent plain presence frames: it does not implement \"presence\": \"batch\" yet)"
+        );
+    }
+    let storm_frames = f2[0] - f0[0];
+    let storm_presence = (f2[1] - f0[1]) + (f2[2] - f0[2]);
+    let storm_cpu = cpu0.server.zip(cpu2.server).map(|(a, c)| c - a);
+    let storm_rss = rss2;
+
+    // 2. The restart.
+    let restart = o.restart && joined_all && !dead && t.server.is_some();
+    if o.restart && !restart {
+        problems.push("the restart was skipped: the storm did not complete".into());
+    }
+    struct Restart {
+        kill_us: u64,
+        up_ms: f64,
+        stored: Result<Vec<i64>, String>,
+        f_kill: [u64; 4],
+        f_end: [u64; 4],
+        cpu: Option<f64>,
+        rss: Option<u64>,
+        finished: bool,
+        presence: (String, Option<String>),
+        overflows: Option<u64>,
+    }
+    let mut rs: Option<Restart> = None;
+    if restart {
+        println!();
+        println!(
+            "restart:  {} senders send {} msg/s in all to {} for {:.1} s; then kill -9 the server while they send,",
+            o.senders,
+            o.rate,
+            o.room,
+            o.secs.as_secs_f64()
+        );
+        println!(
+            "          start it again on the same database and port; every client reconnects after 0-{:.0} ms of jitter,",
+            o.jitter.as_secs_f64() * 1e3
+        );
+        println!(
+            "          re-joins with `since` and sends one message ({})",
+            if o.resend_room {
+                "to the room".to_string()
+            } else {
+                format!(
+                    "the {} senders to the room, the others a DM to themselves",
+                    o.senders
+                )
+            }
+        );
+        let t0_us = sh.now_us();
+        sh.t0_us.store(t0_us, Ordering::SeqCst);
+        sh.phase.store(S_SEND, Ordering::SeqCst);
+        let t0 = Instant::now();
+        let end = t0 + o.secs;
+        let mut tick = t0 + Duration::from_secs(1);
+        let mut last = (0u64, 0u64, sh.get(C_MESSAGES), t0);
+        while Instant::now() < end {
+            let now = Instant::now();
+            if now >= tick {
+                tick += Duration::from_secs(1);
+                let (s, a, m) = (sh.get(C_SENT), sh.get(C_ACKS), sh.get(C_MESSAGES));
+                let dt = now.duration_since(last.3).as_secs_f64();
+                println!(
+                    "  t={:>4.1}s  sent {:>5}/s  acked {:>5}/s  delivered {:>9}/s",
+                    now.duration_since(t0).as_secs_f64(),
+                    thousands(((s - last.0) as f64 / dt) as u64),
+                    thousands(((a - last.1) as f64 / dt) as u64),
+                    thousands(((m - last.2) as f64 / dt) as u64)
+                );
+                last = (s, a, m, now);
+            }
+            thread::sleep(
+                end.min(tick)
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(50)),
+            );
+        }
+        // The crash, while the senders are sending: arm the reconnects, kill, and only
+        // then stop the pacing (the senders are cut off by the kill anyway).
+        sh.armed.store(true, Ordering::SeqCst);
+        let server = t.server.as_mut().ok_or("no server to kill")?;
+        let old_pid = server.pid;
+        let kill_us = sh.now_us();
+        let kill_at = Instant::now();
+        let lo_kill = listen_overflows();
+        server.kill9();
+        sh.phase.store(S_KILL, Ordering::SeqCst);
+        let (sent, acked) = (sh.get(C_SENT), sh.get(C_ACKS));
+        let f_kill = sh.frames();
+        let respawned = server.respawn();
+        let up_ms = kill_at.elapsed().as_secs_f64() * 1e3;
+        match respawned {
+            Ok(()) => {
+                t.pid = Some(server.pid.to_string());
+                println!(
+                    "  killed pid {old_pid} with SIGKILL ({} messages sent, {} acked by then); new server pid {} listening on {} {up_ms:.0} ms after the kill",
+                    thousands(sent),
+                    thousands(acked),
+                    server.pid,
+                    server.addr
+                );
+                if server.addr != addr {
+                    problems.push(format!(
+                        "the restarted server listens on {} instead of {addr}",
+                        server.addr
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!("the server could not be started again: {e}")),
+        }
+        let p2 = t.pid.clone();
+        let p2 = p2.as_deref();
+        // Until every client is back, has replayed and has its one message acked.
+        let deadline = kill_at + o.deadline;
+        let mut tick = kill_at + Duration::from_secs(1);
+        let mut last = (sh.frames(), 0u64, kill_at);
+        let mut done_at: Option<Instant> = None;
+        let mut last_f = sh.get(C_FRAMES);
+        let mut finished = false;
+        while t.server.as_mut().is_some_and(|s| s.exited().is_none()) {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let f = sh.get(C_FRAMES);
+            if sh.get(C_REJOINED) >= n as u64 && sh.get(C_RESENT) >= n as u64 {
+                // Then wait for the tail (room messages of the others) to go quiet.
+                match done_at {
+                    Some(d)
+                        if f == last_f && now.duration_since(d) >= Duration::from_millis(500) =>
+                    {
+                        finished = true;
+                        break;
+                    }
+                    Some(_) if f != last_f => done_at = Some(now),
+                    None => done_at = Some(now),
+                    _ => {}
+                }
+            }
+            last_f = f;
+            if now >= tick {
+                tick += Duration::from_secs(1);
+                let fr = sh.frames();
+                let dt = now.duration_since(last.2).as_secs_f64().max(1e-9);
+                println!(
+                    "  t={:>5.1}s after the kill: attempts {:>6}  upgraded {:>6}  rejoined {:>6}  sent+acked {:>6}  frames {:>10}/s (presence {}/s, batch {}/s)",
+                    now.duration_since(kill_at).as_secs_f64(),
+                    sh.get(C_ATTEMPTS),
+                    sh.get(C_REUPGRADED),
+                    sh.get(C_REJOINED),
+                    sh.get(C_RESENT),
+                    thousands(((fr[0] - last.0[0]) as f64 / dt) as u64),
+                    thousands(((fr[1] - last.0[1]) as f64 / dt) as u64),
+                    thousands(((fr[2] - last.0[2]) as f64 / dt) as u64),
+                );
+                last = (fr, 0, now);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        if !finished {
+            problems.push(format!(
+                "after the restart, not every client was back, replayed and acked within --deadline {:.0} s ({} rejoined, {} sent+acked of {n})",
+                o.deadline.as_secs_f64(),
+                sh.get(C_REJOINED),
+                sh.get(C_RESENT)
+            ));
+        }
+        let f_end = sh.frames();
+        let overflows = lo_kill.zip(listen_overflows()).map(|(a, b)| b - a);
+        let presence = presence_check(&sh, o, &names);
+        let cpu = p2.and_then(cpu_secs);
+        let rss = p2.and_then(rss_kib);
+        let stored = stored_ids(t.addr, &tokens[0], &o.room);
+        rs = Some(Restart {
+            kill_us,
+            up_ms,
+            stored,
+            f_kill,
+            f_end,
+            cpu,
+            rss,
+            finished,
+            presence,
+            overflows,
+        });
+    }
+    sh.phase.store(S_STOP, Ordering::SeqCst);
+    let mut clients = Vec::with_capacity(n);
+    let mut st = StormStats::default();
+    for h in workers {
+        match h.join() {
+            Ok((c, s)) => {
+                clients.extend(c);
+                for (k, v) in s.fails {
+                    *st.fails.entry(k).or_default() += v;
+                }
+                for (k, v) in s.early_drops {
+                    *st.early_drops.entry(k).or_default() += v;
+                }
+                for (k, v) in s.errors {
+                    *st.errors.entry(k).or_default() += v;
+                }
+                for (k, v) in s.other {
+                    *st.other.entry(k).or_default() += v;
+                }
+                st.error_samples.extend(s.error_samples);
+                st.masked += s.masked;
+            }
+            Err(_) => problems.push("a storm worker thread panicked (loadgen bug)".into()),
+        }
+    }
+    clients.sort_by_key(|c| c.idx);
+    check_server(t, &mut problems);
+
+    let storm_fails = fail_reasons(&st, 0);
+    if !storm_fails.is_empty() {
+        println!();
+        println!("storm: failed attempts (each retried): {storm_fails}");
+    }
+    if !st.early_drops.is_empty() {
+        let v: Vec<String> = st
+            .early_drops
+            .iter()
+            .map(|(k, v)| format!("{v} x {k}"))
+            .collect();
+        problems.push(format!(
+            "sockets lost before the kill (they reconnected): {}",
+            v.join(", ")
+        ));
+    }
+
+    let mut verdicts: Vec<(String, bool)> = Vec::new();
+    let mut restart_summary = String::new();
+    if let Some(r) = &rs {
+        println!();
+        println!("restart results:");
+        let rel = |us: u64| us.saturating_sub(r.kill_us);
+        let pre_acked: Vec<i64> = {
+            let mut v: Vec<i64> = clients
+                .iter()
+                .filter_map(|c| c.sender.as_ref())
+                .flat_map(|s| s.acked.iter().map(|x| x.1))
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let skipped: u64 = clients
+            .iter()
+            .filter_map(|c| c.sender.as_ref())
+            .map(|s| s.skipped)
+            .sum();
+        let send_errors: u64 = clients
+            .iter()
+            .filter_map(|c| c.sender.as_ref())
+            .map(|s| s.errors)
+            .sum();
+        let resent_room: Vec<i64> = {
+            let mut v: Vec<i64> = clients
+                .iter()
+                .filter(|c| o.resend_room || c.sender.is_some())
+                .filter_map(|c| match c.resend {
+                    Resend::Acked(id, _) => Some(id),
+                    _ => None,
+                })
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let stored: Vec<i64> = match &r.stored {
+            Ok(v) => v.clone(),
+            Err(e) => {
+                problems.push(format!("could not read the room's stored messages: {e}"));
+                Vec::new()
+            }
+        };
+        let has = |v: &[i64], x: i64| v.binary_search(&x).is_ok();
+        let lost_acked: Vec<i64> = pre_acked
+            .iter()
+            .chain(&resent_room)
+            .copied()
+            .filter(|&x| !has(&stored, x))
+            .collect();
+        let unacked_stored: Vec<i64> = stored
+            .iter()
+            .copied()
+            .filter(|&x| !has(&pre_acked, x) && !has(&resent_room, x))
+            .collect();
+        let pre_kill_stored: Vec<i64> = stored
+            .iter()
+            .copied()
+            .filter(|&x| !has(&resent_room, x))
+            .collect();
+        let sent: u64 = clients
+            .iter()
+            .filter_map(|c| c.sender.as_ref())
+            .map(|s| s.sent)
+            .sum();
+        println!(
+            "  before the kill: {} messages sent, {} acked, {} answered with an error, {} in flight at the kill{}",
+            thousands(sent),
+            thousands(pre_acked.len() as u64),
+            send_errors,
+            thousands(sent.saturating_sub(pre_acked.len() as u64 + send_errors)),
+            if skipped > 0 {
+                format!(" ({skipped} sends skipped: the loadgen fell behind)")
+            } else {
+                String::new()
+            }
+        );
+        println!(
+            "  new server:   listening {:.0} ms after the kill, on the same port and database",
+            r.up_ms
+        );
+        println!(
+            "  stored:       {} messages in {} ({} acked before the kill, {} of the in-flight ones, {} sent after the restart); acked but NOT stored: {}",
+            thousands(stored.len() as u64),
+            o.room,
+            thousands(pre_acked.len() as u64),
+            unacked_stored.len(),
+            resent_room.len(),
+            lost_acked.len()
+        );
+        if !lost_acked.is_empty() {
+            problems.push(format!(
+                "{} acked messages are not in the database after the restart (an ack must mean on disk): ids {:?}",
+                lost_acked.len(),
+                &lost_acked[..lost_acked.len().min(10)]
+            ));
+        }
+        // Per client: gaps, duplicates, and the times.
+        let mut back = Vec::new();
+        let mut rejoined = Vec::new();
+        let mut replayed = Vec::new();
+        let mut acked_t = Vec::new();
+        let mut all_done = Vec::new();
+        let mut attempts = Vec::new();
+        // (client, its `since`, acked ids it missed, stored unacked ids it missed)
+        type Missed = (String, Option<i64>, Vec<i64>, Vec<i64>);
+        let mut missed: Vec<Missed> = Vec::new();
+        let (mut n_missed_acked, mut n_missed_unacked, mut n_extra, mut n_disorder) = (0, 0, 0, 0);
+        let mut not_back = 0;
+        let mut resend_failed: BTreeMap<String, u64> = BTreeMap::new();
+        let mut replayed_msgs = 0u64;
+        for c in &clients {
+            attempts.push(c.reattempts as u64);
+            let mut got: Vec<i64> = c.ids.iter().map(|x| x.0).collect();
+            got.sort_unstable();
+            got.dedup();
+            let miss_acked: Vec<i64> = pre_acked
+                .iter()
+                .chain(&resent_room)
+                .copied()
+                .filter(|&x| !has(&got, x))
+                .collect();
+            let miss_unacked: Vec<i64> = unacked_stored
+                .iter()
+                .copied()
+                .filter(|&x| !has(&got, x))
+                .collect();
+            let extra = got.iter().filter(|&&x| !has(&stored, x)).count();
+            if !miss_acked.is_empty() {
+                n_missed_acked += 1;
+            }
+            if !miss_unacked.is_empty() {
+                n_missed_unacked += 1;
+            }
+            if extra > 0 {
+                n_extra += 1;
+            }
+            if c.disorder > 0 {
+                n_disorder += 1;
+            }
+            if !miss_acked.is_empty() || !miss_unacked.is_empty() {
+                missed.push((c.name.clone(), c.since, miss_acked, miss_unacked));
+            }
+            if !c.joined[1] {
+                not_back += 1;
+                continue;
+            }
+            let (_, _, up_us, joined_us) = c.times[1];
+            back.push(rel(up_us));
+            rejoined.push(rel(joined_us));
+            // Replayed: every message stored before the kill that it had not seen is in.
+            let since = c.since.unwrap_or(0);
+            let mut rep = Some(joined_us);
+            for &id in pre_kill_stored.iter().filter(|&&x| x > since) {
+                replayed_msgs += 1;
+                match c.ids.iter().find(|x| x.0 == id) {
+                    Some(&(_, at)) => rep = rep.map(|r| r.max(at)),
+                    None => rep = None,
+                }
+            }
+            if let Some(at) = rep {
+                replayed.push(rel(at));
+            }
+            let ack = match &c.resend {
+                Resend::Acked(_, at) => {
+                    acked_t.push(rel(*at));
+                    Some(*at)
+                }
+                Resend::Failed(e) => {
+                    *resend_failed.entry(e.clone()).or_default() += 1;
+                    None
+                }
+                Resend::Sent(_) => {
+                    *resend_failed.entry("no answer".into()).or_default() += 1;
+                    None
+                }
+                Resend::NotYet => {
+                    *resend_failed.entry("never sent".into()).or_default() += 1;
+                    None
+                }
+            };
+            if let (Some(a), Some(b)) = (rep, ack) {
+                all_done.push(rel(joined_us.max(a).max(b)));
+            }
+        }
+        let refused = fail_reasons(&st, 1);
+        println!(
+            "  clients:      {} of {n} reconnected and re-joined, after {} connect attempts in all ({} per client at most){}",
+            thousands(back.len() as u64),
+            thousands(attempts.iter().sum::<u64>()),
+            attempts.iter().max().copied().unwrap_or(0),
+            if refused.is_empty() {
+                String::new()
+            } else {
+                format!("; failed attempts: {refused}")
+            }
+        );
+        let re_times: Vec<(u64, u64, u64, u64)> = clients
+            .iter()
+            .filter(|c| c.joined[1])
+            .map(|c| c.times[1])
+            .collect();
+        handshake_lines(&re_times);
+        if let Some(d) = r.overflows {
+            println!(
+                "                kernel ListenOverflows +{} after the kill (machine-wide counter)",
+                thousands(d)
+            );
+        }
+        println!(
+            "  from the kill to: reconnected (101)  {}",
+            spread(&mut back.clone(), true)
+        );
+        println!(
+            "                    re-joined          {}",
+            spread(&mut rejoined.clone(), true)
+        );
+        println!(
+            "                    replayed           {}  ({} of {n}; {} replayed messages in all)",
+            spread(&mut replayed.clone(), true),
+            thousands(replayed.len() as u64),
+            thousands(replayed_msgs)
+        );
+        println!(
+            "                    sent and acked     {}  ({} of {n})",
+            spread(&mut acked_t.clone(), true),
+            thousands(acked_t.len() as u64)
+        );
+        println!(
+            "                    all three          {}  ({} of {n})",
+            spread(&mut all_done.clone(), true),
+            thousands(all_done.len() as u64)
+        );
+        println!(
+            "  gaps:         {n_missed_acked} clients missed an acked message, {n_missed_unacked} a stored unacked one; {n_extra} got a message that is not stored; {n_disorder} saw an id twice or out of order"
+        );
+        for (name, since, a, u) in missed.iter().take(10) {
+            println!(
+                "    {name} (re-joined since {}): missing acked {:?}{}, missing stored-unacked {:?}",
+                since.map_or("-".into(), |s| s.to_string()),
+                &a[..a.len().min(8)],
+                if a.len() > 8 { " ..." } else { "" },
+                &u[..u.len().min(8)]
+            );
+        }
+        if missed.len() > 10 {
+            println!("    ... and {} more clients", missed.len() - 10);
+        }
+        for c in clients.iter().filter(|c| c.disorder > 0).take(3) {
+            let after: Vec<String> = c.ids[c.ids_at_kill.min(c.ids.len())..]
+                .iter()
+                .map(|(id, at)| format!("{id}@{:.0}ms", rel(*at) as f64 / 1e3))
+                .collect();
+            println!(
+                "    {} saw a duplicate or disorder: last id before the kill {}, re-joined since {}, ids after the kill (ms after it): {}",
+                c.name,
+                c.ids[..c.ids_at_kill.min(c.ids.len())].last().map_or("-".into(), |x| x.0.to_string()),
+                c.since.map_or("-".into(), |s| s.to_string()),
+                after.join(" ")
+            );
+        }
+        if n_missed_acked + n_missed_unacked + n_extra + n_disorder > 0 {
+            problems.push(format!(
+                "replay after the restart: {n_missed_acked} clients missed acked messages, {n_missed_unacked} missed stored unacked ones, {n_extra} got unstored ones, {n_disorder} saw duplicates or disorder"
+            ));
+        }
+        if not_back > 0 {
+            problems.push(format!(
+                "{not_back} clients never re-joined after the restart"
+            ));
+        }
+        if !resend_failed.is_empty() {
+            let v: Vec<String> = resend_failed
+                .iter()
+                .map(|(k, v)| format!("{v} x {k}"))
+                .collect();
+            problems.push(format!(
+                "the message after the rejoin was not acked: {}",
+                v.join(", ")
+            ));
+        }
+        println!(
+            "  frames after the kill: {}",
+            frames_line(r.f_kill, r.f_end)
+        );
+        println!("  presence:     {}", r.presence.0);
+        problems.extend(r.presence.1.clone());
+        println!(
+            "  new server:   {} CPU s since its start, RSS {} at the end",
+            r.cpu.map_or("n/a".into(), |c| format!("{c:.2}")),
+            mib(r.rss)
+        );
+        let worst = |v: &[u64]| v.iter().max().map_or(f64::NAN, |&x| x as f64 / 1e6);
+        let done_all = all_done.len() == n && r.finished;
+        let worst_all = worst(&all_done);
+        let gaps = n_missed_acked + n_missed_unacked + n_extra + n_disorder;
+        restart_summary = format!(
+            "; restart (kill -9 while sending): all back {:.1} s, replayed {:.1} s, sent+acked {:.1} s, {} clients missed a message, {} got one twice",
+            worst(&rejoined),
+            worst(&replayed),
+            worst(&acked_t),
+            thousands((n_missed_acked + n_missed_unacked) as u64),
+            thousands(n_disorder as u64)
+        );
+        verdicts.push((
+            format!(
+                "every client back, replayed and sending within 5 s: {} of {n}, the last after {worst_all:.2} s",
+                thousands(all_done.len() as u64)
+            ),
+            done_all && worst_all <= 5.0,
+        ));
+        verdicts.push((
+            format!(
+                "nothing missed after the restart: {} clients with a gap, {n_disorder} with a duplicate, {} acked messages not stored",
+                n_missed_acked + n_missed_unacked + n_extra,
+                lost_acked.len()
+            ),
+            gaps == 0 && lost_acked.is_empty() && r.stored.is_ok(),
+        ));
+    }
+
+    if !st.errors.is_empty() {
+        let e: Vec<String> = st.errors.iter().map(|(k, v)| format!("{k} x{v}")).collect();
+        problems.push(format!(
+            "error frames from the server: {}; first: {}",
+            e.join(", "),
+            st.error_samples.join(" | ")
+        ));
+    }
+    if st.masked > 0 {
+        problems.push(format!("{} server frames were masked", st.masked));
+    }
+    let odd: Vec<String> = st
+        .other
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "dm" | "joined"))
+        .map(|(k, v)| format!("{k} x{v}"))
+        .collect();
+    if !odd.is_empty() {
+        problems.push(format!("unexpected frames: {}", odd.join(", ")));
+    }
+    println!();
+    print_problems(&problems, None);
+    println!();
+    let ok1 = joined_all && rate >= 5000.0;
+    verdicts.insert(
+        0,
+        (
+            format!(
+                "{} of {n} sockets upgraded and joined in {wall:.2} s = {} upgrades+joins/s (target >= 5,000/s)",
+                thousands(storm_times.len() as u64),
+                thousands(rate as u64)
+            ),
+            ok1,
+        ),
+    );
+    for (k, (line, ok)) in verdicts.iter().enumerate() {
+        let head = if k == 0 { "verdict: " } else { "         " };
+        println!("{head} {line}: {}", verdict(*ok));
+    }
+    println!();
+    println!(
+        "summary:  | `storm --presence {mode}`: {} sockets, one user each, all connecting at once | **{} upgrades+joins/s** ({wall:.1} s), {} frames to the clients ({} presence), server {} CPU s, {} RSS{restart_summary} | >= 5,000/s{} |",
+        thousands(n as u64),
+        thousands(rate as u64),
+        millions(storm_frames),
+        millions(storm_presence),
+        storm_cpu.map_or("n/a".into(), |c| format!("{c:.1}")),
+        mib(storm_rss),
+        if rs.is_some() {
+            "; all back within 5 s"
+        } else {
+            ""
+        }
+    );
+    Ok(verdicts.iter().all(|v| v.1) && problems.is_empty())
+}
+
 fn raise_nofile() -> String {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let cur = getrlimit(Resource::Nofile);
@@ -3006,7 +5300,19 @@ fn main() {
     } else {
         // A login flood is only realistic at the production cost (the server's default).
         let cost = if o.login_flood > 0 { 12 } else { 4 };
-        match Server::start(&o.server_bin, &o.server_args, o.keep, cost) {
+        // The storm's restart brings the server back on the same port: fix it up front.
+        let listen = if o.scenario == Scenario::Storm && o.restart {
+            match free_port() {
+                Ok(port) => format!("127.0.0.1:{port}"),
+                Err(e) => {
+                    eprintln!("loadgen: no free port: {e}");
+                    std::process::exit(1);
+                }
+            }
+        } else {
+            "127.0.0.1:0".to_string()
+        };
+        match Server::start(&o.server_bin, &o.server_args, o.keep, cost, &listen) {
             Ok(s) => {
                 println!("server:   {}", s.cmdline);
                 println!(
@@ -3035,6 +5341,27 @@ fn main() {
             o.per_user,
             o.room,
             o.hold.as_secs_f64()
+        ),
+        Scenario::Storm => format!(
+            "sockets={} (one user each) room={} presence={} inflight={} workers={}{}",
+            o.sockets,
+            o.room,
+            if o.batch { "batch" } else { "each" },
+            o.inflight,
+            o.workers,
+            if o.restart {
+                format!(
+                    " restart: senders={} rate={}/s secs={:.1} jitter={:.0}ms resend={} deadline={:.0}s",
+                    o.senders,
+                    o.rate,
+                    o.secs.as_secs_f64(),
+                    o.jitter.as_secs_f64() * 1e3,
+                    if o.resend_room { "room" } else { "dm" },
+                    o.deadline.as_secs_f64()
+                )
+            } else {
+                " (no restart)".to_string()
+            }
         ),
         _ => format!(
             "sockets={} senders={} {} secs={:.1} body-bytes={} per-user={} rooms={} poll-us={}{}",
@@ -3069,6 +5396,7 @@ fn main() {
     let rid = run_id();
     let res = match o.scenario {
         Scenario::Idle => idle(&o, &mut target, &rid),
+        Scenario::Storm => storm(&o, &mut target, &rid),
         _ => traffic(&o, &mut target, &rid),
     };
     if let Some(s) = target.server.as_mut() {
