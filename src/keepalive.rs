@@ -5,7 +5,7 @@
 //! Without it, a phone that leaves the Wi-Fi without closing keeps its thread, its
 //! slot and its `online` presence until TCP gives up, which on an idle socket is never;
 //! and a reverse proxy with the usual 60 s read timeout cuts idle but healthy sockets.
-//! TCP keepalive on every accepted connection ([`crate::sys::tune_listener`]) is the
+//! TCP keepalive on every accepted connection ([`crate::sys::listen`]) is the
 //! backstop.
 //!
 //! The `keepalive` thread looks at every socket twice per interval; each socket's

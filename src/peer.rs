@@ -230,7 +230,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let mut q = self.0.lock();
         q.in_flight = q.in_flight.saturating_sub(1);
-        self.0.changed.notify_all();
+        self.0.wake_waiters(&q);
     }
 }
 
@@ -278,6 +278,9 @@ struct Outq {
     held_bytes: usize,
     /// Requests of this socket still in the writer's queue (see [`Peer::begin_request`]).
     in_flight: usize,
+    /// Threads waiting on `changed`: without any, a notify would be a wasted system
+    /// call on every write that empties the backlog.
+    waiters: usize,
     /// Rooms whose replay ended at a message id, until a live message above it comes:
     /// a message the replay read may still be on its way to the fan-out (stored and
     /// visible, its broadcast not yet queued), and its live copy must not double it.
@@ -343,6 +346,7 @@ impl Peer {
                 hold: None,
                 held_bytes: 0,
                 in_flight: 0,
+                waiters: 0,
                 seams: Vec::new(),
                 close_deadline: None,
             }),
@@ -388,6 +392,25 @@ impl Peer {
 
     fn lock(&self) -> MutexGuard<'_, Outq> {
         lock(&self.out)
+    }
+
+    /// Waits (at most `timeout`) for the queue to change.
+    fn wait_changed<'a>(
+        &self,
+        mut q: MutexGuard<'a, Outq>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, Outq> {
+        q.waiters += 1;
+        let mut q = wait_timeout(&self.changed, q, timeout);
+        q.waiters -= 1;
+        q
+    }
+
+    /// Wakes the threads waiting for the queue to change, if there are any.
+    fn wake_waiters(&self, q: &Outq) {
+        if q.waiters > 0 {
+            self.changed.notify_all();
+        }
     }
 
     /// Whether the socket still takes frames.
@@ -534,7 +557,7 @@ impl Peer {
                 // Wake our reader thread: its blocking read returns end-of-stream.
                 let _ = shutdown(&self.sock, Shutdown::Read);
             }
-            self.changed.notify_all();
+            self.wake_waiters(q);
         }
     }
 
@@ -571,7 +594,7 @@ impl Peer {
         let mut q = self.lock();
         q.state = State::Dead;
         q.frames.clear();
-        self.changed.notify_all();
+        self.wake_waiters(&q);
     }
 
     /// Counts a request that completes later (a write) against this socket; while
@@ -581,7 +604,7 @@ impl Peer {
     pub fn begin_request(self: &Arc<Self>, max: usize) -> Option<InFlight> {
         let mut q = self.lock();
         while q.state == State::Open && q.in_flight >= max {
-            q = wait_timeout(&self.changed, q, Duration::from_secs(1));
+            q = self.wait_changed(q, Duration::from_secs(1));
         }
         if q.state != State::Open {
             return None;
@@ -601,7 +624,7 @@ impl Peer {
             if left.is_zero() {
                 return false;
             }
-            q = wait_timeout(&self.changed, q, left);
+            q = self.wait_changed(q, left);
         }
         q.state == State::Open
     }
@@ -615,7 +638,7 @@ impl Peer {
             if left.is_zero() {
                 return;
             }
-            q = wait_timeout(&self.changed, q, left);
+            q = self.wait_changed(q, left);
         }
     }
 
@@ -663,7 +686,7 @@ impl Peer {
             q.frames.clear();
             q.state = State::Dead;
             let _ = shutdown(&self.sock, Shutdown::Both);
-            self.changed.notify_all();
+            self.wake_waiters(&q);
         }
         if q.frames.is_empty() || q.state == State::Dead {
             q.watched = false;

@@ -25,7 +25,6 @@ use crate::service::Periodic;
 use crate::store::audit::AuditEntry;
 use crate::store::Store;
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -57,8 +56,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         Arc::new(Store::open(&cfg.db).map_err(|e| format!("opening {}: {e}", cfg.db.display()))?);
     let auth = Auth::new(&store, &cfg).map_err(|e| e.to_string())?;
     let listener =
-        TcpListener::bind(&cfg.addr).map_err(|e| format!("binding {}: {e}", cfg.addr))?;
-    crate::sys::tune_listener(&listener);
+        crate::sys::listen(&cfg.addr).map_err(|e| format!("binding {}: {e}", cfg.addr))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let server =
         Arc::new(tiny_http::Server::from_listener(listener, None).map_err(|e| e.to_string())?);

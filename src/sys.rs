@@ -11,7 +11,6 @@
 #![allow(unsafe_code)]
 
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 
@@ -25,41 +24,129 @@ pub struct Claimed {
     pub numbers: Vec<i32>,
 }
 
+/// How far past the highest known WebSocket descriptor a search walks, in words of 64
+/// numbers: in a burst of upgrades, hundreds of connections accepted but not yet
+/// upgraded sit above it.
+const GAP_MARGIN: usize = 16;
+
+/// A set of descriptor numbers as bits: cheap to walk for the numbers *not* in it.
+#[derive(Default, Clone)]
+struct FdSet {
+    words: Vec<u64>,
+}
+
+impl FdSet {
+    fn insert(&mut self, n: i32) {
+        let Ok(n) = usize::try_from(n) else { return };
+        if self.words.len() <= n / 64 {
+            self.words.resize(n / 64 + 1, 0);
+        }
+        if let Some(w) = self.words.get_mut(n / 64) {
+            *w |= 1 << (n % 64);
+        }
+    }
+
+    fn remove(&mut self, n: i32) {
+        let Ok(n) = usize::try_from(n) else { return };
+        if let Some(w) = self.words.get_mut(n / 64) {
+            *w &= !(1 << (n % 64));
+        }
+    }
+
+    fn contains(&self, n: i32) -> bool {
+        usize::try_from(n)
+            .ok()
+            .and_then(|n| self.words.get(n / 64).map(|w| w & (1 << (n % 64)) != 0))
+            .unwrap_or(false)
+    }
+
+    /// The numbers from 0 up to [`GAP_MARGIN`] words past the highest member of
+    /// either set that are in neither, lowest first.
+    fn gaps<'a>(&'a self, also: &'a FdSet) -> impl Iterator<Item = i32> + 'a {
+        let len = self.words.len().max(also.words.len()) + GAP_MARGIN;
+        (0..len)
+            .map(|i| {
+                let w = |s: &FdSet| s.words.get(i).copied().unwrap_or(0);
+                (i, w(self) | w(also))
+            })
+            .filter(|(_, w)| *w != u64::MAX)
+            .flat_map(|(i, w)| {
+                (0..64)
+                    .filter(move |b| w & (1 << b) == 0)
+                    .map(move |b| (i * 64 + b) as i32)
+            })
+    }
+
+    /// The members, lowest first.
+    fn members(&self) -> impl Iterator<Item = i32> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, w)| {
+            (0..64)
+                .filter(move |b| w & (1 << b) != 0)
+                .map(move |b| (i * 64 + b) as i32)
+        })
+    }
+}
+
+/// Peers seen on descriptors a search passed over, remembered (and checked again
+/// before use), so that in a burst of upgrades each connection is looked at about
+/// once instead of once per upgrade accepted before it.
+const SEEN_MAX: usize = 8192;
+
+#[derive(Default)]
+struct Fds {
+    /// Descriptors of live WebSockets: searches skip them.
+    known: FdSet,
+    /// Peer address → the descriptor a search saw it on.
+    seen: std::collections::HashMap<SocketAddr, i32>,
+    /// The descriptors in `seen`: a search looks at them only if it found nothing
+    /// elsewhere (one may since have closed and been reused by the new connection).
+    seen_fds: FdSet,
+}
+
+impl Fds {
+    fn forget_seen(&mut self) {
+        self.seen.clear();
+        self.seen_fds = FdSet::default();
+    }
+}
+
 /// Descriptor numbers known to belong to live WebSockets. Scans skip them, so finding
 /// a new connection costs a few system calls per *other* descriptor rather than per
 /// open socket — with thousands of WebSockets that is the difference between
 /// microseconds and tens of milliseconds per upgrade.
 #[derive(Default)]
 pub struct KnownSockets {
-    fds: Mutex<HashSet<i32>>,
+    fds: Mutex<Fds>,
 }
 
 impl KnownSockets {
-    fn known(&self) -> MutexGuard<'_, HashSet<i32>> {
+    fn fds(&self) -> MutexGuard<'_, Fds> {
         crate::sync::lock(&self.fds)
     }
 
     /// Finds the TCP socket whose local port is `local_port` and whose peer is `peer`,
     /// duplicates it, and records its descriptor numbers.
     pub fn claim(&self, local_port: u16, peer: SocketAddr) -> std::io::Result<Option<Claimed>> {
-        let mut known = self.known();
-        let matches = |fd: BorrowedFd<'_>| -> Option<(i32, OwnedFd)> {
-            if !is_connection(fd, local_port, peer) {
-                return None;
-            }
-            let dup = verified_dup(fd, |d| is_connection(d, local_port, peer))?;
-            Some((fd.as_raw_fd(), dup))
-        };
-        // The kernel hands out the lowest free number, so a new connection sits low:
-        // counting up past the known numbers finds it without listing /proc (which
-        // costs milliseconds with thousands of descriptors open).
-        let upto = known.iter().max().copied().unwrap_or(0).saturating_add(256);
-        let mut found = (0..=upto)
-            .filter(|n| !known.contains(n))
-            .find_map(|n| matches(borrow(n)));
+        let mut fds = self.fds();
+        let dup_of = |fd: BorrowedFd<'_>| verified_dup(fd, |d| is_connection(d, local_port, peer));
+        let mut found = fds.seen.remove(&peer).and_then(|n| {
+            fds.seen_fds.remove(n);
+            Some((n, dup_of(borrow(n))?))
+        });
         if found.is_none() {
-            scan(&known, |fd| {
-                found = matches(fd);
+            // The kernel hands out the lowest free number, so a new connection sits
+            // low: walking up past the known numbers finds it without listing /proc
+            // (which costs milliseconds with thousands of descriptors open).
+            found = search_gaps(&mut fds, local_port, peer);
+        }
+        if found.is_none() {
+            found = search_seen(&mut fds, local_port, peer);
+        }
+        if found.is_none() {
+            scan(&fds.known, |fd| {
+                found = is_connection(fd, local_port, peer)
+                    .then(|| Some((fd.as_raw_fd(), dup_of(fd)?)))
+                    .flatten();
                 found.is_none()
             })?;
         }
@@ -74,22 +161,25 @@ impl KnownSockets {
                 numbers.push(n);
             }
         }
-        known.extend(numbers.iter().copied());
+        for n in &numbers {
+            fds.known.insert(*n);
+            fds.seen_fds.remove(*n);
+        }
         Ok(Some(Claimed { fd, numbers }))
     }
 
     /// Forgets a WebSocket's numbers; call before its connection is closed, since
     /// closed numbers are reused by new connections.
     pub fn release(&self, numbers: &[i32]) {
-        let mut known = self.known();
+        let mut fds = self.fds();
         for n in numbers {
-            known.remove(n);
+            fds.known.remove(*n);
         }
     }
 
     /// The peers of our accepted connections that are not claimed WebSockets.
     pub fn unclaimed_peers(&self, local_port: u16) -> std::io::Result<Vec<SocketAddr>> {
-        let skip = self.known().clone();
+        let skip = self.fds().known.clone();
         let mut out = Vec::new();
         scan(&skip, |fd| {
             out.extend(peer_of(fd, local_port));
@@ -100,7 +190,7 @@ impl KnownSockets {
 
     /// Shuts down the unclaimed connection from `peer` (both directions).
     pub fn shut_down(&self, local_port: u16, peer: SocketAddr) -> std::io::Result<bool> {
-        let skip = self.known().clone();
+        let skip = self.fds().known.clone();
         let mut done = false;
         scan(&skip, |fd| {
             if let Some(dup) = verified_dup(fd, |d| is_connection(d, local_port, peer)) {
@@ -113,12 +203,67 @@ impl KnownSockets {
     }
 }
 
+/// Walks the numbers that are not known WebSockets, lowest first, for the connection
+/// from `peer`; remembers the other connections it passes.
+fn search_gaps(fds: &mut Fds, local_port: u16, peer: SocketAddr) -> Option<(i32, OwnedFd)> {
+    if fds.seen.len() >= SEEN_MAX {
+        fds.forget_seen();
+    }
+    let Fds {
+        known,
+        seen,
+        seen_fds,
+    } = fds;
+    let mut passed = Vec::new();
+    let mut found = None;
+    for n in known.gaps(seen_fds) {
+        match peer_of(borrow(n), local_port) {
+            Some(p) if p == peer => {
+                found = verified_dup(borrow(n), |d| is_connection(d, local_port, peer))
+                    .map(|dup| (n, dup));
+                if found.is_some() {
+                    break;
+                }
+            }
+            Some(other) => passed.push((other, n)),
+            None => {}
+        }
+    }
+    for (other, n) in passed {
+        seen.insert(other, n);
+        seen_fds.insert(n);
+    }
+    found
+}
+
+/// Looks again at the descriptors earlier searches saw (checking each, since any may
+/// have closed and been reused), for the connection from `peer`.
+fn search_seen(fds: &mut Fds, local_port: u16, peer: SocketAddr) -> Option<(i32, OwnedFd)> {
+    let numbers: Vec<i32> = fds.seen_fds.members().collect();
+    fds.forget_seen();
+    let mut found = None;
+    for n in numbers {
+        match peer_of(borrow(n), local_port) {
+            Some(p) if p == peer && found.is_none() => {
+                found = verified_dup(borrow(n), |d| is_connection(d, local_port, peer))
+                    .map(|dup| (n, dup));
+            }
+            Some(other) => {
+                fds.seen.insert(other, n);
+                fds.seen_fds.insert(n);
+            }
+            None => {}
+        }
+    }
+    found
+}
+
 /// Calls `visit` on each open descriptor not in `skip`, highest numbers first, until
 /// it returns false.
-fn scan(skip: &HashSet<i32>, mut visit: impl FnMut(BorrowedFd<'_>) -> bool) -> std::io::Result<()> {
+fn scan(skip: &FdSet, mut visit: impl FnMut(BorrowedFd<'_>) -> bool) -> std::io::Result<()> {
     let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|n| !skip.contains(n))
+        .filter(|n| !skip.contains(*n))
         .collect();
     // New connections usually hold the highest numbers: look there first.
     fds.sort_unstable_by(|a, b| b.cmp(a));
@@ -159,10 +304,52 @@ fn is_connection(fd: BorrowedFd<'_>, local_port: u16, peer: SocketAddr) -> bool 
     peer_of(fd, local_port) == Some(peer)
 }
 
+/// Pending connections the kernel may queue before we accept them (it caps this at
+/// `net.core.somaxconn`). The standard library's 128 drops SYNs when every client
+/// reconnects at once after a restart, and each dropped one waits a second to retry.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Binds and listens on `addr` (the first address it resolves to) with a deep
+/// backlog and the socket options of [`tune_listener`].
+pub fn listen(addr: &str) -> std::io::Result<std::net::TcpListener> {
+    use rustix::net::{sockopt, AddressFamily, SocketType};
+    use std::net::ToSocketAddrs;
+    let at = addr.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
+    })?;
+    let family = match at {
+        SocketAddr::V4(_) => AddressFamily::INET,
+        SocketAddr::V6(_) => AddressFamily::INET6,
+    };
+    let fd = rustix::net::socket(family, SocketType::STREAM, None)?;
+    // As the standard library does: rebind at once after a restart.
+    sockopt::set_socket_reuseaddr(&fd, true)?;
+    rustix::net::bind(&fd, &at)?;
+    rustix::net::listen(&fd, LISTEN_BACKLOG)?;
+    let listener = std::net::TcpListener::from(fd);
+    tune_listener(&listener);
+    Ok(listener)
+}
+
+/// Opens a TCP connection to `to` without waiting for it and closes it again: on
+/// loopback the handshake is usually done before `connect` returns, so the listener
+/// sees a connection that ends at once; if not, nothing is left behind.
+pub fn connect_and_close(to: SocketAddr) {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let family = match to {
+        SocketAddr::V4(_) => AddressFamily::INET,
+        SocketAddr::V6(_) => AddressFamily::INET6,
+    };
+    let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+    if let Ok(fd) = rustix::net::socket_with(family, SocketType::STREAM, flags, None) {
+        let _ = rustix::net::connect(&fd, &to);
+    }
+}
+
 /// Socket options every accepted connection inherits from the listener: no Nagle delay
 /// (chat frames are small and latency matters), and TCP keepalive as a backstop for
 /// peers that vanished without a word (the server's WebSocket pings catch them first).
-pub fn tune_listener(listener: &std::net::TcpListener) {
+fn tune_listener(listener: &std::net::TcpListener) {
     use rustix::net::sockopt;
     let _ = sockopt::set_tcp_nodelay(listener, true);
     let _ = sockopt::set_socket_keepalive(listener, true);
@@ -204,11 +391,64 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
 
+    /// Claiming the newest connection first walks past the older ones and remembers
+    /// them; claiming those then takes no walk, and still gets the right socket.
+    #[test]
+    fn a_search_remembers_the_connections_it_passes() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let clients: Vec<TcpStream> = (0..4)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        let _accepted: Vec<TcpStream> = (0..4).map(|_| listener.accept().unwrap().0).collect();
+        let known = KnownSockets::default();
+        let newest = clients[3].local_addr().unwrap();
+        assert!(known.claim(port, newest).unwrap().is_some());
+        let remembered = known.fds().seen.len();
+        assert!(remembered >= 3, "passed {remembered} connections");
+        for (i, client) in clients.iter().enumerate().take(3) {
+            let claim = known.claim(port, client.local_addr().unwrap()).unwrap();
+            let mut dup = TcpStream::from(claim.expect("found").fd);
+            dup.write_all(&[i as u8]).unwrap();
+            let mut b = [0u8; 1];
+            client.try_clone().unwrap().read_exact(&mut b).unwrap();
+            assert_eq!(b[0], i as u8, "the right socket");
+        }
+        assert!(
+            known.fds().seen.len() < remembered,
+            "used entries are dropped"
+        );
+    }
+
+    #[test]
+    fn fd_sets_walk_their_gaps() {
+        let mut s = FdSet::default();
+        for n in [0, 1, 2, 3, 5, 64, 65, 130] {
+            s.insert(n);
+        }
+        s.remove(1);
+        assert!(s.contains(130) && !s.contains(1) && !s.contains(-1));
+        let none = FdSet::default();
+        let gaps: Vec<i32> = s.gaps(&none).take(5).collect();
+        assert_eq!(gaps, vec![1, 4, 6, 7, 8]);
+        assert_eq!(
+            s.gaps(&none).last(),
+            Some(64 * (3 + GAP_MARGIN as i32) - 1),
+            "up to the margin past the highest word"
+        );
+        assert!(!s
+            .gaps(&none)
+            .any(|n| [0, 2, 3, 5, 64, 65, 130].contains(&n)));
+        let mut also = FdSet::default();
+        also.insert(4);
+        assert_eq!(s.gaps(&also).take(2).collect::<Vec<_>>(), vec![1, 6]);
+        assert_eq!(also.members().collect::<Vec<_>>(), vec![4]);
+    }
+
     #[test]
     fn accepted_connections_inherit_nodelay_and_keepalive() {
         use rustix::net::sockopt;
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        tune_listener(&listener);
+        let listener = listen("127.0.0.1:0").unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (conn, _) = listener.accept().unwrap();
         assert!(sockopt::tcp_nodelay(&conn).unwrap());

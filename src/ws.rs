@@ -275,7 +275,8 @@ struct Conn {
 /// connection — which a burst of upgrades races past, leaving connections queued
 /// behind parked threads. An empty connection of our own makes the pool run one more
 /// (trivial) task, after which that thread takes the next queued connection; one
-/// nudge per upgrade keeps a burst moving until every upgrade is answered.
+/// nudge per upgrade keeps a burst moving until every upgrade is answered. It never
+/// waits: a nudge the full listen queue would delay is simply lost.
 fn nudge_http_pool(listening: std::net::SocketAddr) {
     let mut to = listening;
     if to.ip().is_unspecified() {
@@ -284,7 +285,7 @@ fn nudge_http_pool(listening: std::net::SocketAddr) {
             std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
-    let _ = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1));
+    crate::sys::connect_and_close(to);
 }
 
 fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {
