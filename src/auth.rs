@@ -305,17 +305,19 @@ impl Auth {
     /// id does not inherit the deleted user's logins; the stamps differ).
     pub fn authenticate(&self, store: &Store, token: &str) -> Result<Identity, AuthError> {
         let id = self.decode_access(token)?;
-        let user = store.user_by_id(id.user_id)?.ok_or(AuthError::Revoked)?;
-        if user.banned {
+        let login = store
+            .token_login(id.user_id, &id.sid)?
+            .ok_or(AuthError::Revoked)?;
+        if login.banned {
             return Err(AuthError::Banned);
         }
-        match store.session(&id.sid)? {
-            Some(s) if s.user_id == id.user_id && !s.revoked && s.current => Ok(Identity {
-                username: user.username,
-                ..id
-            }),
-            _ => Err(AuthError::Revoked),
+        if !login.live {
+            return Err(AuthError::Revoked);
         }
+        Ok(Identity {
+            username: login.username,
+            ..id
+        })
     }
 }
 

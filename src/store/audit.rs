@@ -2,7 +2,7 @@
 //! deleted or inserted behind the server's back is detectable.
 
 use super::{Result, Store};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -55,20 +55,22 @@ fn row_hash(
 }
 
 /// Appends an event inside the caller's write transaction.
+///
+/// The row's id is chosen here, as AUTOINCREMENT would (past both the newest row and
+/// the highest id ever used, so a deleted newest row still leaves its gap), which
+/// lets the hash be computed before the insert: two statements per event, not three.
 pub fn append(c: &Connection, e: &AuditEntry) -> Result<()> {
-    let prev: String = c
-        .prepare_cached("SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1")?
-        .query_row([], |r| r.get(0))
-        .optional()?
-        .unwrap_or_default();
+    let (used, prev): (i64, String) = c
+        .prepare_cached(
+            "SELECT max((SELECT coalesce(max(seq), 0) FROM sqlite_sequence
+                          WHERE name = 'audit_log'),
+                        coalesce((SELECT max(id) FROM audit_log), 0)),
+                    coalesce((SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1), '')",
+        )?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let id = used + 1;
     let ts = crate::clock::now_rfc3339();
     let detail = e.detail.to_string();
-    c.prepare_cached(
-        "INSERT INTO audit_log(ts, actor, action, target, ip, detail, prev_hash, hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, '')",
-    )?
-    .execute(params![ts, e.actor, e.action, e.target, e.ip, detail, prev])?;
-    let id = c.last_insert_rowid();
     let hash = row_hash(
         id,
         &ts,
@@ -76,8 +78,13 @@ pub fn append(c: &Connection, e: &AuditEntry) -> Result<()> {
         &detail,
         &prev,
     );
-    c.prepare_cached("UPDATE audit_log SET hash = ?2 WHERE id = ?1")?
-        .execute(params![id, hash])?;
+    c.prepare_cached(
+        "INSERT INTO audit_log(id, ts, actor, action, target, ip, detail, prev_hash, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        id, ts, e.actor, e.action, e.target, e.ip, detail, prev, hash
+    ])?;
     Ok(())
 }
 

@@ -22,17 +22,17 @@ pub struct UserRecord {
     pub stamp: String,
 }
 
-/// A login's state.
+/// What an access token's user and login look like now.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionRecord {
-    /// Whose login it is.
-    pub user_id: i64,
-    /// Whether it has been revoked (logout, reuse, ban, password change).
-    pub revoked: bool,
-    /// Whether it belongs to the account that holds `user_id` now (the stamps agree).
-    /// False for a login of an account deleted outside parley, and for logins that
-    /// predate the stamps but had no account when the database was upgraded.
-    pub current: bool,
+pub struct TokenLogin {
+    /// The account's name.
+    pub username: String,
+    /// Whether the account is banned.
+    pub banned: bool,
+    /// Whether the login is this account's (the stamps agree) and not revoked. False
+    /// for a login of an account deleted outside parley, and for logins that predate
+    /// the stamps but had no account when the database was upgraded.
+    pub live: bool,
 }
 
 /// What presenting a refresh token led to.
@@ -216,18 +216,23 @@ impl Store {
         })
     }
 
-    /// A login's owner, whether it is revoked, and whether it is its account's.
-    pub fn session(&self, sid: &str) -> Result<Option<SessionRecord>> {
+    /// The account `user_id` and whether login `sid` is live for it; `None` if the
+    /// account does not exist.
+    pub fn token_login(&self, user_id: i64, sid: &str) -> Result<Option<TokenLogin>> {
+        // One statement: every authenticated request and upgrade runs it.
         self.read(|c| {
-            c.prepare_cached(&format!(
-                "SELECT s.user_id, s.revoked_at IS NOT NULL, {SESSION_CURRENT}
-                   FROM sessions s WHERE s.id = ?1"
-            ))?
-            .query_row([sid], |r| {
-                Ok(SessionRecord {
-                    user_id: r.get(0)?,
-                    revoked: r.get(1)?,
-                    current: r.get(2)?,
+            c.prepare_cached(
+                "SELECT u.username, u.banned_at IS NOT NULL,
+                        EXISTS(SELECT 1 FROM sessions s
+                                WHERE s.id = ?2 AND s.user_id = u.id
+                                  AND s.revoked_at IS NULL AND s.user_stamp = u.stamp)
+                   FROM users u WHERE u.id = ?1",
+            )?
+            .query_row(params![user_id, sid], |r| {
+                Ok(TokenLogin {
+                    username: r.get(0)?,
+                    banned: r.get(1)?,
+                    live: r.get(2)?,
                 })
             })
             .optional()
@@ -250,7 +255,7 @@ impl Store {
     /// Uses a refresh token: retires it and stores `new_hash` in its place, or, if it was
     /// already retired, revokes its whole login. One transaction, so two racing
     /// refreshes with the same token cannot both succeed. A token of a login that is
-    /// not its account's (see [`SessionRecord::current`]) is invalid.
+    /// not its account's (see [`TokenLogin::live`]) is invalid.
     pub fn rotate_refresh(
         &self,
         old_hash: String,
