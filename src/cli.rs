@@ -105,6 +105,9 @@ pub struct ServeArgs {
     /// Frames queued for a slow socket before it is dropped (1008).
     #[arg(long, env = "PARLEY_SEND_QUEUE", default_value_t = 1024, global = true)]
     pub send_queue: usize,
+    /// Cap the database at this many MiB; new messages are refused near it (0 = no cap).
+    #[arg(long, env = "PARLEY_MAX_DB_MB", default_value_t = 0, global = true)]
+    pub max_db_mb: u64,
     /// Bytes queued for a slow socket before it is dropped (1008).
     #[arg(
         long,
@@ -224,6 +227,7 @@ impl Cli {
             max_sockets_per_user: a.max_sockets_per_user,
             send_queue: a.send_queue,
             send_queue_bytes: a.send_queue_bytes,
+            max_db_bytes: (a.max_db_mb > 0).then(|| a.max_db_mb.saturating_mul(1 << 20)),
             ws_ping: std::time::Duration::from_secs(a.ws_ping),
             http_idle_timeout: std::time::Duration::from_secs(a.http_idle_timeout),
             ..Config::default()

@@ -46,6 +46,8 @@ pub struct Config {
     pub max_sockets_per_user: usize,
     /// Frames queued for one slow socket before it is dropped with 1008.
     pub send_queue: usize,
+    /// The database's size cap in bytes (`None`: as big as the disk allows).
+    pub max_db_bytes: Option<u64>,
     /// Bytes queued for one slow socket before it is dropped with 1008 (a single frame
     /// bigger than this still goes to a socket with nothing else queued).
     pub send_queue_bytes: usize,
@@ -85,6 +87,7 @@ impl Default for Config {
             max_sockets_per_user: 50,
             send_queue: 1024,
             send_queue_bytes: 4 << 20,
+            max_db_bytes: None,
             ws_ping: std::time::Duration::from_secs(30),
             http_idle_timeout: std::time::Duration::from_secs(30),
             max_body_bytes: 64 * 1024,

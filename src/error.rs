@@ -168,6 +168,13 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
             StoreError::Conflict(what) => ApiError::conflict(what),
             StoreError::Closed => ApiError::new(Code::Internal, "server is shutting down"),
+            StoreError::Full => {
+                log::warn!("refused a write: the database is full");
+                ApiError::new(
+                    Code::Internal,
+                    "the server's storage is full; try again later",
+                )
+            }
             StoreError::Busy => {
                 log::warn!("database busy: another process holds its write lock");
                 ApiError::new(Code::Internal, "the database is busy; try again")

@@ -54,6 +54,11 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     cfg.max_sockets = fit_socket_limit(cfg.max_sockets, fd_limit);
     let store =
         Arc::new(Store::open(&cfg.db).map_err(|e| format!("opening {}: {e}", cfg.db.display()))?);
+    if let Some(bytes) = cfg.max_db_bytes {
+        store
+            .cap_size(bytes)
+            .map_err(|e| format!("capping the database: {e}"))?;
+    }
     let auth = Auth::new(&store, &cfg).map_err(|e| e.to_string())?;
     let listener =
         crate::sys::listen(&cfg.addr).map_err(|e| format!("binding {}: {e}", cfg.addr))?;

@@ -237,3 +237,79 @@ fn rest_writes_share_the_message_rate_budget() {
     }
     assert_status(&srv.post_empty("/api/logout", Some(&alice)), 204);
 }
+
+/// Sends one message and returns its id, or the error frame it got instead.
+fn try_send(ws: &mut Ws, body: &str) -> Result<i64, serde_json::Value> {
+    let r = format!("s{}", unique());
+    ws.send(&json!({"type": "send", "room": "general", "body": body, "ref": r}));
+    loop {
+        let v = ws.recv();
+        if v["ref"] == r.as_str() {
+            return match v["type"].as_str() {
+                Some("ack") => Ok(v["id"].as_i64().unwrap()),
+                _ => Err(v),
+            };
+        }
+    }
+}
+
+/// A database at its size cap (`--max-db-mb 1`, as a full disk would be): sends get a
+/// clear error and no ack, while logins and reads still work and nothing stored is
+/// lost; once space returns (old messages deleted with sqlite3) sending works again,
+/// without a restart.
+#[test]
+fn a_full_database_refuses_messages_and_recovers_by_itself() {
+    let srv = start_unlimited(&["--max-db-mb", "1"]);
+    let alice = new_user(&srv, "alice");
+    let mut a = Ws::connect(&srv, &alice);
+    a.join("general");
+    let body = "x".repeat(3000);
+    let mut acked = Vec::new();
+    let refusal = loop {
+        assert!(acked.len() < 1000, "never refused");
+        match try_send(&mut a, &body) {
+            Ok(id) => acked.push(id),
+            Err(e) => break e,
+        }
+    };
+    assert!(acked.len() > 50, "only {} messages fit", acked.len());
+    assert_eq!(refusal["type"], "error", "{refusal}");
+    assert_eq!(refusal["code"], "internal");
+    assert!(
+        refusal["message"].as_str().unwrap().contains("full"),
+        "{refusal}"
+    );
+    // Refused again, while logins and reads go on.
+    assert!(try_send(&mut a, "still full?").is_err());
+    login(&srv, "alice");
+    let page = srv
+        .get("/api/rooms/general/messages?limit=200", Some(&alice))
+        .json();
+    let ids = ids_of(&page["messages"]);
+    assert_eq!(
+        ids.last(),
+        acked.last(),
+        "nothing past the refusals was stored"
+    );
+    let c = rusqlite::Connection::open(srv.db_path()).unwrap();
+    let ok: String = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok");
+    let stored: i64 = c
+        .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(stored as usize, acked.len(), "every acked message is there");
+    // Space returns: the operator deletes the older half.
+    let half = acked[acked.len() / 2];
+    c.execute("DELETE FROM messages WHERE id <= ?1", [half])
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if try_send(&mut a, "room again").is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never accepted again");
+        std::thread::sleep(std::time::Duration::from_millis(150));
+    }
+}

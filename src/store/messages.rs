@@ -102,8 +102,13 @@ impl Store {
         body: String,
         done: impl FnOnce(Result<Message>) + Send + 'static,
     ) {
+        let space = self.space.clone();
         self.submit(
             move |c| {
+                // Checked in the writer, after it measured the room for this batch.
+                if space.low() {
+                    return Err(StoreError::Full);
+                }
                 let ts = crate::clock::now_rfc3339();
                 c.prepare_cached(
                     "INSERT INTO messages(room_id, user_id, body, ts) VALUES (?1, ?2, ?3, ?4)",
@@ -129,8 +134,13 @@ impl Store {
         body: String,
         done: impl FnOnce(Result<DirectMessage>) + Send + 'static,
     ) {
+        let space = self.space.clone();
         self.submit(
             move |c| {
+                // Checked in the writer, after it measured the room for this batch.
+                if space.low() {
+                    return Err(StoreError::Full);
+                }
                 let ts = crate::clock::now_rfc3339();
                 c.prepare_cached(
                     "INSERT INTO direct_messages(from_id, to_id, body, ts) VALUES (?1, ?2, ?3, ?4)",

@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod messages;
+pub mod space;
 pub mod users;
 pub mod writer;
 
@@ -19,7 +20,7 @@ use crate::service::Periodic;
 use crate::sync::lock;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use writer::Writer;
 
@@ -43,6 +44,10 @@ pub enum StoreError {
     /// The writer has stopped (the server is shutting down).
     #[error("the database writer has stopped")]
     Closed,
+    /// The disk is full, or the database is at its size cap (new messages are refused
+    /// a little before, so that logins still fit).
+    #[error("the database is full")]
+    Full,
     /// Another process held the database's write lock past the busy timeout.
     #[error("the database is busy (locked by another process)")]
     Busy,
@@ -59,9 +64,10 @@ pub enum StoreError {
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
+        use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked, DiskFull};
         match e.sqlite_error_code() {
             Some(DatabaseBusy | DatabaseLocked) => StoreError::Busy,
+            Some(DiskFull) => StoreError::Full,
             _ => StoreError::Sqlite(e.to_string()),
         }
     }
@@ -76,6 +82,7 @@ pub struct Store {
     readers: Mutex<Vec<Connection>>,
     writer: Writer,
     checkpointer: Periodic,
+    space: Arc<space::Space>,
 }
 
 impl Store {
@@ -96,13 +103,29 @@ impl Store {
         let conn = open_connection(path)?;
         init_schema(&conn)?;
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        let writer = Writer::start(conn).map_err(|e| StoreError::Sqlite(e.to_string()))?;
+        let space = Arc::new(space::Space::new(path));
+        let measure = space.clone();
+        let before_batch = Box::new(move |c: &Connection| measure.measure(c));
+        let writer =
+            Writer::start(conn, before_batch).map_err(|e| StoreError::Sqlite(e.to_string()))?;
         let checkpointer = start_checkpointer(path)?;
         Ok(Store {
             path: path.to_path_buf(),
             readers: Mutex::new(Vec::new()),
             writer,
             checkpointer,
+            space,
+        })
+    }
+
+    /// Caps the database at about `bytes` (`--max-db-mb`): it grows no further, and
+    /// new messages are refused a little before the cap (see [`space`]).
+    pub fn cap_size(&self, bytes: u64) -> Result<()> {
+        self.write(move |c| {
+            let page: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            let pages = i64::try_from(bytes).unwrap_or(i64::MAX) / page.max(512);
+            c.pragma_update(None, "max_page_count", pages.max(1))?;
+            Ok(())
         })
     }
 

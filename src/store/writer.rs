@@ -147,6 +147,8 @@ where
 }
 
 type Boxed = Box<dyn Task>;
+/// Runs on the writer thread before each batch (the store measures its room there).
+pub type BeforeBatch = Box<dyn FnMut(&Connection) + Send>;
 type Finished = Vec<(Boxed, Result<(), StoreError>)>;
 
 /// Counters the writer keeps for `/metrics` and the benchmarks.
@@ -173,7 +175,7 @@ pub struct Writer {
 
 impl Writer {
     /// Starts the threads; the writer owns `conn`.
-    pub fn start(conn: Connection) -> std::io::Result<Writer> {
+    pub fn start(conn: Connection, before_batch: BeforeBatch) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::sync_channel(QUEUE_CAP);
         // Unbounded on purpose: the writer must never wait on a completion (one may
         // itself be waiting on the writer); it holds at most what the writer took.
@@ -186,7 +188,7 @@ impl Writer {
         let thread_stats = stats.clone();
         let writer = Worker::spawn("db-writer", 1024 * 1024, move || {
             ON_WRITER.with(|w| w.set(true));
-            run(conn, &rx, &done_tx, &thread_stats)
+            run(conn, &rx, &done_tx, &thread_stats, before_batch)
         })?;
         Ok(Writer {
             tx: RwLock::new(Some(tx)),
@@ -271,9 +273,16 @@ impl Writer {
     }
 }
 
-fn run(conn: Connection, rx: &Receiver<Boxed>, done: &Sender<Finished>, stats: &WriterStats) {
+fn run(
+    conn: Connection,
+    rx: &Receiver<Boxed>,
+    done: &Sender<Finished>,
+    stats: &WriterStats,
+    mut before_batch: BeforeBatch,
+) {
     let mut conn = conn;
     while let Ok(first) = rx.recv() {
+        before_batch(&conn);
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -363,7 +372,7 @@ mod tests {
         conn.busy_timeout(Duration::ZERO).unwrap();
         conn.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(x INTEGER PRIMARY KEY)")
             .unwrap();
-        (Writer::start(conn).unwrap(), path)
+        (Writer::start(conn, Box::new(|_| {})).unwrap(), path)
     }
 
     fn rows(path: &std::path::Path) -> Vec<i64> {
