@@ -3311,8 +3311,9 @@ struct StormClient {
     /// Room messages that did not have a higher id than the one before (duplicate or
     /// out of order).
     disorder: u32,
-    /// Online users as this client's frames tell it: `joined.online`, then presence.
-    view: i64,
+    /// Online users as this client's frames tell it: `joined.online`, then presence
+    /// (applied as set updates, as a real client does).
+    view: View,
     sender: Option<StormSender>,
     resend: Resend,
 }
@@ -3374,16 +3375,57 @@ fn frame_type(p: &[u8]) -> &[u8] {
 }
 
 /// Number of names in the JSON string array `"key":[...]` (usernames hold no `,` or `]`).
-fn count_list(p: &[u8], key: &[u8]) -> i64 {
-    let Some(i) = find(p, key) else { return 0 };
-    let rest = &p[i + key.len()..];
-    let end = rest.iter().position(|&b| b == b']').unwrap_or(rest.len());
-    let list = &rest[..end];
-    if list.iter().all(|b| b.is_ascii_whitespace()) {
-        0
-    } else {
-        1 + list.iter().filter(|&&b| b == b',').count() as i64
+/// The set of load-generator users (`lg<run>_<index>`) a client believes online, as
+/// bits by index.
+#[derive(Default)]
+struct View {
+    bits: Vec<u64>,
+    count: i64,
+}
+
+impl View {
+    /// Marks online (or offline) every user named in the JSON string list (or single
+    /// string) after `key`.
+    fn apply(&mut self, p: &[u8], key: &[u8], online: bool) {
+        let Some(i) = find(p, key) else { return };
+        let rest = &p[i + key.len()..];
+        let end = rest
+            .iter()
+            .position(|&b| b == b']' || b == b',' && !key.ends_with(b"["))
+            .unwrap_or(rest.len());
+        for name in rest[..end].split(|&b| b == b',') {
+            if let Some(idx) = user_index(name) {
+                self.set(idx, online);
+            }
+        }
     }
+
+    fn set(&mut self, idx: usize, online: bool) {
+        if self.bits.len() <= idx / 64 {
+            self.bits.resize(idx / 64 + 1, 0);
+        }
+        let (w, bit) = (&mut self.bits[idx / 64], 1u64 << (idx % 64));
+        let was = *w & bit != 0;
+        match (was, online) {
+            (false, true) => {
+                *w |= bit;
+                self.count += 1;
+            }
+            (true, false) => {
+                *w &= !bit;
+                self.count -= 1;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The index of a `"lg<run>_<index>"` user name (quotes and spaces allowed around it).
+fn user_index(name: &[u8]) -> Option<usize> {
+    let name = std::str::from_utf8(name).ok()?.trim().trim_matches('"');
+    let (prefix, idx) = name.rsplit_once('_')?;
+    prefix.starts_with("lg").then_some(())?;
+    idx.parse().ok()
 }
 
 /// The integer after `key` (e.g. `"id":`).
@@ -3698,7 +3740,8 @@ impl StormWorker {
         }
         c.state = Cs::Live;
         c.fails = 0;
-        c.view = count_list(p, b"\"online\":[");
+        c.view = View::default();
+        c.view.apply(p, b"\"online\":[", true);
         let r = c.round;
         c.times[r] = (c.attempt_us, c.conn_us, c.up_us, now_us);
         let first = !c.joined[r];
@@ -3797,19 +3840,14 @@ impl StormWorker {
         match frame_type(p) {
             b"presence" => {
                 self.bump(C_PRESENCE);
-                let d = if find(p, b"\"status\":\"online\"").is_some() {
-                    1
-                } else if find(p, b"\"status\":\"offline\"").is_some() {
-                    -1
-                } else {
-                    0
-                };
-                self.cl[i].view += d;
+                let online = find(p, b"\"status\":\"online\"").is_some();
+                self.cl[i].view.apply(p, b"\"user\":", online);
             }
             b"presence_batch" => {
                 self.bump(C_PBATCH);
-                let d = count_list(p, b"\"online\":[") - count_list(p, b"\"offline\":[");
-                self.cl[i].view += d;
+                let view = &mut self.cl[i].view;
+                view.apply(p, b"\"online\":[", true);
+                view.apply(p, b"\"offline\":[", false);
             }
             b"message" => {
                 self.bump(C_MESSAGES);
@@ -4143,10 +4181,10 @@ impl StormWorker {
         let mut wrong = Vec::new();
         for c in &self.cl {
             if c.state == Cs::Live {
-                if c.view == want {
+                if c.view.count == want {
                     ok += 1;
                 } else {
-                    wrong.push((c.idx, c.view));
+                    wrong.push((c.idx, c.view.count));
                 }
             }
         }
@@ -4196,7 +4234,7 @@ fn spawn_storm_workers(
             ids: Vec::new(),
             ids_at_kill: 0,
             disorder: 0,
-            view: 0,
+            view: View::default(),
             sender: (i < senders).then(|| StormSender {
                 interval: Duration::from_secs_f64(senders as f64 / sh.rate),
                 next_due: None,
