@@ -9,8 +9,9 @@ use crate::error::ApiError;
 use crate::fanout::Target;
 use crate::limits::Noted;
 use crate::metrics::{inc, METRICS};
-use crate::model::{DirectMessage, Message, Page, Room, User};
+use crate::model::{DirectMessage, Message, Page, Room, Stored, User};
 use crate::store::audit::AuditEntry;
+use crate::store::messages::Sender;
 use crate::store::users::{RefreshOutcome, GUARD_PERMISSION};
 use crate::sync::lock;
 use serde::Serialize;
@@ -501,24 +502,49 @@ pub fn dm_history(
     Ok(app.store.dm_history(actor.user_id, other.id, page)?)
 }
 
+/// `client_id`: 1–64 chars of `[A-Za-z0-9_-]`.
+pub fn check_client_id(client_id: Option<&str>) -> Result<(), ApiError> {
+    let ok = client_id.is_none_or(|c| {
+        (1..=64).contains(&c.len())
+            && c.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "client_id must be 1 to 64 characters of A-Z a-z 0-9 _ -",
+        ))
+    }
+}
+
+/// The sender of a message from `actor`, with its once-only key.
+fn sender(actor: &Actor, client_id: Option<String>) -> Result<Sender, ApiError> {
+    check_client_id(client_id.as_deref())?;
+    Ok(Sender {
+        id: actor.user_id,
+        name: actor.username.clone(),
+        client_id,
+    })
+}
+
 /// Stores a room message; once durable it is broadcast to the room (in commit order)
-/// and then `done` runs — the socket's ack, or a REST/GraphQL reply.
+/// and then `done` runs — the socket's ack, or a REST/GraphQL reply. A repeat of the
+/// actor's `client_id` is neither stored nor broadcast: `done` gets the first id.
 pub fn send_message(
     app: &std::sync::Arc<App>,
     actor: &Actor,
     room: Room,
     body: String,
-    done: impl FnOnce(Result<Message, ApiError>) + Send + 'static,
+    client_id: Option<String>,
+    done: impl FnOnce(Result<Stored<Message>, ApiError>) + Send + 'static,
 ) -> Result<(), ApiError> {
     check_body(&body, app.cfg.max_message_chars)?;
+    let from = sender(actor, client_id)?;
     let app2 = app.clone();
-    app.store.insert_message(
-        room,
-        actor.user_id,
-        actor.username.clone(),
-        body,
-        move |res| {
-            let res = res.map_err(ApiError::from).inspect(|msg| {
+    app.store.insert_message(room, from, body, move |res| {
+        let res = res.map_err(ApiError::from).inspect(|stored| {
+            if let Stored::New(msg) = stored {
                 inc(&METRICS.messages_stored);
                 let frame = crate::peer::text_frame(&crate::protocol::event("message", msg));
                 let to = Target::Room {
@@ -526,10 +552,10 @@ pub fn send_message(
                     id: Some(msg.id),
                 };
                 app2.fanout.deliver(vec![(to, frame)]);
-            });
-            done(res)
-        },
-    );
+            }
+        });
+        done(res)
+    });
     Ok(())
 }
 
@@ -540,21 +566,21 @@ pub fn send_dm(
     actor: &Actor,
     to: &str,
     body: String,
-    done: impl FnOnce(Result<DirectMessage, ApiError>) + Send + 'static,
+    client_id: Option<String>,
+    done: impl FnOnce(Result<Stored<DirectMessage>, ApiError>) + Send + 'static,
 ) -> Result<(), ApiError> {
     check_body(&body, app.cfg.max_message_chars)?;
+    let from = sender(actor, client_id)?;
     let recipient = app
         .store
         .user_by_name(to)?
         .ok_or_else(|| ApiError::not_found(format!("no user named {to:?}")))?;
     let app2 = app.clone();
     let (from_id, to_id) = (actor.user_id, recipient.id);
-    app.store.insert_dm(
-        (actor.user_id, actor.username.clone()),
-        (recipient.id, recipient.username),
-        body,
-        move |res| {
-            let res = res.map_err(ApiError::from).inspect(|dm| {
+    let recipient = (recipient.id, recipient.username);
+    app.store.insert_dm(from, recipient, body, move |res| {
+        let res = res.map_err(ApiError::from).inspect(|stored| {
+            if let Stored::New(dm) = stored {
                 inc(&METRICS.messages_stored);
                 let frame = crate::peer::text_frame(&crate::protocol::event("dm", dm));
                 let mut delivery = vec![(Target::User(to_id), frame.clone())];
@@ -562,10 +588,10 @@ pub fn send_dm(
                     delivery.push((Target::User(from_id), frame));
                 }
                 app2.fanout.deliver(delivery);
-            });
-            done(res)
-        },
-    );
+            }
+        });
+        done(res)
+    });
     Ok(())
 }
 

@@ -444,8 +444,16 @@ impl Conn {
                 self.join(&room, since, mode, reference)
             }
             ClientMsg::Leave { room } => self.leave(&room, reference),
-            ClientMsg::Send { room, body } => self.send(&room, body, reference),
-            ClientMsg::Dm { to, body } => self.dm(&to, body, reference),
+            ClientMsg::Send {
+                room,
+                body,
+                client_id,
+            } => self.send(&room, body, client_id, reference),
+            ClientMsg::Dm {
+                to,
+                body,
+                client_id,
+            } => self.dm(&to, body, client_id, reference),
             ClientMsg::History {
                 room,
                 before,
@@ -550,7 +558,13 @@ impl Conn {
         Ok(())
     }
 
-    fn send(&self, name: &str, body: String, reference: &Value) -> Result<(), ApiError> {
+    fn send(
+        &self,
+        name: &str,
+        body: String,
+        client_id: Option<String>,
+        reference: &Value,
+    ) -> Result<(), ApiError> {
         let Some(room) = self.rooms.iter().find(|r| r.name == name).cloned() else {
             actions::find_room(&self.app, name)?;
             return Err(ApiError::bad_request(format!(
@@ -561,20 +575,27 @@ impl Conn {
             return Ok(());
         };
         let (app, peer, reference) = (self.app.clone(), self.peer.clone(), reference.clone());
-        actions::send_message(&self.app, &self.actor, room, body, move |res| {
+        let actor = &self.actor;
+        actions::send_message(&self.app, actor, room, body, client_id, move |res| {
             drop(pending);
-            ack(&app, peer, res.map(|m| m.id), &reference)
+            ack(&app, peer, res.map(|m| m.id()), &reference)
         })
     }
 
-    fn dm(&self, to: &str, body: String, reference: &Value) -> Result<(), ApiError> {
+    fn dm(
+        &self,
+        to: &str,
+        body: String,
+        client_id: Option<String>,
+        reference: &Value,
+    ) -> Result<(), ApiError> {
         let Some(pending) = self.peer.begin_request(MAX_PENDING) else {
             return Ok(());
         };
         let (app, peer, reference) = (self.app.clone(), self.peer.clone(), reference.clone());
-        actions::send_dm(&self.app, &self.actor, to, body, move |res| {
+        actions::send_dm(&self.app, &self.actor, to, body, client_id, move |res| {
             drop(pending);
-            ack(&app, peer, res.map(|m| m.id), &reference)
+            ack(&app, peer, res.map(|m| m.id()), &reference)
         })
     }
 
