@@ -12,7 +12,7 @@ use crate::metrics::{inc, METRICS};
 use crate::model::{DirectMessage, Message, Page, Room, Stored, User};
 use crate::store::audit::AuditEntry;
 use crate::store::messages::Sender;
-use crate::store::users::{RefreshOutcome, GUARD_PERMISSION};
+use crate::store::users::{RefreshOutcome, Rotation, GUARD_PERMISSION};
 use crate::sync::lock;
 use serde::Serialize;
 use serde_json::json;
@@ -322,13 +322,14 @@ pub fn refresh(app: &App, refresh_token: &str, ip: Option<&str>) -> Result<Token
     }
     let fresh = random_token();
     let now = clock::now_unix();
-    let outcome = app.store.rotate_refresh(
-        token_hash(refresh_token),
-        token_hash(&fresh),
-        now + app.auth.refresh_ttl(),
-        now,
-        clock::now_rfc3339(),
-    )?;
+    let outcome = app.store.rotate_refresh(Rotation {
+        old_hash: token_hash(refresh_token),
+        new_hash: token_hash(&fresh),
+        new_expires_at: now + app.auth.refresh_ttl(),
+        now_unix: now,
+        now: clock::now_rfc3339(),
+        grace_secs: app.cfg.refresh_grace,
+    })?;
     match outcome {
         RefreshOutcome::Invalid => Err(ApiError::unauthorized("invalid or expired refresh token")),
         RefreshOutcome::Reused { user_id, sid } => {
@@ -348,24 +349,34 @@ pub fn refresh(app: &App, refresh_token: &str, ip: Option<&str>) -> Result<Token
             ))
         }
         RefreshOutcome::Rotated { user_id, sid } => {
-            let Some(record) = app.store.user_by_id(user_id)? else {
-                return Err(ApiError::unauthorized("invalid refresh token"));
-            };
-            if record.banned {
-                return Err(AuthError::Banned.into());
-            }
-            let user = app.store.user(user_id)?;
-            audit(
-                app,
-                Some(&user.username),
-                "refresh",
-                Some(&user.username),
-                ip,
-                json!({}),
-            );
-            token_pair(app, user, &sid, fresh)
+            renewed(app, user_id, &sid, fresh, ip, "refresh")
+        }
+        RefreshOutcome::Retried { user_id, sid } => {
+            renewed(app, user_id, &sid, fresh, ip, "refresh_retry")
         }
     }
+}
+
+/// A new token pair for a login whose refresh token was just rotated (or retried
+/// within the grace), audited as `action`.
+fn renewed(
+    app: &App,
+    user_id: i64,
+    sid: &str,
+    refresh_token: String,
+    ip: Option<&str>,
+    action: &'static str,
+) -> Result<TokenPair, ApiError> {
+    let Some(record) = app.store.user_by_id(user_id)? else {
+        return Err(ApiError::unauthorized("invalid refresh token"));
+    };
+    if record.banned {
+        return Err(AuthError::Banned.into());
+    }
+    let user = app.store.user(user_id)?;
+    let name = Some(user.username.as_str());
+    audit(app, name, action, name, ip, json!({}));
+    token_pair(app, user, sid, refresh_token)
 }
 
 /// `POST /api/logout`: revokes the caller's login, and that of `refresh_token` if it is
