@@ -379,13 +379,13 @@ fn renewed(
     token_pair(app, user, sid, refresh_token)
 }
 
-/// `POST /api/logout`: revokes the caller's login, and that of `refresh_token` if it is
-/// the same user's.
-pub fn logout(app: &App, actor: &Actor, refresh_token: Option<&str>) -> Result<(), ApiError> {
+/// `POST /api/logout`: revokes the caller's login, and that of each refresh token given
+/// (the body's, the web client's cookie) that is the same user's.
+pub fn logout(app: &App, actor: &Actor, refresh_tokens: &[&str]) -> Result<(), ApiError> {
     let mut sids = vec![actor.sid.clone()];
-    if let Some(rt) = refresh_token {
+    for rt in refresh_tokens {
         if let Some((sid, owner)) = app.store.refresh_token_session(&token_hash(rt))? {
-            if owner == actor.user_id && sid != actor.sid {
+            if owner == actor.user_id && !sids.contains(&sid) {
                 sids.push(sid);
             }
         }

@@ -17,7 +17,9 @@ use crate::metrics::{inc, METRICS};
 use crate::model::Page;
 use crate::peer::{close, text_frame, Frame, Peer, QueueLimits};
 use crate::protocol::{self, error_event, event, ClientMsg, PresenceChoice};
-use crate::request::{bearer_token, header_value, peer_ip, query_param, with_header, Reply};
+use crate::request::{
+    bearer_token, header_value, origin_allowed, peer_ip, query_param, with_header, Reply,
+};
 use crate::store::audit::AuditEntry;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -218,21 +220,9 @@ fn handshake(app: &App, rq: &Request) -> Result<(String, String, bool), ApiError
 
 /// Absent Origin (native clients) passes; present, it must be our own origin or allowed.
 fn check_origin(app: &App, rq: &Request) -> Result<(), ApiError> {
-    let Some(origin) = header_value(rq, "Origin") else {
-        return Ok(());
-    };
-    let host = header_value(rq, "Host").unwrap_or("");
-    let own = [format!("http://{host}"), format!("https://{host}")];
-    let allowed = own.iter().any(|o| o.eq_ignore_ascii_case(origin))
-        || app
-            .cfg
-            .allow_origins
-            .iter()
-            .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin));
-    if allowed {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden("origin not allowed"))
+    match origin_allowed(rq, &app.cfg.allow_origins) {
+        Some(false) => Err(ApiError::forbidden("origin not allowed")),
+        None | Some(true) => Ok(()),
     }
 }
 
