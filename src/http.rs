@@ -85,6 +85,26 @@ fn route(app: &Arc<App>, rq: &mut Request, path: &str) -> Result<Reply, ApiError
                 json!({"messages": actions::room_history(app, room, page)?}),
             ))
         }
+        (["api", "users"], Get) => {
+            authenticate(app, rq)?;
+            let q = query_param(rq.url(), "q");
+            let limit = int_param(rq.url(), "limit")?;
+            let users = actions::list_users(app, q.as_deref(), limit)?;
+            Ok(Reply::json(200, json!({ "users": users })))
+        }
+        (["api", "dms"], Get) => {
+            let actor = authenticate(app, rq)?;
+            let conversations = actions::conversations(app, &actor)?;
+            Ok(Reply::json(200, json!({ "conversations": conversations })))
+        }
+        (["api", "admin", "users"], Get) => {
+            let actor = authenticate(app, rq)?;
+            let url = rq.url();
+            let (q, after) = (query_param(url, "q"), query_param(url, "after"));
+            let limit = int_param(url, "limit")?;
+            let users = actions::admin_users(app, &actor, q.as_deref(), after.as_deref(), limit)?;
+            Ok(Reply::json(200, json!({ "users": users })))
+        }
         (["api", "dms", user], Get) => {
             let actor = authenticate(app, rq)?;
             let page = page_from_query(rq.url())?;
@@ -149,8 +169,9 @@ fn known_path(segs: &[&str]) -> bool {
             | ["ws"]
             | [
                 "api",
-                "register" | "login" | "refresh" | "logout" | "me" | "rooms"
+                "register" | "login" | "refresh" | "logout" | "me" | "rooms" | "users" | "dms"
             ]
+            | ["api", "admin", "users"]
             | ["api", "rooms", _, "messages"]
             | ["api", "dms", _]
             | ["api", "messages", _]

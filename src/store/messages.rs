@@ -275,3 +275,32 @@ impl Store {
         )
     }
 }
+
+impl Store {
+    /// The user's conversations: for each other user they exchanged DMs with, the
+    /// latest one, most recent first (at most `limit`).
+    pub fn conversations(&self, user_id: i64, limit: u32) -> Result<Vec<DirectMessage>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT d.id, f.username, t.username, d.body, d.ts, d.client_id
+                   FROM direct_messages d
+                   JOIN users f ON f.id = d.from_id JOIN users t ON t.id = d.to_id
+                  WHERE d.id IN (SELECT max(id) FROM direct_messages
+                                  WHERE (from_id = ?1 OR to_id = ?1) AND deleted_at IS NULL
+                                  GROUP BY CASE WHEN from_id = ?1 THEN to_id ELSE from_id END)
+                  ORDER BY d.id DESC LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![user_id, limit], |r| {
+                Ok(DirectMessage {
+                    id: r.get(0)?,
+                    from: r.get(1)?,
+                    to: r.get(2)?,
+                    body: r.get(3)?,
+                    ts: r.get(4)?,
+                    client_id: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+}

@@ -552,3 +552,60 @@ fn revoke_user_sessions_in(c: &Connection, user_id: i64, reason: &str, now: &str
     )?;
     Ok(())
 }
+
+/// An account as an admin lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The public view, roles included.
+    pub user: User,
+    /// Whether the account is banned.
+    pub banned: bool,
+}
+
+/// `prefix` as a LIKE pattern: its own `%`, `_` and `\` taken literally.
+fn like_prefix(prefix: &str) -> String {
+    let mut p = String::with_capacity(prefix.len() + 1);
+    for ch in prefix.chars() {
+        if matches!(ch, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(ch);
+    }
+    p.push('%');
+    p
+}
+
+impl Store {
+    /// Accounts whose name starts with `prefix` (case-insensitively), ordered by
+    /// lower-cased name, after `after` (exclusive) if given: at most `limit`.
+    pub fn list_users(&self, prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<Listed>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT u.id, u.username, u.created_at, u.banned_at IS NOT NULL,
+                        (SELECT group_concat(role, ',')
+                           FROM (SELECT role FROM user_roles WHERE user_id = u.id ORDER BY role))
+                   FROM users u
+                  WHERE u.username LIKE ?1 ESCAPE '\\' AND lower(u.username) > lower(?2)
+                  ORDER BY lower(u.username) LIMIT ?3",
+            )?;
+            let rows = st.query_map(
+                params![like_prefix(prefix), after.unwrap_or(""), limit],
+                |r| {
+                    let roles: Option<String> = r.get(4)?;
+                    Ok(Listed {
+                        user: User {
+                            id: r.get(0)?,
+                            username: r.get(1)?,
+                            created_at: r.get(2)?,
+                            roles: roles
+                                .map(|s| s.split(',').map(str::to_owned).collect())
+                                .unwrap_or_default(),
+                        },
+                        banned: r.get(3)?,
+                    })
+                },
+            )?;
+            rows.collect()
+        })
+    }
+}
