@@ -43,6 +43,11 @@ fn dispatch(app: &Arc<App>, mut request: Request) {
     if *request.method() == Method::Post && (path == "/api/login" || path == "/api/register") {
         return password_route(app, request, path == "/api/login");
     }
+    if *request.method() == Method::Get {
+        if let Some(reply) = crate::web::serve(&request, &path) {
+            return respond(request, reply);
+        }
+    }
     let reply = match route(app, &mut request, &path) {
         Ok(r) => r,
         Err(e) => Reply::error(&e),
