@@ -14,8 +14,11 @@ use std::path::PathBuf;
 
 /// parley: a small, secure, self-hosted chat server.
 #[derive(Debug, Parser)]
-#[command(name = "parley", version, about)]
+#[command(name = "parley", about, disable_version_flag = true)]
 pub struct Cli {
+    /// Print the version of parley and of its SQLite, and exit.
+    #[arg(short = 'V', long)]
+    pub version: bool,
     /// The SQLite database file.
     #[arg(long, env = "PARLEY_DB", default_value = "./chat.db", global = true)]
     pub db: PathBuf,
@@ -162,6 +165,9 @@ pub enum Command {
         #[arg(long, conflicts_with_all = ["limit", "json"])]
         verify: bool,
     },
+    /// Read-only health report: integrity, schema, WAL, audit chain, key, socket
+    /// ceiling. Exit 1 when the data has a problem.
+    Check,
     /// Write a consistent copy of the (possibly live) database to FILE.
     Backup {
         /// Destination; must not exist.
@@ -282,6 +288,11 @@ fn unknown_is_usage(e: StoreError) -> CliError {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<(), CliError> {
+    if cli.version {
+        println!("parley {}", env!("CARGO_PKG_VERSION"));
+        println!("SQLite {}", rusqlite::version());
+        return Ok(());
+    }
     let cfg = cli.config().map_err(CliError::Usage)?;
     match cli.command {
         None | Some(Command::Serve) => crate::server::serve(cfg).map_err(CliError::Failed),
@@ -296,6 +307,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             store.backup(&file).map_err(failed)?;
             println!("backup written to {}", file.display());
             Ok(())
+        }
+        Some(Command::Check) => {
+            crate::check::run(&cfg.db, cfg.max_sockets).map_err(CliError::Failed)
         }
         Some(Command::ExampleDb { file }) => {
             crate::server::example_db(&file, &cfg).map_err(CliError::Failed)

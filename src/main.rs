@@ -1,7 +1,8 @@
 //! parley: a small, secure, self-hosted chat server — one binary, one SQLite file.
 //!
 //! `main` only wires the modules together. Where to look:
-//! [`cli`] and [`config`] (flags into one validated `Config`), [`server`] (starts and
+//! [`cli`] and [`config`] (flags into one validated `Config`), [`check`] (the health
+//! report), [`server`] (starts and
 //! stops every service), [`http`] (routes), [`request`] (reading requests, writing
 //! answers), [`cookie`] (the web client's refresh cookie), [`ws`] (one socket's life), [`web`] (the built-in web client), [`hub`] (rooms and presence), [`fanout`]
 //! (delivery of committed events), [`peer`] (non-blocking writes to one socket),
@@ -17,6 +18,7 @@
 mod actions;
 mod app;
 mod auth;
+mod check;
 mod cli;
 mod clock;
 mod config;

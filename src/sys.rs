@@ -358,6 +358,43 @@ fn tune_listener(listener: &std::net::TcpListener) {
     let _ = sockopt::set_tcp_keepcnt(listener, 6);
 }
 
+/// The machine's ceiling for open sockets: the open-file limit (soft, hard) and
+/// `vm.max_map_count`, and how many WebSockets fit under them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ceiling {
+    /// Soft open-file limit.
+    pub files_soft: u64,
+    /// Hard open-file limit (the server raises the soft limit to it).
+    pub files_hard: u64,
+    /// `vm.max_map_count` (None if unreadable).
+    pub max_map_count: Option<u64>,
+}
+
+impl Ceiling {
+    /// Reads this process's limits.
+    pub fn read() -> Ceiling {
+        use rustix::process::{getrlimit, Resource};
+        let lim = getrlimit(Resource::Nofile);
+        Ceiling {
+            files_soft: lim.current.unwrap_or(u64::MAX),
+            files_hard: lim.maximum.unwrap_or(u64::MAX),
+            max_map_count: std::fs::read_to_string("/proc/sys/vm/max_map_count")
+                .ok()
+                .and_then(|s| s.trim().parse().ok()),
+        }
+    }
+
+    /// WebSockets that fit: each holds 3 descriptors (plus 512 kept for everything
+    /// else) and 2 threads of 4 memory mappings each (plus 2,000 kept).
+    pub fn sockets(&self) -> u64 {
+        let by_fds = self.files_hard.saturating_sub(512) / 3;
+        let by_maps = self
+            .max_map_count
+            .map_or(u64::MAX, |m| m.saturating_sub(2000) / 8);
+        by_fds.min(by_maps).max(1)
+    }
+}
+
 /// Raises the open-file limit as far as allowed — each WebSocket costs 3 descriptors
 /// and tiny_http's accept thread panics at EMFILE. A privileged process may lift the
 /// hard limit up to the kernel's `fs.nr_open`; others get their hard limit. Returns

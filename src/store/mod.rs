@@ -11,6 +11,7 @@
 //! [`audit`] (the hash-chained security log).
 
 pub mod audit;
+pub mod health;
 pub mod messages;
 pub mod space;
 pub mod users;
