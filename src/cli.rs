@@ -72,6 +72,15 @@ pub struct ServeArgs {
         global = true
     )]
     pub allow_origin: Vec<String>,
+    /// A reverse proxy (an address or network, e.g. 127.0.0.1/32) whose
+    /// X-Forwarded-For/-Proto/-Host and Forwarded headers are believed; repeatable.
+    #[arg(
+        long = "trusted-proxy",
+        env = "PARLEY_TRUSTED_PROXY",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub trusted_proxy: Vec<String>,
     /// Whether anyone may register.
     #[arg(
         long,
@@ -235,6 +244,12 @@ impl Cli {
                 .map(|s| s.trim().to_owned())
                 .filter(|s| !s.is_empty())
                 .collect(),
+            trusted_proxies: a
+                .trusted_proxy
+                .iter()
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| s.parse().map_err(|e| format!("--trusted-proxy: {e}")))
+                .collect::<Result<_, String>>()?,
             msg_rate: a.msg_rate,
             login_rate: a.login_rate,
             register_rate: a.register_rate,

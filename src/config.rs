@@ -6,6 +6,56 @@
 
 use std::path::PathBuf;
 
+/// An IP network, `address/prefix` (a bare address is the network of that one address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.trim(), None),
+        };
+        let net: std::net::IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP network (e.g. 10.0.0.0/8, ::1/128)"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix must be 0 to {max}"))?,
+        };
+        Ok(Cidr { net, prefix })
+    }
+}
+
+impl Cidr {
+    /// Whether `ip` is inside the network (an IPv4-mapped IPv6 address counts as its
+    /// IPv4 address).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let ip = match ip {
+            V6(v6) => v6.to_ipv4_mapped().map_or(V6(v6), V4),
+            v4 => v4,
+        };
+        let (net, addr, bits) = match (self.net, ip) {
+            (V4(n), V4(a)) => (u32::from(n) as u128, u32::from(a) as u128, 32),
+            (V6(n), V6(a)) => (u128::from(n), u128::from(a), 128),
+            _ => return false,
+        };
+        let shift = bits - u32::from(self.prefix);
+        shift >= bits || (net >> shift) == (addr >> shift)
+    }
+}
+
 /// Who may create accounts through `POST /api/register`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Registration {
@@ -35,6 +85,8 @@ pub struct Config {
     pub registration: Registration,
     /// Extra origins allowed on the WebSocket upgrade (`*` allows all).
     pub allow_origins: Vec<String>,
+    /// Reverse proxies whose `X-Forwarded-*` / `Forwarded` headers are believed.
+    pub trusted_proxies: Vec<Cidr>,
     /// Messages per second per socket (0 = unlimited).
     pub msg_rate: u32,
     /// Login attempts per minute per IP and per username (0 = unlimited).
@@ -83,6 +135,7 @@ impl Default for Config {
             bcrypt_cost: 12,
             registration: Registration::Open,
             allow_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
             msg_rate: 20,
             login_rate: 10,
             register_rate: 30,
@@ -126,5 +179,32 @@ impl Config {
             return Err("--send-queue and --send-queue-bytes must be positive".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cidr;
+
+    #[test]
+    fn networks_parse_and_contain() {
+        let n: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(n.contains("10.1.200.3".parse().unwrap()));
+        assert!(!n.contains("10.2.0.1".parse().unwrap()));
+        assert!(
+            n.contains("::ffff:10.1.0.9".parse().unwrap()),
+            "IPv4-mapped"
+        );
+        let one: Cidr = "127.0.0.2".parse().unwrap();
+        assert!(one.contains("127.0.0.2".parse().unwrap()));
+        assert!(!one.contains("127.0.0.3".parse().unwrap()));
+        let v6: Cidr = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains("2001:db8:ffff::1".parse().unwrap()));
+        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        for bad in ["", "10.0.0.0/33", "::/129", "example.org", "10.0.0.0/x"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad:?}");
+        }
     }
 }

@@ -11,7 +11,7 @@ use crate::app::App;
 use crate::cookie;
 use crate::error::ApiError;
 use crate::model::Page;
-use crate::request::{bearer_token, header_value, peer_ip, percent_decode, query_param, Reply};
+use crate::request::{bearer_token, client_ip, header_value, percent_decode, query_param, Reply};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
@@ -217,7 +217,7 @@ struct Credentials {
 /// they run in the bounded slow lane, or get 429 at once when it is full, so a login
 /// flood cannot occupy the workers that serve chat.
 fn password_route(app: &Arc<App>, mut rq: Request, is_login: bool) {
-    let ip = peer_ip(&rq);
+    let ip = client_ip(&rq, &app.cfg.trusted_proxies);
     let admitted = json_body::<Credentials>(app, &mut rq).and_then(|c| {
         if is_login {
             actions::check_login_rate(app, &c.username, ip.as_deref())?;
@@ -295,7 +295,7 @@ fn pair_reply(app: &App, rq: &Request, pair: actions::TokenPair, in_cookie: bool
     if let Some(map) = v.as_object_mut() {
         map.remove("refresh_token");
     }
-    let cookie = cookie::set(rq, &pair.refresh_token, app.auth.refresh_ttl());
+    let cookie = cookie::set(rq, &app.cfg, &pair.refresh_token, app.auth.refresh_ttl());
     Reply::json(200, v).header("Set-Cookie", cookie)
 }
 
@@ -323,25 +323,29 @@ fn refresh(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
     let b: RefreshBody = optional_body(app, rq)?;
     let (token, in_cookie) = match b.refresh_token {
         Some(t) => (t, false),
-        None => match cookie::token(rq, &app.cfg.allow_origins)? {
+        None => match cookie::token(rq, &app.cfg)? {
             Some(t) => (t, true),
             None => return Err(ApiError::unauthorized("no refresh token")),
         },
     };
-    let pair = actions::refresh(app, &token, peer_ip(rq).as_deref())?;
+    let pair = actions::refresh(
+        app,
+        &token,
+        client_ip(rq, &app.cfg.trusted_proxies).as_deref(),
+    )?;
     Ok(pair_reply(app, rq, pair, in_cookie))
 }
 
 fn logout(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
     let actor = authenticate(app, rq)?;
     let body: RefreshBody = optional_body(app, rq)?;
-    let from_cookie = cookie::token(rq, &app.cfg.allow_origins)?;
+    let from_cookie = cookie::token(rq, &app.cfg)?;
     let mut tokens: Vec<&str> = body.refresh_token.iter().map(String::as_str).collect();
     tokens.extend(from_cookie.as_deref());
     actions::logout(app, &actor, &tokens)?;
     let reply = Reply::no_content();
     Ok(match from_cookie {
-        Some(_) => reply.header("Set-Cookie", cookie::clear(rq)),
+        Some(_) => reply.header("Set-Cookie", cookie::clear(rq, &app.cfg)),
         None => reply,
     })
 }
@@ -364,7 +368,7 @@ fn create_room(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
 fn authenticate(app: &App, rq: &Request) -> Result<Actor, ApiError> {
     let token = bearer_token(rq).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
     let id = app.auth.authenticate(&app.store, token)?;
-    let actor = Actor::new(&id, peer_ip(rq));
+    let actor = Actor::new(&id, client_ip(rq, &app.cfg.trusted_proxies));
     let reads = matches!(rq.method(), Method::Get | Method::Head);
     if !reads && !rq.url().starts_with("/api/logout") {
         actions::check_write_rate(app, &actor)?;

@@ -18,7 +18,7 @@ use crate::model::Page;
 use crate::peer::{close, text_frame, Frame, Peer, QueueLimits};
 use crate::protocol::{self, error_event, event, ClientMsg, PresenceChoice};
 use crate::request::{
-    bearer_token, header_value, origin_allowed, peer_ip, query_param, with_header, Reply,
+    bearer_token, client_ip, header_value, origin_allowed, query_param, with_header, Reply,
 };
 use crate::store::audit::AuditEntry;
 use serde_json::{json, Value};
@@ -41,13 +41,13 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// The socket is registered (findable by kick, ban, announce and broadcasts) before
 /// the 101 goes out, but nothing is written to it until the 101 has been sent.
 pub fn upgrade(app: &Arc<App>, request: Request) {
-    let ip = peer_ip(&request);
+    let ip = client_ip(&request, &app.cfg.trusted_proxies);
     let (identity, accept, offered) = match admit(app, &request) {
         Ok(ok) => ok,
         Err(Refusal::Anonymous(e)) => return reject_anonymous(app, request, e, ip),
         Err(Refusal::Known(e)) => return reject(app, request, &e, ip),
     };
-    let Some(peer) = attach(app, &request, &identity) else {
+    let Some(peer) = attach(app, &request, &identity, ip.clone()) else {
         app.hub.unreserve(identity.user_id);
         let _ = request.respond(Reply::error(&ApiError::internal()).into_response());
         return;
@@ -96,7 +96,12 @@ fn admit(app: &App, request: &Request) -> Result<(Identity, String, bool), Refus
 }
 
 /// Finds the connection's socket and registers its peer (not yet writable).
-fn attach(app: &App, request: &Request, identity: &Identity) -> Option<Arc<Peer>> {
+fn attach(
+    app: &App,
+    request: &Request,
+    identity: &Identity,
+    ip: Option<String>,
+) -> Option<Arc<Peer>> {
     let peer_addr = request.remote_addr().copied()?;
     let sock = match app.known_sockets.claim(app.local_addr.port(), peer_addr) {
         Ok(Some(claimed)) => claimed,
@@ -105,7 +110,7 @@ fn attach(app: &App, request: &Request, identity: &Identity) -> Option<Arc<Peer>
             return None;
         }
     };
-    let peer = Arc::new(Peer::new(
+    let mut peer = Peer::new(
         app.hub.next_id(),
         identity,
         peer_addr,
@@ -115,7 +120,12 @@ fn attach(app: &App, request: &Request, identity: &Identity) -> Option<Arc<Peer>
             frames: app.cfg.send_queue,
             bytes: app.cfg.send_queue_bytes,
         },
-    ));
+    );
+    // Behind a trusted proxy, the audit trail names the client, not the proxy.
+    if let Some(ip) = ip {
+        peer.ip = ip;
+    }
+    let peer = Arc::new(peer);
     app.hub.register(peer.clone());
     app.expiry.watch(&peer);
     Some(peer)
@@ -220,7 +230,7 @@ fn handshake(app: &App, rq: &Request) -> Result<(String, String, bool), ApiError
 
 /// Absent Origin (native clients) passes; present, it must be our own origin or allowed.
 fn check_origin(app: &App, rq: &Request) -> Result<(), ApiError> {
-    match origin_allowed(rq, &app.cfg.allow_origins) {
+    match origin_allowed(rq, &app.cfg.allow_origins, &app.cfg.trusted_proxies) {
         Some(false) => Err(ApiError::forbidden("origin not allowed")),
         None | Some(true) => Ok(()),
     }
