@@ -2,8 +2,10 @@
 //!
 //! `main` only wires the modules together. Where to look:
 //! [`cli`] and [`config`] (flags into one validated `Config`), [`server`] (starts and
-//! stops every service), [`http`] (routes), [`request`] (reading requests, writing
-//! answers), [`ws`] (one socket's life), [`hub`] (rooms and presence), [`fanout`]
+//! stops every service), [`http`] (routes), [`exchange`] (which thread reads a
+//! request and writes its answer, so no worker waits on a client), [`conns`] (plain
+//! HTTP connections: turns, deadlines), [`lane`] (IO threads), [`request`] (reading
+//! requests, writing answers), [`ws`] (one socket's life), [`hub`] (rooms and presence), [`fanout`]
 //! (delivery of committed events), [`peer`] (non-blocking writes to one socket),
 //! [`presence`] (batched presence), [`enforce`] (token expiry and revocation on live sockets), [`reaper`] (idle HTTP
 //! connections), [`limits`] (rate limits, the password threads), [`actions`] (what users
@@ -20,11 +22,14 @@ mod auth;
 mod cli;
 mod clock;
 mod config;
+mod conns;
 mod enforce;
 mod error;
+mod exchange;
 mod fanout;
 mod http;
 mod hub;
+mod lane;
 mod limits;
 mod logging;
 mod metrics;

@@ -1,41 +1,32 @@
-//! Closes plain HTTP connections that sit idle.
+//! Closes plain HTTP connections that must go.
 //!
-//! tiny_http has no timeouts: an idle keep-alive connection, or a client that opens a
-//! connection and sends nothing (slowloris), pins one of its threads forever. Every few
-//! seconds the `http-reaper` thread lists our accepted TCP connections (see
-//! [`crate::sys`]), skips WebSockets, and shuts down any connection with no request
-//! started or finished for `--http-idle-timeout` seconds; its tiny_http thread then
-//! ends. [`crate::server`] starts and stops it.
+//! tiny_http has no timeouts: an idle keep-alive connection, a client that opens a
+//! connection and sends nothing or half a request head (slowloris), or one that sends
+//! a body or reads an answer at a trickle would each pin a thread forever. The
+//! `http-reaper` thread wakes every quarter second and
+//!
+//! - shuts down connections whose body read or answer write is past its deadline
+//!   (armed by [`crate::exchange`], kept in [`crate::conns`]);
+//! - every few seconds, lists our accepted TCP connections (see [`crate::sys`]),
+//!   skips WebSockets and connections with a request in progress, and shuts down
+//!   those with no request started or finished for `--http-idle-timeout` seconds — or,
+//!   if they never sent a whole request head, for `Config::http_head_timeout`.
+//!
+//! A shut-down connection's tiny_http thread then ends. [`crate::server`] starts and
+//! stops the thread.
 
+use crate::conns::Conns;
 use crate::hub::Hub;
+use crate::metrics::{add, METRICS};
 use crate::service::Periodic;
-use crate::sync::lock;
 use crate::sys::KnownSockets;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// When each HTTP connection last started or finished a request.
-#[derive(Default)]
-pub struct Activity {
-    last: Mutex<HashMap<SocketAddr, Instant>>,
-}
-
-impl Activity {
-    /// Records activity on the connection from `addr`.
-    pub fn touch(&self, addr: SocketAddr) {
-        lock(&self.last).insert(addr, Instant::now());
-    }
-
-    fn last(&self, addr: &SocketAddr) -> Option<Instant> {
-        lock(&self.last).get(addr).copied()
-    }
-
-    fn forget_before(&self, cutoff: Instant) {
-        lock(&self.last).retain(|_, t| *t >= cutoff);
-    }
-}
+/// How often deadlines are checked.
+const TICK: Duration = Duration::from_millis(250);
 
 /// What the reaper looks at.
 pub struct Watched {
@@ -43,12 +34,14 @@ pub struct Watched {
     pub hub: Arc<Hub>,
     /// Descriptor numbers of WebSockets, and the way to find connections.
     pub sockets: Arc<KnownSockets>,
-    /// Request times per connection.
-    pub activity: Arc<Activity>,
+    /// Turns, activity and deadlines per connection.
+    pub conns: Arc<Conns>,
     /// Our listening port.
     pub port: u16,
     /// `--http-idle-timeout`.
-    pub timeout: Duration,
+    pub idle_timeout: Duration,
+    /// `Config::http_head_timeout`.
+    pub head_timeout: Duration,
 }
 
 /// The reaper thread.
@@ -59,11 +52,14 @@ pub struct Reaper {
 impl Reaper {
     /// Starts the thread.
     pub fn start(w: Watched) -> std::io::Result<Reaper> {
-        let period = (w.timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
-        let mut first_seen = HashMap::new();
-        let thread = Periodic::start("http-reaper", period, move || {
-            first_seen = reap(&w, std::mem::take(&mut first_seen));
-        })?;
+        let head = w.head_timeout.min(w.idle_timeout);
+        let period = (head / 4).clamp(TICK, Duration::from_secs(5));
+        let mut state = State {
+            first_seen: HashMap::new(),
+            next_pass: Instant::now() + period,
+            period,
+        };
+        let thread = Periodic::start("http-reaper", TICK, move || state.tick(&w))?;
         Ok(Reaper { thread })
     }
 
@@ -73,29 +69,73 @@ impl Reaper {
     }
 }
 
-/// One pass; returns when each still-open connection was first seen.
-fn reap(w: &Watched, first_seen: HashMap<SocketAddr, Instant>) -> HashMap<SocketAddr, Instant> {
-    let sockets: HashSet<SocketAddr> = w.hub.all_peers().iter().map(|p| p.remote).collect();
-    let conns = match w.sockets.unclaimed_peers(w.port) {
-        Ok(c) => c,
-        Err(e) => {
-            log::warn!("listing connections: {e}");
-            return first_seen;
+struct State {
+    /// When each open connection was first listed.
+    first_seen: HashMap<SocketAddr, Instant>,
+    next_pass: Instant,
+    period: Duration,
+}
+
+impl State {
+    fn tick(&mut self, w: &Watched) {
+        let now = Instant::now();
+        let late: HashSet<SocketAddr> = w.conns.take_expired(now).into_iter().collect();
+        if !late.is_empty() {
+            log::debug!("{} HTTP connections past their deadline", late.len());
+            match w.sockets.shut_down_all(w.port, &late) {
+                Ok(n) => add(&METRICS.http_cut_deadline, n),
+                Err(e) => log::warn!("shutting down late connections: {e}"),
+            }
         }
-    };
-    let now = Instant::now();
-    let mut seen = HashMap::new();
-    for addr in conns.into_iter().filter(|a| !sockets.contains(a)) {
-        let first = first_seen.get(&addr).copied().unwrap_or(now);
-        seen.insert(addr, first);
-        let last = w.activity.last(&addr).map_or(first, |t| t.max(first));
-        if now.saturating_duration_since(last) >= w.timeout {
-            log::debug!("closing idle HTTP connection from {addr}");
-            let _ = w.sockets.shut_down(w.port, addr);
+        if now >= self.next_pass {
+            self.pass(w, now);
+            self.next_pass = now + self.period;
         }
     }
-    if let Some(cutoff) = now.checked_sub(w.timeout * 2) {
-        w.activity.forget_before(cutoff);
+
+    /// Lists the connections and closes the idle ones.
+    fn pass(&mut self, w: &Watched, now: Instant) {
+        let sockets: HashSet<SocketAddr> = w.hub.all_peers().iter().map(|p| p.remote).collect();
+        let listed_at = Instant::now();
+        let survey = match w.sockets.survey(w.port) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("listing connections: {e}");
+                return;
+            }
+        };
+        log::trace!(
+            "{} descriptors open, {} connections",
+            survey.open,
+            survey.peers.len()
+        );
+        let activity = w.conns.activity();
+        let head_timeout = w.head_timeout.min(w.idle_timeout);
+        let mut seen = HashMap::new();
+        let mut idle = HashSet::new();
+        for addr in survey.peers.into_iter().filter(|a| !sockets.contains(a)) {
+            let first = self.first_seen.get(&addr).copied().unwrap_or(now);
+            seen.insert(addr, first);
+            let (timeout, since) = match activity.get(&addr) {
+                // A request in progress: its deadlines govern.
+                Some(a) if a.busy => continue,
+                Some(a) => (w.idle_timeout, a.last.max(first)),
+                None => (head_timeout, first),
+            };
+            if now.saturating_duration_since(since) >= timeout {
+                idle.insert(addr);
+            }
+        }
+        if !idle.is_empty() {
+            log::debug!("closing {} idle HTTP connections", idle.len());
+            match w.sockets.shut_down_all(w.port, &idle) {
+                Ok(n) => add(&METRICS.http_reaped_idle, n),
+                Err(e) => log::warn!("closing idle connections: {e}"),
+            }
+        }
+        let open: HashSet<SocketAddr> = seen.keys().copied().collect();
+        w.conns
+            .forget(&open, listed_at, now.checked_sub(w.idle_timeout * 2));
+        self.first_seen = seen;
     }
-    seen
 }

@@ -2,7 +2,8 @@
 //! service, run the HTTP workers, and on SIGTERM or SIGINT shut down in order.
 //!
 //! This is the one place services start and stop. The main thread waits for a signal;
-//! then it stops accepting (HTTP workers joined, listener closed), commits and delivers
+//! then it stops accepting (HTTP workers joined, listener closed), lets the IO threads
+//! finish what they write (for a bounded time), commits and delivers
 //! what is pending, closes every socket with 1001 and waits for their threads to write
 //! their disconnects, then stops the services in the reverse order of their
 //! dependencies: the sweep, presence batches and the reaper (they look at sockets),
@@ -16,6 +17,7 @@ use crate::config::Config;
 use crate::enforce::{ExpiryTimer, Sweeper};
 use crate::fanout::Fanout;
 use crate::hub::Hub;
+use crate::lane::Lane;
 use crate::limits::{KeyedLimiter, SlowLane, Tarpit};
 use crate::peer::{close, Flusher};
 use crate::presence::Batcher;
@@ -29,6 +31,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const HOUR: Duration = Duration::from_secs(3600);
+/// Longest a shutdown waits for IO threads still writing to slow clients.
+const IO_DRAIN: Duration = Duration::from_secs(2);
 
 /// The services no request handler needs a handle to.
 struct Background {
@@ -96,8 +100,13 @@ fn start_app(
         slow_lane: SlowLane::start(cores, 64).map_err(io)?,
         tarpit: Tarpit::start(Duration::from_secs(1), 4096).map_err(io)?,
         expiry: ExpiryTimer::start().map_err(io)?,
-        activity: Default::default(),
-        known_sockets: Default::default(),
+        conns: Default::default(),
+        lane: Lane::new(
+            cfg.http_io_threads,
+            cfg.http_per_address,
+            crate::http::HANDLER_STACK,
+        ),
+        known_sockets: reserved_sockets(),
         rooms: Default::default(),
         local_addr: local,
         cfg,
@@ -106,8 +115,18 @@ fn start_app(
     })
 }
 
+/// The registry of upgraded sockets' descriptors, with its reserve: descriptors kept
+/// so that connections can still be listed and shut down when none is free.
+fn reserved_sockets() -> Arc<crate::sys::KnownSockets> {
+    let known = crate::sys::KnownSockets::default();
+    if let Err(e) = known.reserve_descriptors() {
+        log::warn!("no reserved descriptors for the reaper: {e}");
+    }
+    Arc::new(known)
+}
+
 /// Starts the services no request calls: the revocation sweep, presence batches, the
-/// idle-HTTP reaper, and the HTTP workers.
+/// HTTP reaper, and the HTTP workers.
 fn start_background(
     app: &Arc<App>,
     server: &Arc<tiny_http::Server>,
@@ -119,9 +138,10 @@ fn start_background(
     let reaper = Reaper::start(Watched {
         hub: app.hub.clone(),
         sockets: app.known_sockets.clone(),
-        activity: app.activity.clone(),
+        conns: app.conns.clone(),
         port: app.local_addr.port(),
-        timeout: app.cfg.http_idle_timeout,
+        idle_timeout: app.cfg.http_idle_timeout,
+        head_timeout: app.cfg.http_head_timeout,
     })
     .map_err(|e| e.to_string())?;
     let http_workers = crate::http::start_workers(app, server, app.cfg.http_workers);
@@ -167,6 +187,8 @@ fn shutdown(app: &Arc<App>, server: Arc<tiny_http::Server>, background: Backgrou
         let _ = w.join();
     }
     drop(server);
+    // The reaper still runs: it cuts an IO thread's client past its deadline.
+    app.lane.stop(IO_DRAIN);
     // Commit what is queued and hand its acks and broadcasts to the sockets; the close
     // frames go after them.
     app.store.sync();

@@ -8,6 +8,17 @@
 //! TCP socket has our local port and the client's address as its two ends. We
 //! duplicate that fd and verify the duplicate's ends again, so the answer is right
 //! even if the numbers changed hands while we looked.
+//!
+//! The same search finds plain HTTP connections to shut down (idle, past a deadline,
+//! or shed when descriptors run short). Shedding matters most when every descriptor
+//! is taken, so [`KnownSockets::reserve_descriptors`] keeps two open from the start:
+//! the `/proc/self/fd` directory, read again from its beginning each time, and a slot
+//! that a connection is `dup2`ed into (which replaces what the slot held, so it needs
+//! no free number). Also here: whether tiny_http still holds our listening socket
+//! (its accept thread drops it when it dies) and how many descriptors are free.
+//!
+//! No thread of its own; called by the upgrade (claim), the reaper, the accept
+//! supervisor ([`crate::front`]) and whoever cuts a connection ([`crate::exchange`]).
 #![allow(unsafe_code)]
 
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -32,11 +43,47 @@ pub struct Claimed {
 #[derive(Default)]
 pub struct KnownSockets {
     fds: Mutex<HashSet<i32>>,
+    reserve: Mutex<Option<Reserve>>,
+}
+
+/// Descriptors kept so that listing and shutting down connections needs no free one.
+struct Reserve {
+    /// `/proc/self/fd`, rewound before each listing.
+    dir: rustix::fs::Dir,
+    dir_number: i32,
+    /// Where a connection is duplicated to be checked and shut down; holds a duplicate
+    /// of the directory in between.
+    slot: OwnedFd,
+}
+
+/// What one listing found.
+#[derive(Debug)]
+pub struct Survey {
+    /// Peers of our accepted connections that are not claimed WebSockets.
+    pub peers: Vec<SocketAddr>,
+    /// Descriptors this process has open, all kinds.
+    pub open: usize,
 }
 
 impl KnownSockets {
     fn known(&self) -> MutexGuard<'_, HashSet<i32>> {
         crate::sync::lock(&self.fds)
+    }
+
+    /// Opens the reserve (see the module doc). Without it, listings and shutdowns
+    /// open descriptors of their own, and fail when none is free.
+    pub fn reserve_descriptors(&self) -> std::io::Result<()> {
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let dir = rustix::fs::open("/proc/self/fd", flags, Mode::empty())?;
+        let slot = rustix::io::fcntl_dupfd_cloexec(&dir, 0)?;
+        let dir_number = dir.as_raw_fd();
+        *crate::sync::lock(&self.reserve) = Some(Reserve {
+            dir: rustix::fs::Dir::new(dir)?,
+            dir_number,
+            slot,
+        });
+        Ok(())
     }
 
     /// Finds the TCP socket whose local port is `local_port` and whose peer is `peer`,
@@ -87,42 +134,102 @@ impl KnownSockets {
         }
     }
 
-    /// The peers of our accepted connections that are not claimed WebSockets.
-    pub fn unclaimed_peers(&self, local_port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    /// The peers of our accepted connections that are not claimed WebSockets, and how
+    /// many descriptors are open.
+    pub fn survey(&self, local_port: u16) -> std::io::Result<Survey> {
         let skip = self.known().clone();
-        let mut out = Vec::new();
-        scan(&skip, |fd| {
-            out.extend(peer_of(fd, local_port));
-            true
-        })?;
-        Ok(out)
+        let mut reserve = crate::sync::lock(&self.reserve);
+        let (numbers, open) = list(reserve.as_mut(), &skip)?;
+        let peers = numbers
+            .into_iter()
+            .filter_map(|n| peer_of(borrow(n), local_port))
+            .collect();
+        Ok(Survey { peers, open })
     }
 
     /// Shuts down the unclaimed connection from `peer` (both directions).
     pub fn shut_down(&self, local_port: u16, peer: SocketAddr) -> std::io::Result<bool> {
-        let skip = self.known().clone();
-        let mut done = false;
-        scan(&skip, |fd| {
-            if let Some(dup) = verified_dup(fd, |d| is_connection(d, local_port, peer)) {
-                done = rustix::net::shutdown(&dup, rustix::net::Shutdown::Both).is_ok();
-                return false;
-            }
-            true
-        })?;
-        Ok(done)
+        Ok(self.shut_down_all(local_port, &HashSet::from([peer]))? > 0)
     }
+
+    /// Shuts down the unclaimed connections from `peers` (both directions) in one
+    /// listing; returns how many were found.
+    pub fn shut_down_all(
+        &self,
+        local_port: u16,
+        peers: &HashSet<SocketAddr>,
+    ) -> std::io::Result<usize> {
+        if peers.is_empty() {
+            return Ok(0);
+        }
+        let skip = self.known().clone();
+        let mut reserve = crate::sync::lock(&self.reserve);
+        let (numbers, _) = list(reserve.as_mut(), &skip)?;
+        let mut left = peers.clone();
+        for n in numbers {
+            if left.is_empty() {
+                break;
+            }
+            let Some(peer) = peer_of(borrow(n), local_port).filter(|p| left.contains(p)) else {
+                continue;
+            };
+            let still = |fd: BorrowedFd<'_>| is_connection(fd, local_port, peer);
+            let both = rustix::net::Shutdown::Both;
+            let shut = match reserve.as_mut() {
+                Some(r) => {
+                    rustix::io::dup2(borrow(n), &mut r.slot).is_ok()
+                        && still(r.slot.as_fd())
+                        && rustix::net::shutdown(&r.slot, both).is_ok()
+                }
+                None => verified_dup(borrow(n), still)
+                    .is_some_and(|d| rustix::net::shutdown(&d, both).is_ok()),
+            };
+            if shut {
+                left.remove(&peer);
+            }
+        }
+        if let Some(Reserve { dir, slot, .. }) = reserve.as_mut() {
+            // Let go of the last connection: its descriptors must close when tiny_http's do.
+            let _ = dir.fd().and_then(|d| rustix::io::dup2(d, slot));
+        }
+        Ok(peers.len() - left.len())
+    }
+}
+
+/// The open descriptor numbers not in `skip` (nor the reserve's own), highest first,
+/// and how many are open in all.
+fn list(reserve: Option<&mut Reserve>, skip: &HashSet<i32>) -> std::io::Result<(Vec<i32>, usize)> {
+    let mut all: Vec<i32> = Vec::new();
+    let mut own = Vec::new();
+    match reserve {
+        Some(r) => {
+            own.extend([r.dir_number, r.slot.as_raw_fd()]);
+            r.dir.rewind();
+            while let Some(entry) = r.dir.read() {
+                let entry = entry?;
+                if let Some(n) = entry.file_name().to_str().ok().and_then(|s| s.parse().ok()) {
+                    all.push(n);
+                }
+            }
+        }
+        None => {
+            all.extend(
+                std::fs::read_dir("/proc/self/fd")?
+                    .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()),
+            );
+        }
+    }
+    let open = all.len();
+    all.retain(|n| !skip.contains(n) && !own.contains(n));
+    // New connections usually hold the highest numbers: look there first.
+    all.sort_unstable_by(|a, b| b.cmp(a));
+    Ok((all, open))
 }
 
 /// Calls `visit` on each open descriptor not in `skip`, highest numbers first, until
 /// it returns false.
 fn scan(skip: &HashSet<i32>, mut visit: impl FnMut(BorrowedFd<'_>) -> bool) -> std::io::Result<()> {
-    let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|n| !skip.contains(n))
-        .collect();
-    // New connections usually hold the highest numbers: look there first.
-    fds.sort_unstable_by(|a, b| b.cmp(a));
-    for fd in fds {
+    for fd in list(None, skip)?.0 {
         if !visit(borrow(fd)) {
             break;
         }
@@ -133,10 +240,12 @@ fn scan(skip: &HashSet<i32>, mut visit: impl FnMut(BorrowedFd<'_>) -> bool) -> s
 /// Borrows a descriptor number for a few system calls.
 fn borrow<'a>(fd: i32) -> BorrowedFd<'a> {
     // SAFETY: `borrow_raw` needs the fd to stay open while borrowed. Callers only make
-    // read-only queries (getsockname/getpeername) and an F_DUPFD_CLOEXEC on it; if
-    // another thread closed the number meanwhile these fail with EBADF, and if the
-    // number was reused they describe another file — which the check on the duplicate
-    // (`verified_dup`) rejects. No memory is reached through the fd.
+    // read-only queries (getsockname/getpeername/fstat) and a duplication (F_DUPFD_CLOEXEC,
+    // or dup2 into our reserve slot) on it; if another thread closed the number
+    // meanwhile these fail with EBADF, and if the number was reused they describe
+    // another file — which the check on the duplicate (`verified_dup`, or the same
+    // check on the slot) rejects before anything acts on it. No memory is reached
+    // through the fd.
     unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
@@ -192,14 +301,20 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
 
-    #[test]
-    fn finds_the_right_socket_among_many() {
+    /// A listener's port, `n` clients connected to it, and their accepted ends.
+    fn connections(n: usize) -> (u16, Vec<TcpStream>, Vec<TcpStream>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let clients: Vec<TcpStream> = (0..5)
+        let clients: Vec<TcpStream> = (0..n)
             .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
             .collect();
-        let accepted: Vec<TcpStream> = (0..5).map(|_| listener.accept().unwrap().0).collect();
+        let accepted = (0..n).map(|_| listener.accept().unwrap().0).collect();
+        (port, clients, accepted)
+    }
+
+    #[test]
+    fn finds_the_right_socket_among_many() {
+        let (port, clients, accepted) = connections(5);
         let known = KnownSockets::default();
         let mut claims = Vec::new();
         for (i, client) in clients.iter().enumerate() {
@@ -217,10 +332,10 @@ mod tests {
         let stranger: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert!(known.claim(port, stranger).unwrap().is_none());
         // Claimed sockets are skipped: nothing is left unclaimed.
-        assert!(known.unclaimed_peers(port).unwrap().is_empty());
+        assert!(known.survey(port).unwrap().peers.is_empty());
         let first = clients[0].local_addr().unwrap();
         known.release(&claims.remove(0).numbers);
-        assert_eq!(known.unclaimed_peers(port).unwrap(), vec![first]);
+        assert_eq!(known.survey(port).unwrap().peers, vec![first]);
         assert!(known.shut_down(port, first).unwrap());
         let mut c = clients[0].try_clone().unwrap();
         let mut b = [0u8; 1];
@@ -230,5 +345,49 @@ mod tests {
             "the released connection was shut down"
         );
         drop(accepted);
+    }
+
+    fn is_shut(s: &TcpStream) -> bool {
+        s.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        matches!((&*s).read(&mut b), Ok(0))
+    }
+
+    #[test]
+    fn the_reserve_lists_and_shuts_down_several_connections() {
+        let (port, clients, accepted) = connections(4);
+        let known = KnownSockets::default();
+        known.reserve_descriptors().unwrap();
+        let survey = known.survey(port).unwrap();
+        let mut peers = survey.peers.clone();
+        peers.sort();
+        let mut expected: Vec<SocketAddr> =
+            clients.iter().map(|c| c.local_addr().unwrap()).collect();
+        expected.sort();
+        assert_eq!(peers, expected);
+        assert!(
+            survey.open >= 2 + 8,
+            "reserve and both ends of four connections"
+        );
+        // Through the slot: exactly the two asked for are shut down.
+        let two: HashSet<SocketAddr> = expected[..2].iter().copied().collect();
+        assert_eq!(known.shut_down_all(port, &two).unwrap(), 2);
+        for c in &clients {
+            let asked = two.contains(&c.local_addr().unwrap());
+            assert_eq!(is_shut(c), asked, "{:?}", c.local_addr());
+        }
+        // The slot let go of the last one: closing ours ends that connection for good.
+        let slot = crate::sync::lock(&known.reserve)
+            .as_ref()
+            .map(|r| r.slot.as_raw_fd())
+            .unwrap();
+        assert_eq!(
+            peer_of(borrow(slot), port),
+            None,
+            "the slot holds no connection"
+        );
+        drop(accepted);
+        assert!(known.survey(port).unwrap().peers.is_empty());
     }
 }
