@@ -66,6 +66,16 @@ pub struct Config {
     /// Pipelined requests that may wait behind the one in progress on a connection
     /// before it is shut down.
     pub http_pipeline: usize,
+    /// Open descriptors, in percent of the open-file limit, past which the reaper
+    /// closes idle HTTP connections at once, oldest first ...
+    pub fd_pressure_percent: u8,
+    /// ... until this percent is open.
+    pub fd_relief_percent: u8,
+    /// Connections younger than this are spared by that (their request may be on its
+    /// way).
+    pub fd_pressure_grace: std::time::Duration,
+    /// Free descriptors needed before a dead accept loop is started again.
+    pub accept_headroom: usize,
     /// Largest HTTP request body, in bytes.
     pub max_body_bytes: usize,
     /// Largest WebSocket message after reassembly, in bytes (over it: close 1009).
@@ -105,6 +115,10 @@ impl Default for Config {
             http_io_threads: 64,
             http_per_address: 8,
             http_pipeline: 16,
+            fd_pressure_percent: 85,
+            fd_relief_percent: 70,
+            fd_pressure_grace: std::time::Duration::from_secs(2),
+            accept_headroom: 16,
             max_body_bytes: 64 * 1024,
             max_frame_bytes: 64 * 1024,
             max_message_chars: 4000,

@@ -21,8 +21,7 @@
 //! - The requests of one connection take turns ([`crate::conns`]); when a waiting one's
 //!   turn comes, it runs on an IO thread.
 //!
-//! Threads: HTTP workers ([`crate::http::start_workers`]) call [`take`] and
-//! [`Taken::finish`]; handlers run
+//! Threads: HTTP workers ([`crate::front`]) call [`take`] and [`Taken::finish`]; handlers run
 //! on a worker or an IO thread; answers are also written from the password threads
 //! and the tarpit, under the same rule. Nothing here has a thread of its own.
 

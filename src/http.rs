@@ -1,8 +1,8 @@
 //! HTTP routes on top of tiny_http: parse, authenticate, call [`crate::actions`],
 //! answer JSON.
 //!
-//! A fixed pool of worker threads takes requests from tiny_http's queue and hands
-//! them to [`crate::exchange`], which decides where each runs (a worker, or an IO
+//! A fixed pool of worker threads ([`crate::front`]) takes requests from tiny_http's
+//! queue and hands them to [`crate::exchange`], which decides where each runs (a worker, or an IO
 //! thread when it has a body to read) and where its answer is written, so that no
 //! worker waits on a client; `/ws` upgrades are handed to [`crate::ws`]. Routing is one
 //! `match` over the method and the path's segments (in the manner of rouille), so
@@ -351,37 +351,6 @@ fn page_from_query(url: &str) -> Result<Page, ApiError> {
         int_param(url, "after")?,
         int_param(url, "limit")?,
     ))
-}
-
-/// Starts `n` workers taking requests from `server` until it is unblocked.
-pub fn start_workers(
-    app: &Arc<App>,
-    server: &Arc<tiny_http::Server>,
-    n: usize,
-) -> Vec<std::thread::JoinHandle<()>> {
-    let taking = Arc::new(std::sync::Mutex::new(()));
-    (0..n)
-        .filter_map(|i| {
-            let (app, server, taking) = (app.clone(), server.clone(), taking.clone());
-            std::thread::Builder::new()
-                .name(format!("http-{i}"))
-                .stack_size(HANDLER_STACK)
-                .spawn(move || loop {
-                    // One worker at a time takes a request and its turn (see
-                    // `exchange::take`); then runs it while the next one takes.
-                    let taken = {
-                        let _one_at_a_time = crate::sync::lock(&taking);
-                        server.recv().map(|rq| crate::exchange::take(&app, rq))
-                    };
-                    match taken {
-                        Ok(taken) => taken.finish(&app),
-                        Err(_) => return,
-                    }
-                })
-                .map_err(|e| log::error!("could not start an HTTP worker: {e}"))
-                .ok()
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //!
 //! `main` only wires the modules together. Where to look:
 //! [`cli`] and [`config`] (flags into one validated `Config`), [`server`] (starts and
-//! stops every service), [`http`] (routes), [`exchange`] (which thread reads a
+//! stops every service), [`front`] (the accept loop, watched and restarted, and the
+//! HTTP workers), [`http`] (routes), [`exchange`] (which thread reads a
 //! request and writes its answer, so no worker waits on a client), [`conns`] (plain
 //! HTTP connections: turns, deadlines), [`lane`] (IO threads), [`request`] (reading
 //! requests, writing answers), [`ws`] (one socket's life), [`hub`] (rooms and presence), [`fanout`]
@@ -27,6 +28,7 @@ mod enforce;
 mod error;
 mod exchange;
 mod fanout;
+mod front;
 mod http;
 mod hub;
 mod lane;

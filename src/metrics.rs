@@ -34,6 +34,10 @@ pub struct Metrics {
     pub http_cut_deadline: AtomicU64,
     /// Idle HTTP connections closed (idle timeout, or no request head in time).
     pub http_reaped_idle: AtomicU64,
+    /// Idle HTTP connections closed early because descriptors ran short.
+    pub http_reaped_pressure: AtomicU64,
+    /// Times tiny_http's accept loop died and was started again.
+    pub http_accept_restarts: AtomicU64,
 }
 
 /// The one instance.
@@ -50,6 +54,8 @@ pub static METRICS: Metrics = Metrics {
     http_cut_pipeline: AtomicU64::new(0),
     http_cut_deadline: AtomicU64::new(0),
     http_reaped_idle: AtomicU64::new(0),
+    http_reaped_pressure: AtomicU64::new(0),
+    http_accept_restarts: AtomicU64::new(0),
 };
 
 /// Bumps a counter by one.
@@ -100,6 +106,11 @@ pub fn render(open_sockets: usize, batches: u64, batched_jobs: u64, max_batch: u
             "Failed logins.",
             &m.logins_failed,
         ),
+        (
+            "parley_http_accept_restarts_total",
+            "Times the HTTP accept loop died (out of descriptors) and was started again.",
+            &m.http_accept_restarts,
+        ),
     ];
     for (name, help, c) in counters {
         line(name, "counter", help, c.load(Relaxed).to_string());
@@ -120,6 +131,7 @@ pub fn render(open_sockets: usize, batches: u64, batched_jobs: u64, max_batch: u
         "HTTP connections the server shut down, by reason.",
         &[
             ("idle", &m.http_reaped_idle),
+            ("pressure", &m.http_reaped_pressure),
             ("deadline", &m.http_cut_deadline),
             ("refused", &m.http_refused),
             ("pipeline", &m.http_cut_pipeline),

@@ -2,7 +2,8 @@
 //! service, run the HTTP workers, and on SIGTERM or SIGINT shut down in order.
 //!
 //! This is the one place services start and stop. The main thread waits for a signal;
-//! then it stops accepting (HTTP workers joined, listener closed), lets the IO threads
+//! then it stops accepting (the accept watch, then the HTTP workers joined, listener
+//! closed), lets the IO threads
 //! finish what they write (for a bounded time), commits and delivers
 //! what is pending, closes every socket with 1001 and waits for their threads to write
 //! their disconnects, then stops the services in the reverse order of their
@@ -16,18 +17,18 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::enforce::{ExpiryTimer, Sweeper};
 use crate::fanout::Fanout;
+use crate::front::Front;
 use crate::hub::Hub;
 use crate::lane::Lane;
 use crate::limits::{KeyedLimiter, SlowLane, Tarpit};
 use crate::peer::{close, Flusher};
 use crate::presence::Batcher;
-use crate::reaper::{Reaper, Watched};
+use crate::reaper::{Pressure, Reaper, Watched};
 use crate::store::Store;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::Path;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -40,7 +41,7 @@ struct Background {
     presence: Batcher,
     sweeper: Sweeper,
     reaper: Reaper,
-    http_workers: Vec<JoinHandle<()>>,
+    front: Front,
 }
 
 /// Runs the server until SIGTERM or SIGINT.
@@ -56,8 +57,6 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     // Accepted sockets inherit TCP_NODELAY: chat frames are small and latency matters.
     let _ = rustix::net::sockopt::set_tcp_nodelay(&listener, true);
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let server =
-        Arc::new(tiny_http::Server::from_listener(listener, None).map_err(|e| e.to_string())?);
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -65,7 +64,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     .map_err(|e| format!("installing signal handlers: {e}"))?;
     let flusher = Flusher::start().map_err(|e| e.to_string())?;
     let app = Arc::new(start_app(cfg, store, auth, &flusher, local)?);
-    let background = start_background(&app, &server, flusher)?;
+    let background = start_background(&app, listener, flusher)?;
     log::info!(
         "listening on http://{local} (database {}, open-file limit {fd_limit})",
         app.cfg.db.display()
@@ -75,7 +74,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
 
     let sig = signals.forever().next();
     log::info!("signal {sig:?}: shutting down");
-    shutdown(&app, server, background);
+    shutdown(&app, background);
     Ok(())
 }
 
@@ -126,10 +125,10 @@ fn reserved_sockets() -> Arc<crate::sys::KnownSockets> {
 }
 
 /// Starts the services no request calls: the revocation sweep, presence batches, the
-/// HTTP reaper, and the HTTP workers.
+/// HTTP reaper, and the front door (tiny_http on `listener`, its watch, the workers).
 fn start_background(
     app: &Arc<App>,
-    server: &Arc<tiny_http::Server>,
+    listener: TcpListener,
     flusher: Flusher,
 ) -> Result<Background, String> {
     let sweeper = Sweeper::start(app.hub.clone(), app.store.clone())?;
@@ -140,23 +139,29 @@ fn start_background(
         sockets: app.known_sockets.clone(),
         conns: app.conns.clone(),
         port: app.local_addr.port(),
+        listening: app.local_addr,
         idle_timeout: app.cfg.http_idle_timeout,
         head_timeout: app.cfg.http_head_timeout,
+        pressure: Pressure {
+            high: app.cfg.fd_pressure_percent,
+            low: app.cfg.fd_relief_percent,
+            grace: app.cfg.fd_pressure_grace,
+        },
     })
     .map_err(|e| e.to_string())?;
-    let http_workers = crate::http::start_workers(app, server, app.cfg.http_workers);
+    let front = Front::start(app, listener, reaper.alarm())?;
     Ok(Background {
         flusher,
         presence,
         sweeper,
         reaper,
-        http_workers,
+        front,
     })
 }
 
 /// Lowers `--max-sockets` to what the process can hold, so a flood of sockets meets
-/// 429 rather than a failed thread or descriptor — tiny_http's accept thread panics on
-/// either, leaving the server deaf. Each WebSocket holds 3 descriptors and 2 threads;
+/// 429 rather than a failed thread or descriptor — tiny_http's accept thread dies on
+/// either (see [`crate::front`] for how it comes back). Each WebSocket holds 3 descriptors and 2 threads;
 /// each thread costs 4 memory mappings (stack, guard, signal stack, its guard) out of
 /// the kernel's `vm.max_map_count`.
 fn fit_socket_limit(wanted: usize, fd_limit: u64) -> usize {
@@ -179,14 +184,8 @@ fn sockets_that_fit(wanted: usize, fd_limit: u64, max_maps: u64) -> usize {
     wanted.min(fits)
 }
 
-fn shutdown(app: &Arc<App>, server: Arc<tiny_http::Server>, background: Background) {
-    for _ in 0..background.http_workers.len() {
-        server.unblock();
-    }
-    for w in background.http_workers {
-        let _ = w.join();
-    }
-    drop(server);
+fn shutdown(app: &Arc<App>, background: Background) {
+    background.front.stop();
     // The reaper still runs: it cuts an IO thread's client past its deadline.
     app.lane.stop(IO_DRAIN);
     // Commit what is queued and hand its acks and broadcasts to the sockets; the close

@@ -59,10 +59,14 @@ struct Reserve {
 /// What one listing found.
 #[derive(Debug)]
 pub struct Survey {
-    /// Peers of our accepted connections that are not claimed WebSockets.
+    /// Peers of our accepted connections that are not claimed WebSockets, lowest
+    /// descriptor number first: numbers are handed out lowest first, so among
+    /// connections open at once the earlier ones usually come first.
     pub peers: Vec<SocketAddr>,
     /// Descriptors this process has open, all kinds.
     pub open: usize,
+    /// Peers whose connection has bytes waiting unread in the kernel.
+    pub unread: HashSet<SocketAddr>,
 }
 
 impl KnownSockets {
@@ -140,11 +144,24 @@ impl KnownSockets {
         let skip = self.known().clone();
         let mut reserve = crate::sync::lock(&self.reserve);
         let (numbers, open) = list(reserve.as_mut(), &skip)?;
-        let peers = numbers
-            .into_iter()
-            .filter_map(|n| peer_of(borrow(n), local_port))
-            .collect();
-        Ok(Survey { peers, open })
+        // Highest first, so a connection's last (lowest) number is kept.
+        let mut lowest = std::collections::HashMap::new();
+        let mut unread = HashSet::new();
+        for n in numbers {
+            if let Some(peer) = peer_of(borrow(n), local_port) {
+                lowest.insert(peer, n);
+                if rustix::io::ioctl_fionread(borrow(n)).is_ok_and(|bytes| bytes > 0) {
+                    unread.insert(peer);
+                }
+            }
+        }
+        let mut peers: Vec<(SocketAddr, i32)> = lowest.into_iter().collect();
+        peers.sort_unstable_by_key(|(_, n)| *n);
+        Ok(Survey {
+            peers: peers.into_iter().map(|(p, _)| p).collect(),
+            open,
+            unread,
+        })
     }
 
     /// Shuts down the unclaimed connection from `peer` (both directions).
@@ -237,10 +254,52 @@ fn scan(skip: &HashSet<i32>, mut visit: impl FnMut(BorrowedFd<'_>) -> bool) -> s
     Ok(())
 }
 
+/// Whether descriptor `number` is `listener`'s socket (a duplicate of it): tiny_http's
+/// accept thread holds the listening socket under its own number and closes it when
+/// the thread ends, for whatever reason.
+pub fn is_same_socket(number: i32, listener: &impl AsFd) -> bool {
+    let (Ok(theirs), Ok(ours)) = (
+        rustix::fs::fstat(borrow(number)),
+        rustix::fs::fstat(listener),
+    ) else {
+        return false;
+    };
+    rustix::fs::FileType::from_raw_mode(theirs.st_mode) == rustix::fs::FileType::Socket
+        && (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+}
+
+/// Whether at least `n` descriptors are free: tries to take them (duplicates of
+/// `any`) and gives them back.
+pub fn fds_free(any: &impl AsFd, n: usize) -> bool {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        match rustix::io::fcntl_dupfd_cloexec(any, 0) {
+            Ok(fd) => held.push(fd),
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// The lowest free descriptor number (the kernel hands out the lowest), or None when
+/// none is free. Cheap: a flood fills numbers from the bottom up, so a high number
+/// says the table is nearly full.
+pub fn lowest_free_fd() -> Option<i32> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open("/dev/null", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty());
+    fd.ok().map(|fd| fd.as_raw_fd())
+}
+
+/// The open-file limit in force now (an operator may change it while we run).
+pub fn fd_limit() -> u64 {
+    use rustix::process::{getrlimit, Resource};
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
 /// Borrows a descriptor number for a few system calls.
 fn borrow<'a>(fd: i32) -> BorrowedFd<'a> {
     // SAFETY: `borrow_raw` needs the fd to stay open while borrowed. Callers only make
-    // read-only queries (getsockname/getpeername/fstat) and a duplication (F_DUPFD_CLOEXEC,
+    // read-only queries (getsockname/getpeername/fstat/FIONREAD) and a duplication (F_DUPFD_CLOEXEC,
     // or dup2 into our reserve slot) on it; if another thread closed the number
     // meanwhile these fail with EBADF, and if the number was reused they describe
     // another file — which the check on the duplicate (`verified_dup`, or the same
@@ -360,12 +419,23 @@ mod tests {
         let known = KnownSockets::default();
         known.reserve_descriptors().unwrap();
         let survey = known.survey(port).unwrap();
-        let mut peers = survey.peers.clone();
-        peers.sort();
-        let mut expected: Vec<SocketAddr> =
-            clients.iter().map(|c| c.local_addr().unwrap()).collect();
-        expected.sort();
-        assert_eq!(peers, expected);
+        // In the order they were accepted (their numbers ascend).
+        let expected: Vec<SocketAddr> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+        assert_eq!(survey.peers, expected);
+        assert!(survey.unread.is_empty(), "nothing sent yet");
+        (&clients[3]).write_all(b"GET / HTTP/1.1\r\n").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while known.survey(port).unwrap().unread.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "unread bytes not seen"
+            );
+        }
+        assert_eq!(
+            known.survey(port).unwrap().unread,
+            HashSet::from([expected[3]]),
+            "bytes nobody read yet"
+        );
         assert!(
             survey.open >= 2 + 8,
             "reserve and both ends of four connections"
@@ -389,5 +459,24 @@ mod tests {
         );
         drop(accepted);
         assert!(known.survey(port).unwrap().peers.is_empty());
+    }
+
+    #[test]
+    fn tells_whether_a_number_is_still_the_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let theirs = listener.try_clone().unwrap();
+        let number = theirs.as_raw_fd();
+        assert!(is_same_socket(number, &listener));
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(
+            !is_same_socket(other.as_raw_fd(), &listener),
+            "another socket"
+        );
+        drop(theirs);
+        // The number may be reused at once by a parallel test, but not for our listener.
+        assert!(!is_same_socket(number, &listener), "closed");
+        assert!(fds_free(&listener, 8));
+        assert!(lowest_free_fd().is_some());
+        assert!(fd_limit() > 8);
     }
 }
