@@ -172,6 +172,25 @@ fn work(app: &Arc<App>, line: &Line) {
     }
 }
 
+/// [`Door::open`] on a helper thread named like the main thread: tiny_http's threads
+/// take the system name of the thread that creates them, and would otherwise all be
+/// called `http-accept` after a restart.
+fn open_elsewhere(
+    app: &Arc<App>,
+    signal: &Arc<StopSignal>,
+    listener: TcpListener,
+    restarts: u64,
+) -> Result<Door, String> {
+    let (app, signal) = (app.clone(), signal.clone());
+    std::thread::Builder::new()
+        .name("parley".into())
+        .stack_size(SERVICE_STACK)
+        .spawn(move || Door::open(&app, &signal, listener, restarts))
+        .map_err(|e| e.to_string())?
+        .join()
+        .map_err(|_| "starting a server panicked".to_string())?
+}
+
 /// Makes a panic in a thread parley did not start (tiny_http's accept and connection
 /// threads are the only ones) wake the watch at once; then the default report.
 fn watch_panics(signal: &Arc<StopSignal>) {
@@ -298,7 +317,7 @@ impl Shared {
                 HashSet::new()
             }
         };
-        match Door::open(&self.app, &self.signal, dup, restarts) {
+        match open_elsewhere(&self.app, &self.signal, dup, restarts) {
             Ok(door) => {
                 doors.restarts = restarts;
                 if let Some(old) = doors.current.replace(door) {
