@@ -149,6 +149,24 @@ pub struct ServeArgs {
         global = true
     )]
     pub http_idle_timeout: u64,
+    /// Seconds allowed to read a request body or write an answer (plus time for its
+    /// size); past them the connection is shut down.
+    #[arg(
+        long,
+        env = "PARLEY_HTTP_IO_TIMEOUT",
+        default_value_t = 5,
+        global = true
+    )]
+    pub http_io_timeout: u64,
+    /// Slow HTTP requests (bodies, large answers) one client address may have in
+    /// progress at once; more are refused.
+    #[arg(
+        long,
+        env = "PARLEY_HTTP_PER_ADDRESS",
+        default_value_t = 8,
+        global = true
+    )]
+    pub http_per_address: usize,
 }
 
 /// Subcommands.
@@ -261,6 +279,8 @@ impl Cli {
             max_db_bytes: (a.max_db_mb > 0).then(|| a.max_db_mb.saturating_mul(1 << 20)),
             ws_ping: std::time::Duration::from_secs(a.ws_ping),
             http_idle_timeout: std::time::Duration::from_secs(a.http_idle_timeout),
+            http_io_timeout: std::time::Duration::from_secs(a.http_io_timeout),
+            http_per_address: a.http_per_address,
             ..Config::default()
         };
         cfg.validate()?;

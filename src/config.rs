@@ -110,6 +110,34 @@ pub struct Config {
     pub ws_ping: std::time::Duration,
     /// Plain HTTP connections with no request for this long are closed.
     pub http_idle_timeout: std::time::Duration,
+    /// A connection that has not sent a whole request head this long after it opened
+    /// is closed (if the idle timeout is shorter, that applies).
+    pub http_head_timeout: std::time::Duration,
+    /// Time allowed to read a request body, or to write an answer, on top of the time
+    /// its bytes take at `http_min_rate`; past it the connection is shut down.
+    pub http_io_timeout: std::time::Duration,
+    /// The slowest transfer, in bytes per second, that `http_io_timeout` allows for.
+    pub http_min_rate: usize,
+    /// Answer bytes an HTTP worker writes to one connection itself (a write that fits
+    /// in the kernel's send buffer cannot wait on the client); past it, IO threads write.
+    pub http_inline_bytes: usize,
+    /// IO threads (reading bodies, writing answers that may wait) at most.
+    pub http_io_threads: usize,
+    /// IO threads the connections of one client address may hold at once.
+    pub http_per_address: usize,
+    /// Pipelined requests that may wait behind the one in progress on a connection
+    /// before it is shut down.
+    pub http_pipeline: usize,
+    /// Open descriptors, in percent of the open-file limit, past which the reaper
+    /// closes idle HTTP connections at once, oldest first ...
+    pub fd_pressure_percent: u8,
+    /// ... until this percent is open.
+    pub fd_relief_percent: u8,
+    /// Connections younger than this are spared by that (their request may be on its
+    /// way).
+    pub fd_pressure_grace: std::time::Duration,
+    /// Free descriptors needed before a dead accept loop is started again.
+    pub accept_headroom: usize,
     /// Largest HTTP request body, in bytes.
     pub max_body_bytes: usize,
     /// Largest WebSocket message after reassembly, in bytes (over it: close 1009).
@@ -147,6 +175,17 @@ impl Default for Config {
             max_db_bytes: None,
             ws_ping: std::time::Duration::from_secs(30),
             http_idle_timeout: std::time::Duration::from_secs(30),
+            http_head_timeout: std::time::Duration::from_secs(10),
+            http_io_timeout: std::time::Duration::from_secs(5),
+            http_min_rate: 16 * 1024,
+            http_inline_bytes: 8 * 1024,
+            http_io_threads: 64,
+            http_per_address: 8,
+            http_pipeline: 16,
+            fd_pressure_percent: 85,
+            fd_relief_percent: 70,
+            fd_pressure_grace: std::time::Duration::from_secs(2),
+            accept_headroom: 16,
             max_body_bytes: 64 * 1024,
             max_frame_bytes: 64 * 1024,
             max_message_chars: 4000,
@@ -174,6 +213,12 @@ impl Config {
         }
         if self.http_idle_timeout.is_zero() {
             return Err("--http-idle-timeout must be positive".into());
+        }
+        if self.http_io_timeout.is_zero() {
+            return Err("--http-io-timeout must be positive".into());
+        }
+        if self.http_per_address == 0 {
+            return Err("--http-per-address must be positive".into());
         }
         if self.send_queue == 0 || self.send_queue_bytes == 0 {
             return Err("--send-queue and --send-queue-bytes must be positive".into());

@@ -245,6 +245,26 @@ pub fn header_value<'a>(rq: &'a Request, name: &str) -> Option<&'a str> {
         .map(|h| h.value.as_str())
 }
 
+/// Whether the request says `Connection: upgrade`: tiny_http then hands over the raw
+/// stream as its body, not limited to its `Content-Length`.
+pub fn connection_upgrade(rq: &Request) -> bool {
+    header_value(rq, "Connection").is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"))
+}
+
+/// Whether tiny_http left the request's body to be read from the connection on demand
+/// (so reading it, or even dropping the request, may wait on the client): a body over
+/// 1 KiB, a chunked one, one announced with `Expect: 100-continue`, or any body on a
+/// `Connection: upgrade` request. Smaller bodies it has read ahead, before handing
+/// the request over.
+pub fn reads_body_on_demand(rq: &Request) -> bool {
+    let chunked = header_value(rq, "Transfer-Encoding").is_some();
+    let length = rq.body_length().unwrap_or(0);
+    if connection_upgrade(rq) {
+        return chunked || length > 0;
+    }
+    chunked || length > 1024 || (length > 0 && header_value(rq, "Expect").is_some())
+}
+
 /// The value of query parameter `name`, percent-decoded.
 pub fn query_param(url: &str, name: &str) -> Option<String> {
     let query = url.split_once('?')?.1;
@@ -283,6 +303,34 @@ pub fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with(headers: &[(&str, &str)]) -> Request {
+        let mut t = tiny_http::TestRequest::new();
+        for (k, v) in headers {
+            t = t.with_header(Header::from_bytes(k.as_bytes(), v.as_bytes()).unwrap());
+        }
+        t.into()
+    }
+
+    #[test]
+    fn which_bodies_are_read_on_demand() {
+        let mut rq = with(&[]);
+        assert!(!reads_body_on_demand(&rq), "no body");
+        assert!(!connection_upgrade(&rq));
+        rq = tiny_http::TestRequest::new().with_body("{}").into();
+        assert!(!reads_body_on_demand(&rq), "read ahead");
+        rq = with(&[("Content-Length", "1025")]);
+        assert!(reads_body_on_demand(&rq), "over 1 KiB");
+        rq = with(&[("Content-Length", "5"), ("Expect", "100-continue")]);
+        assert!(reads_body_on_demand(&rq), "100-continue");
+        rq = with(&[("Transfer-Encoding", "chunked")]);
+        assert!(reads_body_on_demand(&rq), "chunked");
+        rq = with(&[("Connection", "keep-alive, Upgrade")]);
+        assert!(connection_upgrade(&rq));
+        assert!(!reads_body_on_demand(&rq), "an upgrade without a body");
+        rq = with(&[("Connection", "upgrade"), ("Content-Length", "3")]);
+        assert!(reads_body_on_demand(&rq), "any body on an upgrade");
+    }
 
     #[test]
     fn query_and_decoding() {
