@@ -118,7 +118,7 @@ impl Exchange {
             .may_write_here(addr, bytes, app.cfg.http_inline_bytes, deadline)
         {
             write(&app, rq);
-        } else if let Some(permit) = app.lane.reserve(addr.ip()) {
+        } else if let Some(permit) = app.lane.reserve(client_of(&app, &rq, addr)) {
             let app2 = app.clone();
             io_job(&app, permit, move || {
                 let deadline = Instant::now() + io_time(&app2, bytes);
@@ -188,12 +188,20 @@ fn dispose(rq: Request) {
     drop(rq.into_writer());
 }
 
+/// The client address IO threads are counted against: behind a trusted proxy, the
+/// client it speaks for, so one busy user of the proxy does not hold back the rest.
+fn client_of(app: &App, rq: &Request, peer: SocketAddr) -> std::net::IpAddr {
+    crate::request::client(rq, &app.cfg.trusted_proxies)
+        .ip
+        .unwrap_or(peer.ip())
+}
+
 /// Runs a request whose turn it is: here, or on an IO thread if it has a body to read.
 fn start(app: &Arc<App>, ex: Exchange) {
     if on_io_thread() || !reads_body_on_demand(&ex.rq) {
         return serve(app, ex);
     }
-    match app.lane.reserve(ex.addr().ip()) {
+    match app.lane.reserve(client_of(app, &ex.rq, ex.addr())) {
         Some(permit) => io_job(app, permit, move || serve_on_io_thread(ex)),
         None => refuse(app, ex),
     }
@@ -266,7 +274,7 @@ fn next_in_line(app: &Arc<App>, addr: SocketAddr) {
             // Ended by an IO job (see `io_job`): it runs this one next, in its place.
             return FOLLOW_UP.with(|f| *f.borrow_mut() = Some(ex));
         }
-        return match app.lane.reserve(addr.ip()) {
+        return match app.lane.reserve(client_of(app, &ex.rq, addr)) {
             Some(permit) => io_job(app, permit, move || serve_on_io_thread(ex)),
             None => refuse(app, ex),
         };
