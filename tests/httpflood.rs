@@ -558,3 +558,31 @@ fn pipelined_requests_are_answered_in_order() {
         "{m}"
     );
 }
+
+/// A request head that promises a body of 1 TiB, on a route that refuses it without
+/// reading: tiny_http 0.12 allocated the whole unread length when it drained the
+/// body, and the allocation failure aborted the process. The vendored fix drains in
+/// small chunks; the server stays up.
+#[test]
+fn a_huge_content_length_does_not_take_the_server_down() {
+    let srv = start_unlimited(&[]);
+    for path in ["/api/login", "/api/rooms", "/nowhere"] {
+        let mut s = std::net::TcpStream::connect(srv.addr()).unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1099511627776\r\n\r\n{{"
+        );
+        std::io::Write::write_all(&mut s, head.as_bytes()).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let _ = std::io::Read::read(&mut s, &mut buf);
+        drop(s);
+    }
+    assert_status(&srv.get("/healthz", None), 200);
+    let mut srv = srv;
+    assert!(
+        srv.wait_exit(std::time::Duration::from_millis(100))
+            .is_none(),
+        "still running"
+    );
+}
