@@ -54,15 +54,20 @@ pub struct Exchange {
     turn: Turn,
 }
 
+/// What answers a request whose turn it is (the routes, [`crate::http::dispatch`]):
+/// given by the front door, so this module needs nothing from the routes.
+pub type Handler = fn(&Arc<App>, Exchange);
+
 /// Ends the turn when dropped.
 struct Turn {
     app: Arc<App>,
     addr: SocketAddr,
+    handler: Handler,
 }
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        next_in_line(&self.app, self.addr);
+        next_in_line(&self.app, self.addr, self.handler);
     }
 }
 
@@ -76,12 +81,13 @@ pub enum Cut {
 }
 
 impl Exchange {
-    fn new(app: &Arc<App>, addr: SocketAddr, rq: Request) -> Exchange {
+    fn new(app: &Arc<App>, addr: SocketAddr, rq: Request, handler: Handler) -> Exchange {
         Exchange {
             rq,
             turn: Turn {
                 app: app.clone(),
                 addr,
+                handler,
             },
         }
     }
@@ -148,14 +154,14 @@ fn io_time(app: &App, bytes: usize) -> Duration {
 /// connection in the order it read the requests, so a request that took its turn
 /// before an earlier one of its connection would wait for that one's answer, which
 /// would wait in line behind it.
-pub fn take(app: &Arc<App>, rq: Request) -> Taken {
+pub fn take(app: &Arc<App>, rq: Request, handler: Handler) -> Taken {
     let Some(addr) = rq.remote_addr().copied() else {
         // Not over TCP (tiny_http gives every TCP request its peer); we listen on TCP only.
         log::warn!("a request without a peer address");
         return Taken::Nothing;
     };
     match app.conns.begin(addr, rq, app.cfg.http_pipeline) {
-        Begin::Go(rq) => Taken::Turn(Exchange::new(app, addr, rq)),
+        Begin::Go(rq) => Taken::Turn(Exchange::new(app, addr, rq, handler)),
         Begin::Queued => Taken::Nothing,
         Begin::Overflow => Taken::Overflow(addr),
     }
@@ -234,9 +240,8 @@ fn serve_on_io_thread(ex: Exchange) {
 
 /// Runs the handler; a panic costs this request only.
 fn serve(app: &Arc<App>, ex: Exchange) {
-    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        crate::http::dispatch(app, ex)
-    }));
+    let handler = ex.turn.handler;
+    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(app, ex)));
     if done.is_err() {
         // The request was dropped while unwinding: tiny_http answered it with a 500.
         log::error!("a request handler panicked");
@@ -259,7 +264,7 @@ fn refuse(app: &Arc<App>, ex: Exchange) {
 /// if an IO thread ended the turn; this may also run on the password threads or the
 /// tarpit, which must not run handlers. Requests of a cut connection are only
 /// dropped, in order.
-fn next_in_line(app: &Arc<App>, addr: SocketAddr) {
+fn next_in_line(app: &Arc<App>, addr: SocketAddr, handler: Handler) {
     loop {
         let next = app.conns.finish(addr);
         let Some(rq) = next.request else {
@@ -269,7 +274,7 @@ fn next_in_line(app: &Arc<App>, addr: SocketAddr) {
             dispose(rq);
             continue;
         }
-        let ex = Exchange::new(app, addr, rq);
+        let ex = Exchange::new(app, addr, rq, handler);
         if on_io_thread() {
             // Ended by an IO job (see `io_job`): it runs this one next, in its place.
             return FOLLOW_UP.with(|f| *f.borrow_mut() = Some(ex));

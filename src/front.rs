@@ -158,7 +158,9 @@ fn work(app: &Arc<App>, line: &Line) {
     loop {
         let taken = {
             let _one_at_a_time = lock(&line.taking);
-            line.server.recv().map(|rq| crate::exchange::take(app, rq))
+            line.server
+                .recv()
+                .map(|rq| crate::exchange::take(app, rq, crate::http::dispatch))
         };
         match taken {
             Ok(taken) => taken.finish(app),
@@ -376,29 +378,6 @@ impl Shared {
         for (door, _) in done {
             door.abandon();
             log::info!("an old HTTP server has no connections left; its workers ended");
-        }
-    }
-}
-
-/// Makes tiny_http's connection pool take up to `times` more connections.
-///
-/// The pool starts a thread for a new connection only if it sees none idle at that
-/// moment; in a burst (the backlog a restarted server accepts at once, a wave of
-/// upgrades) several connections are queued for the same idle threads, and those
-/// that land behind a connection that holds its thread (idle, or a WebSocket) wait
-/// unread. Each empty connection of our own is a task that gets a new thread, which
-/// then takes the next queued connection. (`crate::ws` does this once per upgrade.)
-pub fn nudge_pool(listening: SocketAddr, times: usize) {
-    let mut to = listening;
-    if to.ip().is_unspecified() {
-        to.set_ip(match to {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    for _ in 0..times {
-        if std::net::TcpStream::connect_timeout(&to, Duration::from_millis(100)).is_err() {
-            return;
         }
     }
 }

@@ -14,7 +14,7 @@
 //! connections), [`limits`] (rate limits, the password threads), [`actions`] (what users
 //! can do, shared by every transport), [`auth`] (passwords and tokens), [`store`] (all
 //! SQL), [`protocol`] and [`model`] (wire types), [`error`] (error codes), [`metrics`],
-//! [`clock`], [`logging`], [`service`] (background threads' lifecycle), [`sync`] (the
+//! [`clock`], [`logging`], [`random`] (OS randomness), [`service`] (background threads' lifecycle), [`sync`] (the
 //! lock policy), and [`sys`] (the one module allowed `unsafe`).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -44,6 +44,7 @@ mod model;
 mod peer;
 mod presence;
 mod protocol;
+mod random;
 mod reaper;
 mod request;
 mod server;

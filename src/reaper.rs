@@ -13,7 +13,7 @@
 //!   if they never sent a whole request head, for `Config::http_head_timeout`;
 //! - when a request waits unread on a connection listed before (tiny_http's pool
 //!   queued the connection behind busy threads), makes empty connections that get
-//!   queued ones a thread (see [`crate::front::nudge_pool`]);
+//!   queued ones a thread (see [`crate::sys::nudge_pool`]);
 //! - when descriptors run short — more than `Config::fd_pressure_percent` of the
 //!   open-file limit open (a cheap check each tick, an exact count in each listing) —
 //!   lists at once and also shuts down idle connections regardless of the timeout,
@@ -240,9 +240,9 @@ impl State {
         let open: HashSet<SocketAddr> = seen.keys().copied().collect();
         if starving > 0 {
             // Requests waiting unread: tiny_http's pool queued their connections
-            // behind busy threads (see `front::nudge_pool`).
+            // behind busy threads (see `sys::nudge_pool`).
             log::debug!("{starving} connections waiting for a thread; nudging the pool");
-            crate::front::nudge_pool(w.listening, unstarted.min(MAX_NUDGES));
+            crate::sys::nudge_pool(w.listening, unstarted.min(MAX_NUDGES));
         }
         // Look again at the next tick rather than at the next pass: whether the pool
         // took them up.

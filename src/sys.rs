@@ -500,17 +500,34 @@ pub fn listen(addr: &str) -> std::io::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
-/// Opens a TCP connection to `to` without waiting for it and closes it again: on
-/// loopback the handshake is usually done before `connect` returns, so the listener
-/// sees a connection that ends at once; if not, nothing is left behind.
-pub fn connect_and_close(to: SocketAddr) {
+/// Makes tiny_http's connection pool take up to `times` more connections.
+///
+/// The pool starts a thread for a new connection only if it sees none idle at that
+/// moment; in a burst (the backlog a restarted server accepts at once, a wave of
+/// upgrades) several connections are queued for the same idle threads, and those
+/// that land behind a connection that holds its thread (idle, or a WebSocket) wait
+/// unread. Each empty connection of our own is a task that gets a new thread, which
+/// then takes the next queued connection. (`crate::ws` does this once per upgrade.) A nudge never waits: it starts a
+/// connection without blocking and closes it; on loopback the handshake is usually
+/// done before `connect` returns, and one the full listen queue would delay is lost.
+pub fn nudge_pool(listening: SocketAddr, times: usize) {
     use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let mut to = listening;
+    if to.ip().is_unspecified() {
+        to.set_ip(match to {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
     let family = match to {
         SocketAddr::V4(_) => AddressFamily::INET,
         SocketAddr::V6(_) => AddressFamily::INET6,
     };
     let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
-    if let Ok(fd) = rustix::net::socket_with(family, SocketType::STREAM, flags, None) {
+    for _ in 0..times {
+        let Ok(fd) = rustix::net::socket_with(family, SocketType::STREAM, flags, None) else {
+            return;
+        };
         let _ = rustix::net::connect(&fd, &to);
     }
 }

@@ -60,7 +60,9 @@ pub fn upgrade(app: &Arc<App>, request: Request) {
     peer.start_writing();
     // Done here rather than on the socket's own thread, whose stack (resident for the
     // socket's whole life) stays smaller for it.
-    nudge_http_pool(app.local_addr);
+    // The upgraded connection holds its tiny_http thread for good: one more thread
+    // for whatever is queued behind it (see `sys::nudge_pool`).
+    crate::sys::nudge_pool(app.local_addr, 1);
     audit_socket(app, &peer, "ws_connect");
     let (app2, peer2) = (app.clone(), peer.clone());
     let spawned = std::thread::Builder::new()
@@ -268,24 +270,6 @@ struct Conn {
     rooms: Vec<crate::model::Room>,
     /// `--msg-rate`, if on.
     rate: Option<TokenBucket>,
-}
-
-/// Each upgraded socket keeps one tiny_http pool thread parked until it closes, and
-/// the pool adds a thread only when it sees none idle at the moment it accepts a
-/// connection — which a burst of upgrades races past, leaving connections queued
-/// behind parked threads. An empty connection of our own makes the pool run one more
-/// (trivial) task, after which that thread takes the next queued connection; one
-/// nudge per upgrade keeps a burst moving until every upgrade is answered. It never
-/// waits: a nudge the full listen queue would delay is simply lost.
-fn nudge_http_pool(listening: std::net::SocketAddr) {
-    let mut to = listening;
-    if to.ip().is_unspecified() {
-        to.set_ip(match to {
-            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    crate::sys::connect_and_close(to);
 }
 
 fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {

@@ -549,7 +549,7 @@ pub(crate) mod tests {
         let dir = std::env::temp_dir().join(format!(
             "parley-unit-{}-{}",
             std::process::id(),
-            crate::auth::random_token()
+            crate::random::random_token()
         ));
         std::fs::create_dir_all(&dir).unwrap();
         dir
