@@ -4,7 +4,7 @@
 //! A fixed pool of worker threads takes requests from tiny_http's queue; `/ws`
 //! upgrades are handed to [`crate::ws`]. Routing is one `match` over the method and
 //! the path's segments (in the manner of rouille), so every route is listed in
-//! [`route`]. Every answer is JSON, errors included, in the shape PROTOCOL.md fixes.
+//! [`route`] (and in docs/http.md). Every answer is JSON, errors included, in one shape.
 
 use crate::actions::{self, Actor};
 use crate::app::App;
