@@ -30,7 +30,7 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
-/// Settings of a running server; see PROTOCOL.md for each.
+/// Settings of a running server; docs/cli.md describes each.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address to listen on.

@@ -1,8 +1,8 @@
 //! Every limit and setting of a running server, in one validated struct.
 //!
 //! The command line and the environment are parsed into a [`Config`] once, in
-//! [`crate::cli`]; everything else reads it. Defaults are the safe ones from
-//! PROTOCOL.md, in the spirit of tungstenite's `WebSocketConfig`.
+//! [`crate::cli`]; everything else reads it. Defaults are the safe ones documented in
+//! docs/cli.md, in the spirit of tungstenite's `WebSocketConfig`.
 
 use std::path::PathBuf;
 

@@ -2,13 +2,13 @@
 //!
 //! Each layer keeps its own error enum ([`crate::store::StoreError`],
 //! [`crate::auth::AuthError`]); the `From` impls below are the only translation into
-//! the codes and HTTP statuses PROTOCOL.md fixes, so REST, the socket and later GraphQL
+//! the codes and HTTP statuses of docs/reference.md, so REST, the socket and GraphQL
 //! all answer the same way.
 
 use crate::auth::AuthError;
 use crate::store::StoreError;
 
-/// An error code from PROTOCOL.md, as sent on the wire.
+/// An error code as sent on the wire (the table in docs/reference.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
     /// Malformed input (HTTP 400, 405 and 415 also use this code).

@@ -2,12 +2,12 @@
 //! answer JSON.
 //!
 //! A fixed pool of worker threads ([`crate::front`]) takes requests from tiny_http's
-//! queue and hands them to [`crate::exchange`], which decides where each runs (a worker, or an IO
-//! thread when it has a body to read) and where its answer is written, so that no
-//! worker waits on a client; `/ws` upgrades are handed to [`crate::ws`]. Routing is one
-//! `match` over the method and the path's segments (in the manner of rouille), so
-//! every route is listed in [`route`]. Every answer is JSON, errors included, in the
-//! shape PROTOCOL.md fixes.
+//! queue and hands them to [`crate::exchange`], which decides where each runs (a worker,
+//! or an IO thread when it has a body to read) and where its answer is written, so that
+//! no worker waits on a client; `/ws` upgrades are handed to [`crate::ws`]. Routing is
+//! one `match` over the method and the path's segments (in the manner of rouille), so
+//! every route is listed in [`route`] (and in docs/http.md). Every answer is JSON,
+//! errors included, in one shape.
 
 use crate::actions::{self, Actor};
 use crate::app::App;

@@ -1,4 +1,5 @@
-//! The objects of PROTOCOL.md as Rust types, serialized with exactly its field names.
+//! The wire objects (docs/reference.md) as Rust types, serialized with exactly those
+//! field names: clients rely on them.
 
 use serde::Serialize;
 
@@ -102,7 +103,7 @@ pub struct Room {
     pub created_at: String,
 }
 
-/// Which slice of a history to return; see "Paging" in PROTOCOL.md.
+/// Which slice of a history to return; see "Paging" in docs/socket.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Page {
     /// Only ids below this.

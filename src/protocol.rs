@@ -5,7 +5,7 @@ use crate::error::ApiError;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// A client → server frame (PROTOCOL.md, "The socket").
+/// A client → server frame (docs/socket.md, "Frames").
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ClientMsg {

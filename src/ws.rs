@@ -182,7 +182,7 @@ fn audit_refusal(app: &App, e: &ApiError, ip: Option<String>) {
     });
 }
 
-/// Origin, handshake headers and token, in PROTOCOL.md's order. Returns who the
+/// Origin, handshake headers and token, in the order docs/socket.md gives. Returns who the
 /// socket is for, the `Sec-WebSocket-Accept` value, and whether `parley.v1` was offered.
 fn check(app: &App, rq: &Request) -> Result<(Identity, String, bool), Refusal> {
     let (token, accept, offered) = handshake(app, rq).map_err(Refusal::Anonymous)?;

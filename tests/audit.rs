@@ -1,4 +1,4 @@
-//! The audit trail: one row for every action in PROTOCOL.md's list (with actor, target,
+//! The audit trail: one row for every action in docs/audit.md (with actor, target,
 //! ip, detail), `GET /api/admin/audit` paging and limits, `parley audit` (text and
 //! `--json`), no secret in the trail or the logs after a full session, and
 //! `parley audit --verify` detecting rows changed, deleted or inserted behind the

@@ -484,8 +484,8 @@ fn logout_with_body_revokes_that_login_of_the_same_user_only() {
     assert_status(&srv.get("/api/me", Some(&access(&a3))), 200);
 
     // alice logs out a3 naming bob's refresh token: bob's login is not alice's to end.
-    // The foreign token is ignored (PROTOCOL.md: the body's login is revoked only "if
-    // it is the same user's"); the logout itself succeeds and ends alice's own login.
+    // The foreign token is ignored (a body's login is revoked only if it is the same
+    // user's); the logout itself succeeds and ends alice's own login.
     let r = srv.post(
         "/api/logout",
         Some(&access(&a3)),

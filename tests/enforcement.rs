@@ -719,7 +719,7 @@ fn refresh_with_an_expired_token_is_unauthorized() {
 
 #[test]
 fn sqlite_changes_reach_a_live_server() {
-    // PROTOCOL.md: changes made with sqlite3 while the server runs reach it within 5 s,
+    // Changes made with sqlite3 while the server runs reach it within 5 s,
     // live sockets included.
     let srv = start_unlimited(&[]);
     let alice = new_user(&srv, "alice");

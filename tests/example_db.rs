@@ -82,7 +82,7 @@ fn example_db_opens_and_matches_schema_sql() {
         "chat.db.example's user_version == a fresh database's"
     );
 
-    // The tables PROTOCOL.md names, and a little demo data.
+    // The permission tables (docs/accounts.md), and a little demo data.
     for t in ["roles", "permissions", "role_permissions"] {
         assert!(count(&example, t) > 0, "{t} is seeded");
     }

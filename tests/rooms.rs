@@ -110,7 +110,7 @@ fn room_create_follows_the_role_permissions_table() {
         .unwrap();
     assert_eq!(removed, 1, "member held room.create in a new database");
 
-    // PROTOCOL.md lets such a change take up to 5 s to reach the server; a room made
+    // Such a change may take up to 5 s to reach the server; a room made
     // in that window gets its own name, and only the refused one is checked.
     let deadline = Instant::now() + Duration::from_secs(5);
     let refused = loop {

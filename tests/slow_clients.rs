@@ -1,5 +1,5 @@
-//! Slow clients (PROTOCOL.md: "A client that cannot keep up (its outgoing queue over
-//! `--send-queue` messages) is closed with 1008 rather than slowing the room").
+//! Slow clients: a client that cannot keep up (its outgoing queue over
+//! `--send-queue` messages) is closed with 1008 rather than slowing the room.
 //!
 //! - A client that stops reading is dropped with 1008, its socket slot is freed, and
 //!   everyone else still gets every message. Nothing here depends on how fast the

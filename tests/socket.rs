@@ -89,7 +89,7 @@ fn assert_ws_error(v: &Value, code: &str, r: Option<&str>) {
     }
 }
 
-/// The PROTOCOL.md fields of a Message / DM (socket events carry `type` too, and
+/// The documented fields of a Message / DM (socket events carry `type` too, and
 /// either may carry added fields).
 fn strip_type(v: &Value) -> Value {
     let keys: &[&str] = if v.get("to").is_some() {
@@ -127,7 +127,7 @@ fn names(n: &[&str]) -> BTreeSet<String> {
 }
 
 /// Asserts that `v` has every field of `want` with that value (extra fields are
-/// allowed: PROTOCOL.md welcomes added fields).
+/// allowed: clients must ignore fields they do not know).
 #[track_caller]
 fn assert_fields(v: &Value, want: &Value) {
     for (k, w) in want.as_object().unwrap() {
@@ -564,7 +564,7 @@ fn join_lists_online_users_and_announces_presence() {
     // Leave: reply `left`; alice sees bob go offline.
     b.send(&json!({"type": "leave", "room": "general"}));
     let l = b.recv();
-    // PROTOCOL.md: `left` names the room it answers.
+    // `left` names the room it answers.
     assert_eq!(l["type"], "left", "{l}");
     assert_eq!(l["room"], "general", "{l}");
     assert_presence(&a.recv(), "bob", "general", "offline");
@@ -611,7 +611,7 @@ fn presence_is_per_user_not_per_socket() {
 #[test]
 fn join_and_history_errors() {
     // Claim: joining or reading an unknown room is not_found; sending to a room not
-    // joined is bad_request and to an unknown room not_found (PROTOCOL.md's codes),
+    // joined is bad_request and to an unknown room not_found (as docs/socket.md says),
     // the socket stays open, and none of the refused sends is ever stored.
     let srv = Server::start(&[]);
     let at = new_user(&srv, "alice");

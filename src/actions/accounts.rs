@@ -13,7 +13,7 @@ use crate::store::users::{RefreshOutcome, Rotation};
 use serde::Serialize;
 use serde_json::json;
 
-/// Login and refresh answer (PROTOCOL.md `TokenPair`).
+/// Login and refresh answer (`TokenPair` in docs/reference.md).
 #[derive(Debug, Serialize)]
 pub struct TokenPair {
     /// HS256 JWT.

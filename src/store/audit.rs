@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 pub struct AuditEntry {
     /// Acting username; `None` when anonymous.
     pub actor: Option<String>,
-    /// One of PROTOCOL.md's audit actions, e.g. `login_failed`.
+    /// One of the audit actions of docs/audit.md, e.g. `login_failed`.
     pub action: &'static str,
     /// A username, room name or message id.
     pub target: Option<String>,

@@ -369,7 +369,8 @@ fn revoke_session_in(c: &Connection, sid: &str, reason: &str, now: &str) -> Resu
 }
 
 /// The permission that must always keep an unbanned holder: whoever holds it can
-/// assign roles and so repair everything else (the PROTOCOL's "last admin" rule).
+/// assign roles and so repair everything else (the "last admin" rule of
+/// docs/accounts.md).
 pub const GUARD_PERMISSION: &str = "role.assign";
 
 /// A role change as it was applied.
