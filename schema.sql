@@ -1,9 +1,9 @@
--- parley database layout, schema version 2.
+-- parley database layout, schema version 3.
 --
 -- This file is the one source of the layout: the binary embeds it and applies it to a
--- new database on first start, then sets PRAGMA user_version = 2 so later versions
--- know what to migrate from. (Version 1 databases are upgraded in place on open; see
--- `migrate_v1` in src/store/mod.rs.) Times are RFC 3339 text in UTC unless a column says
+-- new database on first start, then sets PRAGMA user_version = 3 so later versions
+-- know what to migrate from. (Older databases are upgraded in place on open; see
+-- `migrate_v1` and `migrate_v2` in src/store/mod.rs.) Times are RFC 3339 text in UTC unless a column says
 -- otherwise, so the file reads well in `sqlite3`.
 
 -- Server-wide values, e.g. the JWT signing key (`jwt_key`, 32 random bytes).
@@ -88,7 +88,8 @@ CREATE TABLE messages (
     body       TEXT NOT NULL,
     ts         TEXT NOT NULL,
     deleted_at TEXT,
-    deleted_by INTEGER REFERENCES users(id) ON DELETE SET NULL
+    deleted_by INTEGER REFERENCES users(id) ON DELETE SET NULL,
+    client_id  TEXT                            -- the sender's once-only key, if given
 );
 CREATE INDEX messages_room ON messages(room_id, id);
 
@@ -98,10 +99,21 @@ CREATE TABLE direct_messages (
     to_id      INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     body       TEXT NOT NULL,
     ts         TEXT NOT NULL,
-    deleted_at TEXT
+    deleted_at TEXT,
+    client_id  TEXT
 );
 CREATE INDEX direct_messages_pair ON direct_messages(from_id, to_id, id);
 CREATE INDEX direct_messages_pair_rev ON direct_messages(to_id, from_id, id);
+
+-- Once-only sends: a message or DM sent with a client_id is stored once per sender and
+-- client_id, across rooms, DMs and restarts; a repeat is answered with this row's id.
+CREATE TABLE client_ids (
+    user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    client_id  TEXT NOT NULL,
+    kind       TEXT NOT NULL,                  -- 'room' or 'dm'
+    message_id INTEGER NOT NULL,
+    PRIMARY KEY (user_id, client_id)
+) WITHOUT ROWID;
 
 -- Security events. `hash` = SHA-256 over this row's content and `prev_hash`, so a row
 -- changed, deleted or inserted behind the server's back breaks the chain.

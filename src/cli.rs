@@ -49,6 +49,15 @@ pub struct ServeArgs {
         global = true
     )]
     pub refresh_ttl: u64,
+    /// Seconds a retired refresh token still gets a new pair (two tabs, a lost
+    /// answer) instead of revoking its login (0 = off).
+    #[arg(
+        long,
+        env = "PARLEY_REFRESH_GRACE",
+        default_value_t = 10,
+        global = true
+    )]
+    pub refresh_grace: u64,
     /// bcrypt cost for new password hashes.
     #[arg(long, env = "PARLEY_BCRYPT_COST", default_value_t = 12, global = true)]
     pub bcrypt_cost: u32,
@@ -211,6 +220,7 @@ impl Cli {
             db: self.db.clone(),
             access_ttl: a.access_ttl,
             refresh_ttl: a.refresh_ttl,
+            refresh_grace: a.refresh_grace,
             bcrypt_cost: a.bcrypt_cost,
             registration: a.registration,
             allow_origins: a

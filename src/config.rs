@@ -26,6 +26,9 @@ pub struct Config {
     pub access_ttl: u64,
     /// Refresh-token lifetime in seconds.
     pub refresh_ttl: u64,
+    /// Seconds after its rotation in which a retired refresh token still gets a new
+    /// pair instead of revoking its login (0 = off).
+    pub refresh_grace: u64,
     /// bcrypt cost for new password hashes (4–31).
     pub bcrypt_cost: u32,
     /// Whether self-registration is open.
@@ -76,6 +79,7 @@ impl Default for Config {
             db: PathBuf::from("./chat.db"),
             access_ttl: 900,
             refresh_ttl: 2_592_000,
+            refresh_grace: 10,
             bcrypt_cost: 12,
             registration: Registration::Open,
             allow_origins: Vec::new(),

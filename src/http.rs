@@ -8,6 +8,7 @@
 
 use crate::actions::{self, Actor};
 use crate::app::App;
+use crate::cookie;
 use crate::error::ApiError;
 use crate::model::Page;
 use crate::request::{bearer_token, header_value, peer_ip, percent_decode, query_param, Reply};
@@ -41,6 +42,11 @@ fn dispatch(app: &Arc<App>, mut request: Request) {
     }
     if *request.method() == Method::Post && (path == "/api/login" || path == "/api/register") {
         return password_route(app, request, path == "/api/login");
+    }
+    if *request.method() == Method::Get {
+        if let Some(reply) = crate::web::serve(&request, &path) {
+            return respond(request, reply);
+        }
     }
     let reply = match route(app, &mut request, &path) {
         Ok(r) => r,
@@ -83,6 +89,26 @@ fn route(app: &Arc<App>, rq: &mut Request, path: &str) -> Result<Reply, ApiError
                 200,
                 json!({"messages": actions::room_history(app, room, page)?}),
             ))
+        }
+        (["api", "users"], Get) => {
+            authenticate(app, rq)?;
+            let q = query_param(rq.url(), "q");
+            let limit = int_param(rq.url(), "limit")?;
+            let users = actions::list_users(app, q.as_deref(), limit)?;
+            Ok(Reply::json(200, json!({ "users": users })))
+        }
+        (["api", "dms"], Get) => {
+            let actor = authenticate(app, rq)?;
+            let conversations = actions::conversations(app, &actor)?;
+            Ok(Reply::json(200, json!({ "conversations": conversations })))
+        }
+        (["api", "admin", "users"], Get) => {
+            let actor = authenticate(app, rq)?;
+            let url = rq.url();
+            let (q, after) = (query_param(url, "q"), query_param(url, "after"));
+            let limit = int_param(url, "limit")?;
+            let users = actions::admin_users(app, &actor, q.as_deref(), after.as_deref(), limit)?;
+            Ok(Reply::json(200, json!({ "users": users })))
         }
         (["api", "dms", user], Get) => {
             let actor = authenticate(app, rq)?;
@@ -148,8 +174,9 @@ fn known_path(segs: &[&str]) -> bool {
             | ["ws"]
             | [
                 "api",
-                "register" | "login" | "refresh" | "logout" | "me" | "rooms"
+                "register" | "login" | "refresh" | "logout" | "me" | "rooms" | "users" | "dms"
             ]
+            | ["api", "admin", "users"]
             | ["api", "rooms", _, "messages"]
             | ["api", "dms", _]
             | ["api", "messages", _]
@@ -181,6 +208,9 @@ fn metrics(app: &App) -> Reply {
 struct Credentials {
     username: String,
     password: String,
+    /// Web client: the refresh token goes in the HttpOnly cookie, not the JSON.
+    #[serde(default)]
+    cookie: bool,
 }
 
 /// Login and register cost a bcrypt hash: after the cheap checks (body, login rate)
@@ -211,7 +241,7 @@ fn password_route(app: &Arc<App>, mut rq: Request, is_login: bool) {
         }
         let result = if is_login {
             actions::login(&app2, &c.username, &c.password, ip.as_deref())
-                .map(|p| Reply::json(200, json!(p)))
+                .map(|p| pair_reply(&app2, &rq, p, c.cookie))
         } else {
             actions::register(&app2, &c.username, &c.password, ip.as_deref())
                 .map(|u| Reply::json(201, json!({ "user": u })))
@@ -255,33 +285,65 @@ struct AnnounceBody {
     roles: Option<Vec<String>>,
 }
 
-#[derive(Deserialize)]
+/// The answer to a login or refresh: the pair as JSON, or, for the web client, with
+/// the refresh token moved into the HttpOnly cookie.
+fn pair_reply(app: &App, rq: &Request, pair: actions::TokenPair, in_cookie: bool) -> Reply {
+    let mut v = json!(pair);
+    if !in_cookie {
+        return Reply::json(200, v);
+    }
+    if let Some(map) = v.as_object_mut() {
+        map.remove("refresh_token");
+    }
+    let cookie = cookie::set(rq, &pair.refresh_token, app.auth.refresh_ttl());
+    Reply::json(200, v).header("Set-Cookie", cookie)
+}
+
+/// `POST /api/refresh` and `/api/logout` take an optional body with a
+/// `refresh_token`; without one, the web client's cookie may stand in.
+#[derive(Deserialize, Default)]
 struct RefreshBody {
-    refresh_token: String,
+    refresh_token: Option<String>,
+}
+
+/// An optional JSON body: empty is the default; anything else must be JSON.
+fn optional_body<T: DeserializeOwned + Default>(
+    app: &App,
+    rq: &mut Request,
+) -> Result<T, ApiError> {
+    let raw = read_body(app, rq)?;
+    if raw.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    require_json(rq)?;
+    parse_json(&raw)
 }
 
 fn refresh(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
-    let b: RefreshBody = json_body(app, rq)?;
-    let pair = actions::refresh(app, &b.refresh_token, peer_ip(rq).as_deref())?;
-    Ok(Reply::json(200, json!(pair)))
-}
-
-#[derive(Deserialize, Default)]
-struct LogoutBody {
-    refresh_token: Option<String>,
+    let b: RefreshBody = optional_body(app, rq)?;
+    let (token, in_cookie) = match b.refresh_token {
+        Some(t) => (t, false),
+        None => match cookie::token(rq, &app.cfg.allow_origins)? {
+            Some(t) => (t, true),
+            None => return Err(ApiError::unauthorized("no refresh token")),
+        },
+    };
+    let pair = actions::refresh(app, &token, peer_ip(rq).as_deref())?;
+    Ok(pair_reply(app, rq, pair, in_cookie))
 }
 
 fn logout(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
     let actor = authenticate(app, rq)?;
-    let raw = read_body(app, rq)?;
-    let body: LogoutBody = if raw.iter().all(u8::is_ascii_whitespace) {
-        LogoutBody::default()
-    } else {
-        require_json(rq)?;
-        parse_json(&raw)?
-    };
-    actions::logout(app, &actor, body.refresh_token.as_deref())?;
-    Ok(Reply::no_content())
+    let body: RefreshBody = optional_body(app, rq)?;
+    let from_cookie = cookie::token(rq, &app.cfg.allow_origins)?;
+    let mut tokens: Vec<&str> = body.refresh_token.iter().map(String::as_str).collect();
+    tokens.extend(from_cookie.as_deref());
+    actions::logout(app, &actor, &tokens)?;
+    let reply = Reply::no_content();
+    Ok(match from_cookie {
+        Some(_) => reply.header("Set-Cookie", cookie::clear(rq)),
+        None => reply,
+    })
 }
 
 #[derive(Deserialize)]

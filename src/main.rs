@@ -3,7 +3,7 @@
 //! `main` only wires the modules together. Where to look:
 //! [`cli`] and [`config`] (flags into one validated `Config`), [`server`] (starts and
 //! stops every service), [`http`] (routes), [`request`] (reading requests, writing
-//! answers), [`ws`] (one socket's life), [`hub`] (rooms and presence), [`fanout`]
+//! answers), [`cookie`] (the web client's refresh cookie), [`ws`] (one socket's life), [`web`] (the built-in web client), [`hub`] (rooms and presence), [`fanout`]
 //! (delivery of committed events), [`peer`] (non-blocking writes to one socket),
 //! [`presence`] (batched presence), [`keepalive`] (pings for silent sockets), [`enforce`] (token expiry and revocation on live sockets), [`reaper`] (idle HTTP
 //! connections), [`limits`] (rate limits, the password threads), [`actions`] (what users
@@ -20,6 +20,7 @@ mod auth;
 mod cli;
 mod clock;
 mod config;
+mod cookie;
 mod enforce;
 mod error;
 mod fanout;
@@ -40,6 +41,7 @@ mod service;
 mod store;
 mod sync;
 mod sys;
+mod web;
 mod ws;
 
 use clap::Parser;

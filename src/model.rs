@@ -28,6 +28,9 @@ pub struct Message {
     pub body: String,
     /// RFC 3339 time it was stored.
     pub ts: String,
+    /// The sender's once-only key, if it sent one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
 }
 
 /// A direct message between two users.
@@ -43,6 +46,49 @@ pub struct DirectMessage {
     pub body: String,
     /// RFC 3339 time it was stored.
     pub ts: String,
+    /// The sender's once-only key, if it sent one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+}
+
+/// What storing a message with a once-only key led to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored<T> {
+    /// Stored now.
+    New(T),
+    /// The sender already sent this `client_id`: nothing stored, the first message's id.
+    Repeat(i64),
+}
+
+impl<T> Stored<T> {
+    /// The message's id, new or first.
+    pub fn id(&self) -> i64
+    where
+        T: HasId,
+    {
+        match self {
+            Stored::New(m) => m.id(),
+            Stored::Repeat(id) => *id,
+        }
+    }
+}
+
+/// Messages and DMs have ids.
+pub trait HasId {
+    /// The row id.
+    fn id(&self) -> i64;
+}
+
+impl HasId for Message {
+    fn id(&self) -> i64 {
+        self.id
+    }
+}
+
+impl HasId for DirectMessage {
+    fn id(&self) -> i64 {
+        self.id
+    }
 }
 
 /// A room as stored (the live `online` count comes from the hub).

@@ -30,6 +30,8 @@ pub enum ClientMsg {
         room: String,
         /// Text.
         body: String,
+        /// Once-only key: a repeat is acked with the first message's id.
+        client_id: Option<String>,
     },
     /// Direct message.
     Dm {
@@ -37,6 +39,8 @@ pub enum ClientMsg {
         to: String,
         /// Text.
         body: String,
+        /// Once-only key, as for `send`.
+        client_id: Option<String>,
     },
     /// A page of a room's history.
     History {

@@ -12,67 +12,64 @@ use tiny_http::{Header, Request, Response};
 /// A response before it is written.
 pub struct Reply {
     status: u16,
-    body: Option<Value>,
-    retry_after: Option<u64>,
+    body: Vec<u8>,
     content_type: &'static str,
-    text: Option<String>,
+    headers: Vec<(&'static str, String)>,
 }
 
 impl Reply {
     /// A JSON answer.
     pub fn json(status: u16, body: Value) -> Reply {
-        Reply {
-            status,
-            body: Some(body),
-            retry_after: None,
-            content_type: "application/json",
-            text: None,
-        }
+        Reply::bytes(status, "application/json", body.to_string().into_bytes())
     }
 
     /// 204 with no body.
     pub fn no_content() -> Reply {
-        Reply {
-            status: 204,
-            body: None,
-            retry_after: None,
-            content_type: "application/json",
-            text: None,
-        }
+        Reply::bytes(204, "application/json", Vec::new())
     }
 
     /// 200 with a text body of the given type.
     pub fn text(content_type: &'static str, text: String) -> Reply {
+        Reply::bytes(200, content_type, text.into_bytes())
+    }
+
+    /// Any body of the given type.
+    pub fn bytes(status: u16, content_type: &'static str, body: Vec<u8>) -> Reply {
         Reply {
-            status: 200,
-            body: None,
-            retry_after: None,
+            status,
+            body,
             content_type,
-            text: Some(text),
+            headers: Vec::new(),
         }
     }
 
     /// The error's status and JSON body.
     pub fn error(e: &ApiError) -> Reply {
-        Reply {
-            retry_after: e.retry_after,
-            ..Reply::json(e.http_status(), e.http_body())
+        let reply = Reply::json(e.http_status(), e.http_body());
+        match e.retry_after {
+            Some(secs) => reply.header("Retry-After", secs.to_string()),
+            None => reply,
         }
     }
 
-    /// Converts to a tiny_http response.
+    /// Adds a header (`Cache-Control` replaces the default `no-store`).
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// Converts to a tiny_http response. Every answer says `nosniff` and sends no
+    /// referrer; answers are not cached unless they say otherwise.
     pub fn into_response(self) -> Response<std::io::Cursor<Vec<u8>>> {
-        let data = match (self.text, self.body) {
-            (Some(t), _) => t.into_bytes(),
-            (None, Some(b)) => b.to_string().into_bytes(),
-            (None, None) => Vec::new(),
-        };
-        let mut resp = Response::from_data(data).with_status_code(self.status);
+        let mut resp = Response::from_data(self.body).with_status_code(self.status);
         resp = with_header(resp, "Content-Type", self.content_type);
-        resp = with_header(resp, "Cache-Control", "no-store");
+        if !self.headers.iter().any(|(n, _)| *n == "Cache-Control") {
+            resp = with_header(resp, "Cache-Control", "no-store");
+        }
         resp = with_header(resp, "X-Content-Type-Options", "nosniff");
-        if let Some(secs) = self.retry_after {
-            resp = with_header(resp, "Retry-After", &secs.to_string());
+        resp = with_header(resp, "Referrer-Policy", "no-referrer");
+        for (name, value) in &self.headers {
+            resp = with_header(resp, name, value);
         }
         resp
     }
@@ -85,6 +82,37 @@ pub fn with_header<R: Read>(resp: Response<R>, name: &str, value: &str) -> Respo
         Ok(h) => resp.with_header(h),
         Err(()) => resp,
     }
+}
+
+/// The value of cookie `name`, if the request carries it.
+pub fn cookie<'a>(rq: &'a Request, name: &str) -> Option<&'a str> {
+    rq.headers()
+        .iter()
+        .filter(|h| h.field.equiv("Cookie"))
+        .flat_map(|h| h.value.as_str().split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find_map(|(k, v)| (k == name).then_some(v))
+}
+
+/// The Origin rule (the upgrade's, and cookie requests'): an `Origin` must be the
+/// request's own origin (`http://` or `https://` and its `Host`) or one of `allowed`
+/// (`*` allows all). `None` when the request carries none.
+pub fn origin_allowed(rq: &Request, allowed: &[String]) -> Option<bool> {
+    let origin = header_value(rq, "Origin")?;
+    let host = header_value(rq, "Host").unwrap_or("");
+    let own = [format!("http://{host}"), format!("https://{host}")];
+    Some(
+        own.iter().any(|o| o.eq_ignore_ascii_case(origin))
+            || allowed
+                .iter()
+                .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin)),
+    )
+}
+
+/// Whether the request came over https (so a cookie may be marked `Secure`). parley
+/// speaks plain HTTP itself; only a trusted proxy could say otherwise.
+pub fn is_https(_rq: &Request) -> bool {
+    false
 }
 
 /// The peer's IP without port.

@@ -271,15 +271,14 @@ pub fn example_db(file: &Path, cfg: &Config) -> Result<(), String> {
     ];
     for (user, body) in lines {
         let (tx, rx) = std::sync::mpsc::channel();
-        store.insert_message(
-            general.clone(),
-            user.id,
-            user.username.clone(),
-            body.into(),
-            move |r| {
-                let _ = tx.send(r);
-            },
-        );
+        let from = crate::store::messages::Sender {
+            id: user.id,
+            name: user.username.clone(),
+            client_id: None,
+        };
+        store.insert_message(general.clone(), from, body.into(), move |r| {
+            let _ = tx.send(r);
+        });
         rx.recv()
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;

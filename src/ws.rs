@@ -17,7 +17,9 @@ use crate::metrics::{inc, METRICS};
 use crate::model::Page;
 use crate::peer::{close, text_frame, Frame, Peer, QueueLimits};
 use crate::protocol::{self, error_event, event, ClientMsg, PresenceChoice};
-use crate::request::{bearer_token, header_value, peer_ip, query_param, with_header, Reply};
+use crate::request::{
+    bearer_token, header_value, origin_allowed, peer_ip, query_param, with_header, Reply,
+};
 use crate::store::audit::AuditEntry;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -218,21 +220,9 @@ fn handshake(app: &App, rq: &Request) -> Result<(String, String, bool), ApiError
 
 /// Absent Origin (native clients) passes; present, it must be our own origin or allowed.
 fn check_origin(app: &App, rq: &Request) -> Result<(), ApiError> {
-    let Some(origin) = header_value(rq, "Origin") else {
-        return Ok(());
-    };
-    let host = header_value(rq, "Host").unwrap_or("");
-    let own = [format!("http://{host}"), format!("https://{host}")];
-    let allowed = own.iter().any(|o| o.eq_ignore_ascii_case(origin))
-        || app
-            .cfg
-            .allow_origins
-            .iter()
-            .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin));
-    if allowed {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden("origin not allowed"))
+    match origin_allowed(rq, &app.cfg.allow_origins) {
+        Some(false) => Err(ApiError::forbidden("origin not allowed")),
+        None | Some(true) => Ok(()),
     }
 }
 
@@ -444,8 +434,16 @@ impl Conn {
                 self.join(&room, since, mode, reference)
             }
             ClientMsg::Leave { room } => self.leave(&room, reference),
-            ClientMsg::Send { room, body } => self.send(&room, body, reference),
-            ClientMsg::Dm { to, body } => self.dm(&to, body, reference),
+            ClientMsg::Send {
+                room,
+                body,
+                client_id,
+            } => self.send(&room, body, client_id, reference),
+            ClientMsg::Dm {
+                to,
+                body,
+                client_id,
+            } => self.dm(&to, body, client_id, reference),
             ClientMsg::History {
                 room,
                 before,
@@ -550,7 +548,13 @@ impl Conn {
         Ok(())
     }
 
-    fn send(&self, name: &str, body: String, reference: &Value) -> Result<(), ApiError> {
+    fn send(
+        &self,
+        name: &str,
+        body: String,
+        client_id: Option<String>,
+        reference: &Value,
+    ) -> Result<(), ApiError> {
         let Some(room) = self.rooms.iter().find(|r| r.name == name).cloned() else {
             actions::find_room(&self.app, name)?;
             return Err(ApiError::bad_request(format!(
@@ -561,20 +565,27 @@ impl Conn {
             return Ok(());
         };
         let (app, peer, reference) = (self.app.clone(), self.peer.clone(), reference.clone());
-        actions::send_message(&self.app, &self.actor, room, body, move |res| {
+        let actor = &self.actor;
+        actions::send_message(&self.app, actor, room, body, client_id, move |res| {
             drop(pending);
-            ack(&app, peer, res.map(|m| m.id), &reference)
+            ack(&app, peer, res.map(|m| m.id()), &reference)
         })
     }
 
-    fn dm(&self, to: &str, body: String, reference: &Value) -> Result<(), ApiError> {
+    fn dm(
+        &self,
+        to: &str,
+        body: String,
+        client_id: Option<String>,
+        reference: &Value,
+    ) -> Result<(), ApiError> {
         let Some(pending) = self.peer.begin_request(MAX_PENDING) else {
             return Ok(());
         };
         let (app, peer, reference) = (self.app.clone(), self.peer.clone(), reference.clone());
-        actions::send_dm(&self.app, &self.actor, to, body, move |res| {
+        actions::send_dm(&self.app, &self.actor, to, body, client_id, move |res| {
             drop(pending);
-            ack(&app, peer, res.map(|m| m.id), &reference)
+            ack(&app, peer, res.map(|m| m.id()), &reference)
         })
     }
 

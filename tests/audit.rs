@@ -108,7 +108,7 @@ fn stop(srv: &mut Server) {
 
 #[test]
 fn every_action_writes_an_audit_row() {
-    let srv = start_unlimited(&[]);
+    let srv = start_unlimited(&["--refresh-grace", "0"]);
     register(&srv, "alice");
     let alice = access(&login(&srv, "alice"));
     register(&srv, "bob");
@@ -496,7 +496,14 @@ fn no_secret_in_the_trace_log() {
 /// token and the signing key.
 fn full_session_leaks_nothing(rust_log: &str) {
     let mut srv = Server::start_env(
-        &["--login-rate", "0", "--msg-rate", "0"],
+        &[
+            "--login-rate",
+            "0",
+            "--msg-rate",
+            "0",
+            "--refresh-grace",
+            "0",
+        ],
         &[("RUST_LOG", rust_log)],
     );
     let p1 = secret_pw("reg");

@@ -327,7 +327,7 @@ fn a_version_1_database_is_upgraded_in_place() {
         let v: i64 = c
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(v, 2, "upgraded to schema version 2");
+        assert_eq!(v, 3, "upgraded to the current schema version");
         let sql: String = c
             .query_row(
                 "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'users'",

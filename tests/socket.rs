@@ -1359,7 +1359,7 @@ fn max_sockets_per_user_caps_one_users_sockets_with_429() {
 
 #[test]
 fn refresh_reuse_closes_the_logins_live_sockets_with_4003() {
-    let srv = Server::start(&[]);
+    let srv = Server::start(&["--refresh-grace", "0"]);
     register(&srv, "alice");
     let p1 = login(&srv, "alice");
     let other = login(&srv, "alice");

@@ -1,8 +1,45 @@
 //! Rooms, room messages and direct messages.
 
 use super::{Result, Store, StoreError};
-use crate::model::{DirectMessage, Message, Page, Room};
+use crate::model::{DirectMessage, Message, Page, Room, Stored};
 use rusqlite::{params, OptionalExtension};
+
+/// Who sends a message, and the once-only key they gave with it.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    /// User id.
+    pub id: i64,
+    /// Username.
+    pub name: String,
+    /// The client's key (validated by the caller), if any.
+    pub client_id: Option<String>,
+}
+
+impl Sender {
+    /// The id of the message this sender already stored with this `client_id`.
+    fn repeat_of(&self, c: &rusqlite::Connection) -> Result<Option<i64>> {
+        let Some(cid) = &self.client_id else {
+            return Ok(None);
+        };
+        Ok(c.prepare_cached(
+            "SELECT message_id FROM client_ids WHERE user_id = ?1 AND client_id = ?2",
+        )?
+        .query_row(params![self.id, cid], |r| r.get(0))
+        .optional()?)
+    }
+
+    /// Records the `client_id` of a message just stored.
+    fn remember(&self, c: &rusqlite::Connection, kind: &str, id: i64) -> Result<()> {
+        if let Some(cid) = &self.client_id {
+            c.prepare_cached(
+                "INSERT INTO client_ids(user_id, client_id, kind, message_id)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![self.id, cid, kind, id])?;
+        }
+        Ok(())
+    }
+}
 
 /// The newest-first or oldest-first scan a [`Page`] needs, and its id bounds.
 fn page_plan(page: Page) -> (&'static str, i64, i64) {
@@ -69,7 +106,8 @@ impl Store {
     pub fn room_history(&self, room: &Room, page: Page) -> Result<Vec<Message>> {
         let (order, lo, hi) = page_plan(page);
         let sql = format!(
-            "SELECT m.id, u.username, m.body, m.ts FROM messages m JOIN users u ON u.id = m.user_id
+            "SELECT m.id, u.username, m.body, m.ts, m.client_id
+               FROM messages m JOIN users u ON u.id = m.user_id
               WHERE m.room_id = ?1 AND m.deleted_at IS NULL AND m.id > ?2 AND m.id < ?3
               ORDER BY m.id {order} LIMIT ?4"
         );
@@ -82,6 +120,7 @@ impl Store {
                     from: r.get(1)?,
                     body: r.get(2)?,
                     ts: r.get(3)?,
+                    client_id: r.get(4)?,
                 })
             })?;
             rows.collect()
@@ -92,67 +131,82 @@ impl Store {
         Ok(out)
     }
 
-    /// Stores a room message; `done` runs on the writer thread once it is durable, in
-    /// commit order, which is where it is broadcast and acknowledged.
+    /// Stores a room message; once it is durable, `done` runs on the completion thread
+    /// in commit order, which is where it is broadcast and acknowledged. A repeat of
+    /// the sender's `client_id` stores nothing.
     pub fn insert_message(
         &self,
         room: Room,
-        user_id: i64,
-        username: String,
+        from: Sender,
         body: String,
-        done: impl FnOnce(Result<Message>) + Send + 'static,
+        done: impl FnOnce(Result<Stored<Message>>) + Send + 'static,
     ) {
         let space = self.space.clone();
         self.submit(
             move |c| {
+                if let Some(first) = from.repeat_of(c)? {
+                    return Ok(Stored::Repeat(first));
+                }
                 // Checked in the writer, after it measured the room for this batch.
                 if space.low() {
                     return Err(StoreError::Full);
                 }
                 let ts = crate::clock::now_rfc3339();
                 c.prepare_cached(
-                    "INSERT INTO messages(room_id, user_id, body, ts) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT INTO messages(room_id, user_id, body, ts, client_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?
-                .execute(params![room.id, user_id, body, ts])?;
-                Ok(Message {
-                    id: c.last_insert_rowid(),
+                .execute(params![room.id, from.id, body, ts, from.client_id])?;
+                let id = c.last_insert_rowid();
+                from.remember(c, "room", id)?;
+                Ok(Stored::New(Message {
+                    id,
                     room: room.name,
-                    from: username,
+                    from: from.name,
                     body,
                     ts,
-                })
+                    client_id: from.client_id,
+                }))
             },
             done,
         )
     }
 
-    /// Stores a direct message; `done` runs once it is durable.
+    /// Stores a direct message; `done` runs once it is durable. A repeat of the
+    /// sender's `client_id` stores nothing.
     pub fn insert_dm(
         &self,
-        from: (i64, String),
+        from: Sender,
         to: (i64, String),
         body: String,
-        done: impl FnOnce(Result<DirectMessage>) + Send + 'static,
+        done: impl FnOnce(Result<Stored<DirectMessage>>) + Send + 'static,
     ) {
         let space = self.space.clone();
         self.submit(
             move |c| {
+                if let Some(first) = from.repeat_of(c)? {
+                    return Ok(Stored::Repeat(first));
+                }
                 // Checked in the writer, after it measured the room for this batch.
                 if space.low() {
                     return Err(StoreError::Full);
                 }
                 let ts = crate::clock::now_rfc3339();
                 c.prepare_cached(
-                    "INSERT INTO direct_messages(from_id, to_id, body, ts) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT INTO direct_messages(from_id, to_id, body, ts, client_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?
-                .execute(params![from.0, to.0, body, ts])?;
-                Ok(DirectMessage {
-                    id: c.last_insert_rowid(),
-                    from: from.1,
+                .execute(params![from.id, to.0, body, ts, from.client_id])?;
+                let id = c.last_insert_rowid();
+                from.remember(c, "dm", id)?;
+                Ok(Stored::New(DirectMessage {
+                    id,
+                    from: from.name,
                     to: to.1,
                     body,
                     ts,
-                })
+                    client_id: from.client_id,
+                }))
             },
             done,
         )
@@ -162,7 +216,7 @@ impl Store {
     pub fn dm_history(&self, a: i64, b: i64, page: Page) -> Result<Vec<DirectMessage>> {
         let (order, lo, hi) = page_plan(page);
         let sql = format!(
-            "SELECT d.id, f.username, t.username, d.body, d.ts FROM direct_messages d
+            "SELECT d.id, f.username, t.username, d.body, d.ts, d.client_id FROM direct_messages d
                JOIN users f ON f.id = d.from_id JOIN users t ON t.id = d.to_id
               WHERE ((d.from_id = ?1 AND d.to_id = ?2) OR (d.from_id = ?2 AND d.to_id = ?1))
                 AND d.deleted_at IS NULL AND d.id > ?3 AND d.id < ?4
@@ -177,6 +231,7 @@ impl Store {
                     to: r.get(2)?,
                     body: r.get(3)?,
                     ts: r.get(4)?,
+                    client_id: r.get(5)?,
                 })
             })?;
             rows.collect()
@@ -218,5 +273,34 @@ impl Store {
             },
             done,
         )
+    }
+}
+
+impl Store {
+    /// The user's conversations: for each other user they exchanged DMs with, the
+    /// latest one, most recent first (at most `limit`).
+    pub fn conversations(&self, user_id: i64, limit: u32) -> Result<Vec<DirectMessage>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT d.id, f.username, t.username, d.body, d.ts, d.client_id
+                   FROM direct_messages d
+                   JOIN users f ON f.id = d.from_id JOIN users t ON t.id = d.to_id
+                  WHERE d.id IN (SELECT max(id) FROM direct_messages
+                                  WHERE (from_id = ?1 OR to_id = ?1) AND deleted_at IS NULL
+                                  GROUP BY CASE WHEN from_id = ?1 THEN to_id ELSE from_id END)
+                  ORDER BY d.id DESC LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![user_id, limit], |r| {
+                Ok(DirectMessage {
+                    id: r.get(0)?,
+                    from: r.get(1)?,
+                    to: r.get(2)?,
+                    body: r.get(3)?,
+                    ts: r.get(4)?,
+                    client_id: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
     }
 }

@@ -28,7 +28,7 @@ use writer::Writer;
 pub const SCHEMA: &str = include_str!("../../schema.sql");
 /// The `PRAGMA user_version` this build writes and understands (older parley versions
 /// are upgraded on open).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 /// Read connections kept open for reuse.
 const READ_POOL: usize = 8;
 
@@ -336,15 +336,35 @@ fn create_or_upgrade(conn: &Connection) -> Result<()> {
             tx.execute_batch(SCHEMA)?;
             log::info!("created a new database (schema version {SCHEMA_VERSION})");
         }
-        1 => {
-            migrate_v1(&tx)?;
-            log::info!("upgraded the database from schema version 1 to {SCHEMA_VERSION}");
+        v @ (1 | 2) => {
+            if v == 1 {
+                migrate_v1(&tx)?;
+            }
+            migrate_v2(&tx)?;
+            log::info!("upgraded the database from schema version {v} to {SCHEMA_VERSION}");
         }
         SCHEMA_VERSION => return Ok(()),
         v => return Err(newer_version(v)),
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     Ok(tx.commit()?)
+}
+
+/// Schema 2 to 3, inside the caller's transaction: once-only sends (`client_id` on
+/// messages and DMs, and the `client_ids` table that makes them unique per sender).
+fn migrate_v2(c: &Connection) -> Result<()> {
+    c.execute_batch(
+        "ALTER TABLE messages ADD COLUMN client_id TEXT;
+         ALTER TABLE direct_messages ADD COLUMN client_id TEXT;
+         CREATE TABLE client_ids (
+             user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+             client_id  TEXT NOT NULL,
+             kind       TEXT NOT NULL,
+             message_id INTEGER NOT NULL,
+             PRIMARY KEY (user_id, client_id)
+         ) WITHOUT ROWID;",
+    )?;
+    Ok(())
 }
 
 /// Schema 1 to 2, inside the caller's transaction with foreign keys off: `users` gets

@@ -45,6 +45,14 @@ pub enum RefreshOutcome {
         /// The login it belongs to.
         sid: String,
     },
+    /// The token was retired within `--refresh-grace` seconds (a retry whose answer
+    /// was lost, two tabs at once): a new successor was stored for the same login.
+    Retried {
+        /// Owner.
+        user_id: i64,
+        /// The login it belongs to.
+        sid: String,
+    },
     /// The token had already been used: its whole login is now revoked.
     Reused {
         /// Owner.
@@ -256,19 +264,20 @@ impl Store {
     /// already retired, revokes its whole login. One transaction, so two racing
     /// refreshes with the same token cannot both succeed. A token of a login that is
     /// not its account's (see [`TokenLogin::live`]) is invalid.
-    pub fn rotate_refresh(
-        &self,
-        old_hash: String,
-        new_hash: String,
-        new_expires_at: u64,
-        now_unix: u64,
-        now: String,
-    ) -> Result<RefreshOutcome> {
+    pub fn rotate_refresh(&self, r: Rotation) -> Result<RefreshOutcome> {
+        let Rotation {
+            old_hash,
+            new_hash,
+            new_expires_at,
+            now_unix,
+            now,
+            grace_secs,
+        } = r;
         self.write(move |c| {
-            let row: Option<(String, i64, i64, bool, bool)> = c
+            let row: Option<(String, i64, i64, Option<String>, bool)> = c
                 .query_row(
                     &format!(
-                        "SELECT t.session_id, s.user_id, t.expires_at, t.used_at IS NOT NULL,
+                        "SELECT t.session_id, s.user_id, t.expires_at, t.used_at,
                                 s.revoked_at IS NOT NULL OR NOT {SESSION_CURRENT}
                            FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
                           WHERE t.token_hash = ?1"
@@ -283,7 +292,18 @@ impl Store {
             if dead {
                 return Ok(RefreshOutcome::Invalid);
             }
-            if used {
+            let insert_successor = || {
+                c.execute(
+                    "INSERT INTO refresh_tokens(token_hash, session_id, issued_at, expires_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![new_hash, sid, now, new_expires_at as i64],
+                )
+            };
+            if let Some(used_at) = used {
+                if within_grace(&used_at, now_unix, grace_secs) {
+                    insert_successor()?;
+                    return Ok(RefreshOutcome::Retried { user_id, sid });
+                }
                 revoke_session_in(c, &sid, "refresh_reuse", &now)?;
                 return Ok(RefreshOutcome::Reused { user_id, sid });
             }
@@ -294,11 +314,7 @@ impl Store {
                 "UPDATE refresh_tokens SET used_at = ?2 WHERE token_hash = ?1",
                 params![old_hash, now],
             )?;
-            c.execute(
-                "INSERT INTO refresh_tokens(token_hash, session_id, issued_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4)",
-                params![new_hash, sid, now, new_expires_at as i64],
-            )?;
+            insert_successor()?;
             Ok(RefreshOutcome::Rotated { user_id, sid })
         })
     }
@@ -308,6 +324,35 @@ impl Store {
         let sid = sid.to_owned();
         self.write(move |c| revoke_session_in(c, &sid, reason, &now))
     }
+}
+
+/// A refresh token's rotation: the hashes of the presented token and its successor.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    /// Hash of the presented token.
+    pub old_hash: String,
+    /// Hash of the successor.
+    pub new_hash: String,
+    /// When the successor expires, unix seconds.
+    pub new_expires_at: u64,
+    /// Now, unix seconds.
+    pub now_unix: u64,
+    /// Now, RFC 3339.
+    pub now: String,
+    /// `--refresh-grace`: seconds after its rotation in which a retired token still
+    /// gets a new pair (0 = never).
+    pub grace_secs: u64,
+}
+
+/// Whether a token retired at `used_at` (RFC 3339) is still within the grace.
+fn within_grace(used_at: &str, now_unix: u64, grace_secs: u64) -> bool {
+    let Ok(at) = humantime::parse_rfc3339(used_at) else {
+        return false;
+    };
+    let at = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    grace_secs > 0 && now_unix.saturating_sub(at) < grace_secs
 }
 
 fn revoke_session_in(c: &Connection, sid: &str, reason: &str, now: &str) -> Result<bool> {
@@ -506,4 +551,61 @@ fn revoke_user_sessions_in(c: &Connection, user_id: i64, reason: &str, now: &str
         params![user_id, now, reason],
     )?;
     Ok(())
+}
+
+/// An account as an admin lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The public view, roles included.
+    pub user: User,
+    /// Whether the account is banned.
+    pub banned: bool,
+}
+
+/// `prefix` as a LIKE pattern: its own `%`, `_` and `\` taken literally.
+fn like_prefix(prefix: &str) -> String {
+    let mut p = String::with_capacity(prefix.len() + 1);
+    for ch in prefix.chars() {
+        if matches!(ch, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(ch);
+    }
+    p.push('%');
+    p
+}
+
+impl Store {
+    /// Accounts whose name starts with `prefix` (case-insensitively), ordered by
+    /// lower-cased name, after `after` (exclusive) if given: at most `limit`.
+    pub fn list_users(&self, prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<Listed>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT u.id, u.username, u.created_at, u.banned_at IS NOT NULL,
+                        (SELECT group_concat(role, ',')
+                           FROM (SELECT role FROM user_roles WHERE user_id = u.id ORDER BY role))
+                   FROM users u
+                  WHERE u.username LIKE ?1 ESCAPE '\\' AND lower(u.username) > lower(?2)
+                  ORDER BY lower(u.username) LIMIT ?3",
+            )?;
+            let rows = st.query_map(
+                params![like_prefix(prefix), after.unwrap_or(""), limit],
+                |r| {
+                    let roles: Option<String> = r.get(4)?;
+                    Ok(Listed {
+                        user: User {
+                            id: r.get(0)?,
+                            username: r.get(1)?,
+                            created_at: r.get(2)?,
+                            roles: roles
+                                .map(|s| s.split(',').map(str::to_owned).collect())
+                                .unwrap_or_default(),
+                        },
+                        banned: r.get(3)?,
+                    })
+                },
+            )?;
+            rows.collect()
+        })
+    }
 }

@@ -1,0 +1,192 @@
+//! Rooms, room messages and direct messages: listing, creating, history, sending.
+
+use super::{audit_by, check_body, check_client_id, find_room, require, valid_room_name, Actor};
+use crate::app::App;
+use crate::clock;
+use crate::error::ApiError;
+use crate::fanout::Target;
+use crate::metrics::{inc, METRICS};
+use crate::model::{DirectMessage, Message, Page, Room, Stored};
+use crate::store::messages::Sender;
+use serde::Serialize;
+use serde_json::json;
+
+/// A room with its live online count.
+#[derive(Debug, Serialize)]
+pub struct RoomView {
+    /// Name.
+    pub name: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// Distinct users online.
+    pub online: usize,
+}
+
+/// `GET /api/rooms`.
+///
+/// Paged by name: `limit` defaults to 200 and is clamped to 1–1000; `after` continues
+/// a listing.
+pub fn list_rooms(
+    app: &App,
+    after: Option<&str>,
+    limit: Option<i64>,
+) -> Result<Vec<RoomView>, ApiError> {
+    let limit = limit.unwrap_or(200).clamp(1, 1000) as u32;
+    Ok(app
+        .store
+        .rooms(after, limit)?
+        .into_iter()
+        .map(|r| RoomView {
+            online: app.hub.online_count(&r.name),
+            name: r.name,
+            created_at: r.created_at,
+        })
+        .collect())
+}
+
+/// `POST /api/rooms`.
+pub fn create_room(app: &App, actor: &Actor, name: &str) -> Result<RoomView, ApiError> {
+    require(app, actor, "room.create", Some(name))?;
+    if !valid_room_name(name) {
+        return Err(ApiError::bad_request(
+            "room name must be 1 to 64 characters of a-z 0-9 _ -",
+        ));
+    }
+    app.room_limiter
+        .check(&actor.user_id.to_string())
+        .map_err(|secs| ApiError::rate_limited("too many rooms created; wait a while", secs))?;
+    let room = app
+        .store
+        .create_room(name, actor.user_id, clock::now_rfc3339())?;
+    audit_by(app, actor, "room_create", Some(&room.name), json!({}));
+    Ok(RoomView {
+        online: 0,
+        name: room.name,
+        created_at: room.created_at,
+    })
+}
+
+/// A page of a room's history.
+pub fn room_history(app: &App, room: &str, page: Page) -> Result<Vec<Message>, ApiError> {
+    let room = find_room(app, room)?;
+    Ok(app.store.room_history(&room, page)?)
+}
+
+/// A page of the conversation between the actor and `other`.
+pub fn dm_history(
+    app: &App,
+    actor: &Actor,
+    other: &str,
+    page: Page,
+) -> Result<Vec<DirectMessage>, ApiError> {
+    let other = app
+        .store
+        .user_by_name(other)?
+        .ok_or_else(|| ApiError::not_found(format!("no user named {other:?}")))?;
+    Ok(app.store.dm_history(actor.user_id, other.id, page)?)
+}
+
+/// The sender of a message from `actor`, with its once-only key.
+fn sender(actor: &Actor, client_id: Option<String>) -> Result<Sender, ApiError> {
+    check_client_id(client_id.as_deref())?;
+    Ok(Sender {
+        id: actor.user_id,
+        name: actor.username.clone(),
+        client_id,
+    })
+}
+
+/// The actor's conversations: the latest DM with each other user, most recent first.
+pub fn conversations(app: &App, actor: &Actor) -> Result<Vec<Conversation>, ApiError> {
+    let me = actor.username.as_str();
+    Ok(app
+        .store
+        .conversations(actor.user_id, 200)?
+        .into_iter()
+        .map(|last| Conversation {
+            user: if last.from == me {
+                &last.to
+            } else {
+                &last.from
+            }
+            .clone(),
+            last,
+        })
+        .collect())
+}
+
+/// One conversation (`GET /api/dms`).
+#[derive(Debug, Serialize)]
+pub struct Conversation {
+    /// The other user.
+    pub user: String,
+    /// The latest DM between them.
+    pub last: DirectMessage,
+}
+
+/// Stores a room message; once durable it is broadcast to the room (in commit order)
+/// and then `done` runs — the socket's ack, or a REST/GraphQL reply. A repeat of the
+/// actor's `client_id` is neither stored nor broadcast: `done` gets the first id.
+pub fn send_message(
+    app: &std::sync::Arc<App>,
+    actor: &Actor,
+    room: Room,
+    body: String,
+    client_id: Option<String>,
+    done: impl FnOnce(Result<Stored<Message>, ApiError>) + Send + 'static,
+) -> Result<(), ApiError> {
+    check_body(&body, app.cfg.max_message_chars)?;
+    let from = sender(actor, client_id)?;
+    let app2 = app.clone();
+    app.store.insert_message(room, from, body, move |res| {
+        let res = res.map_err(ApiError::from).inspect(|stored| {
+            if let Stored::New(msg) = stored {
+                inc(&METRICS.messages_stored);
+                let frame = crate::peer::text_frame(&crate::protocol::event("message", msg));
+                let to = Target::Room {
+                    name: msg.room.clone(),
+                    id: Some(msg.id),
+                };
+                app2.fanout.deliver(vec![(to, frame)]);
+            }
+        });
+        done(res)
+    });
+    Ok(())
+}
+
+/// Stores a direct message; once durable it goes to every socket of both users, then
+/// `done` runs.
+pub fn send_dm(
+    app: &std::sync::Arc<App>,
+    actor: &Actor,
+    to: &str,
+    body: String,
+    client_id: Option<String>,
+    done: impl FnOnce(Result<Stored<DirectMessage>, ApiError>) + Send + 'static,
+) -> Result<(), ApiError> {
+    check_body(&body, app.cfg.max_message_chars)?;
+    let from = sender(actor, client_id)?;
+    let recipient = app
+        .store
+        .user_by_name(to)?
+        .ok_or_else(|| ApiError::not_found(format!("no user named {to:?}")))?;
+    let app2 = app.clone();
+    let (from_id, to_id) = (actor.user_id, recipient.id);
+    let recipient = (recipient.id, recipient.username);
+    app.store.insert_dm(from, recipient, body, move |res| {
+        let res = res.map_err(ApiError::from).inspect(|stored| {
+            if let Stored::New(dm) = stored {
+                inc(&METRICS.messages_stored);
+                let frame = crate::peer::text_frame(&crate::protocol::event("dm", dm));
+                let mut delivery = vec![(Target::User(to_id), frame.clone())];
+                if from_id != to_id {
+                    delivery.push((Target::User(from_id), frame));
+                }
+                app2.fanout.deliver(delivery);
+            }
+        });
+        done(res)
+    });
+    Ok(())
+}
