@@ -151,16 +151,8 @@ export class ChatSocket {
     this.setState({ status: 'connecting' });
     // A token about to expire, or a refused upgrade last time (it may mean a ban or a
     // revoked login, which only the refresh answer tells): refresh first.
-    if (this.checkFirst || api.tokenLeft() < 5000) {
-      try {
-        await api.refresh();
-      } catch (e) {
-        if (e.status === 401 || e.status === 403) return; // api.js ended the session
-        this.schedule();
-        return;
-      }
-      if (this.stopped) return;
-    }
+    if ((this.checkFirst || api.tokenLeft() < 5000) && !(await this.refreshed())) return;
+    if (this.stopped) return;
     this.checkFirst = false;
     const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
     let ws;
@@ -257,13 +249,7 @@ export class ChatSocket {
     this.setState({ status: 'connecting', reason: words });
     if (code === 4003) {
       // Kicked, banned or revoked: the refresh answer says which.
-      try {
-        await api.refresh();
-      } catch (e) {
-        if (e.status === 401 || e.status === 403) return; // api.js ended the session
-        this.schedule();
-        return;
-      }
+      if (!(await this.refreshed())) return;
       if (reason === 'kicked') {
         this.setState({ status: 'offline', reason: words });
         return;
@@ -280,6 +266,20 @@ export class ChatSocket {
     }
     if (!opened) this.checkFirst = true;
     this.schedule();
+  }
+
+  /**
+   * A REST refresh; false when it failed. A refusal ends the session (api.js tells the
+   * page); no answer schedules the next attempt.
+   */
+  async refreshed() {
+    try {
+      await api.refresh();
+      return true;
+    } catch (e) {
+      if (e.status !== 401 && e.status !== 403) this.schedule();
+      return false;
+    }
   }
 
   schedule() {
