@@ -20,14 +20,8 @@ const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 export const SHOTS = path.join(ROOT, 'docs/screenshots');
 
 /** A running server; `restart()` stops it (SIGTERM) and starts it on the same db and port. */
-//
-// Every server gets --http-idle-timeout 1 unless `{stock: true}`: a fresh server's
-// tiny_http pool has 4 threads and, in a burst of new keep-alive connections (a
-// browser opens 6 to load the modules), queues the rest behind them until the idle
-// reaper closes one (30 s by default). load.test.mjs pins that stall on its own.
 export class Server {
-  constructor(extra = [], { stock = false } = {}) {
-    if (!stock) extra = ['--http-idle-timeout', '1', ...extra];
+  constructor(extra = []) {
     this.dir = mkdtempSync(path.join(tmpdir(), 'parley-browser-'));
     this.db = path.join(this.dir, 'chat.db');
     this.extra = extra;

@@ -103,7 +103,7 @@ function receive(conv, msgs) {
   const me = state.me.username;
   const showing = currentConv() === conv;
   const fresh = added.filter((m) => m.from !== me && !m.local);
-  if (!showing || document.hidden) conv.unread += fresh.length;
+  if ((!showing || document.hidden) && fresh.length) conv.markUnread(fresh.length, fresh[0].id);
   if (showing) {
     if (mode === 'append') appendNew(conv, added, opts());
     else renderAll(conv, opts());
@@ -152,8 +152,10 @@ function onFrame(f) {
       return presence(f.room, f.online ?? [], f.offline ?? []);
     case 'deleted': {
       const conv = state.rooms.get(f.room);
-      if (conv?.remove(f.id) && currentConv() === conv) renderAll(conv, opts());
-      if (conv && conv.last?.id === f.id) conv.last = conv.messages[conv.messages.length - 1] ?? null;
+      if (!conv?.remove(f.id, me)) return;
+      if (currentConv() === conv) renderAll(conv, opts());
+      renderSidebar();
+      updateTitle();
       return;
     }
     case 'announcement':
@@ -254,7 +256,7 @@ function openConv(kind, id) {
   const conv = kind === 'room' ? state.rooms.get(id) : dmConv(id);
   if (!conv) return;
   state.current = { kind, id };
-  conv.unread = 0;
+  conv.markRead();
   $('admin-view').hidden = true;
   $('chat').hidden = false;
   $('conv-title').textContent = kind === 'room' ? `#${id}` : id;
@@ -454,12 +456,13 @@ document.addEventListener('visibilitychange', () => {
   if (document.hidden) return;
   const conv = currentConv();
   if (conv?.unread) {
-    conv.unread = 0;
+    conv.markRead();
     renderSidebar();
     updateTitle();
   }
 });
 
+document.documentElement.dataset.started = 'yes';
 (async function boot() {
   try {
     const user = await api.resume();

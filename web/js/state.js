@@ -18,6 +18,7 @@ export class Conv {
     this.hasOlder = true;
     this.loadingOlder = false;
     this.unread = 0;
+    this.unreadFrom = null; // id of the oldest unread message
     this.online = new Set();
     this.last = null; // for DMs from /api/dms before the history is loaded
   }
@@ -57,11 +58,25 @@ export class Conv {
     return { added, mode };
   }
 
-  remove(id) {
+  /** Counts `n` more unread messages, the oldest of them `fromId`. */
+  markUnread(n, fromId) {
+    if (!n) return;
+    if (!this.unread) this.unreadFrom = fromId;
+    this.unread += n;
+  }
+
+  markRead() {
+    this.unread = 0;
+    this.unreadFrom = null;
+  }
+
+  remove(id, me) {
     const m = this.byId.get(id);
     if (!m) return false;
     this.byId.delete(id);
     this.messages.splice(this.messages.indexOf(m), 1);
+    if (this.unread && id >= this.unreadFrom && m.from !== me) this.unread--;
+    if (this.last === m) this.last = this.messages[this.messages.length - 1] ?? null;
     return true;
   }
 }

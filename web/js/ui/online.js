@@ -20,6 +20,7 @@ export function initOnline(handlers) {
 export function renderOnline(conv, { me, canKick }) {
   const pane = $('online-pane');
   pane.hidden = !conv;
+  $('app-view').classList.toggle('no-online', !conv);
   $('online-toggle').hidden = !conv;
   if (!conv) return;
   const names = [...conv.online].sort((a, b) => a.localeCompare(b));
