@@ -4,7 +4,7 @@
 // cookie, both stay logged in, and no refresh ever leans on the grace or counts as reuse.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { Server, launch, newPage, signIn, connected, say, seesMessage, noProblems } from './harness.mjs';
+import { Server, launch, newPage, open, signIn, connected, say, seesMessage, noProblems } from './harness.mjs';
 
 const TTL = 4;
 let server;
@@ -36,7 +36,7 @@ test('two tabs stay connected and logged in over several expiries', async () => 
   const tab1 = await newPage(ctx);
   const tab2 = await newPage(ctx);
   await signIn(tab1, server, 'alice');
-  await tab2.goto(server.url + '/');
+  await open(tab2, server);
   await connected(tab2);
   assert.equal(await tab2.locator('#me').textContent(), 'alice');
   await watchStatus(tab1);

@@ -30,8 +30,9 @@ export class Server {
   }
 
   async start() {
-    const args = ['--db', this.db, '--addr', this.addr, '--bcrypt-cost', '4',
-      '--login-rate', '0', '--register-rate', '0', ...this.extra];
+    const defaults = [['--bcrypt-cost', '4'], ['--login-rate', '0'], ['--register-rate', '0']]
+      .filter(([flag]) => !this.extra.includes(flag)).flat();
+    const args = ['--db', this.db, '--addr', this.addr, ...defaults, ...this.extra];
     this.proc = spawn(BIN, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' } });
     this.proc.stderr.on('data', (d) => this.log.push(String(d)));
     const exited = new Promise((resolve) => this.proc.once('exit', resolve));
@@ -113,9 +114,18 @@ export async function newPage(context) {
   return page;
 }
 
+/**
+ * Loads the page. The wait is long on purpose: load.test.mjs is the test of how fast
+ * a page loads (a server that queues connections behind busy threads can stall it for
+ * its idle timeout, 30 s); the other tests are about what the page does once loaded.
+ */
+export async function open(page, server) {
+  await page.goto(server.url + '/', { timeout: 60000 });
+}
+
 /** Opens the app and registers (or logs in) through the form. */
 export async function signIn(page, server, name, { register = true, password = 'password-1' } = {}) {
-  await page.goto(server.url + '/');
+  await open(page, server);
   await page.locator('#auth-username').fill(name);
   await page.locator('#auth-password').fill(password);
   await page.locator(register ? '#register-btn' : '#login-btn').click();

@@ -2,7 +2,7 @@
 // horizontal scroll, in the chat, a DM, and the online list; dark mode too.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { Server, launch, newPage, signIn, say, seesMessage, shot, noProblems } from './harness.mjs';
+import { Server, launch, newPage, open, signIn, say, seesMessage, shot, noProblems } from './harness.mjs';
 
 let server;
 let browser;
@@ -44,7 +44,7 @@ for (const scheme of ['light', 'dark']) {
   test(`360 px wide (${scheme}): room list and composer, no horizontal scroll`, async () => {
     const ctx = await browser.newContext({ viewport: { width: 360, height: 740 }, colorScheme: scheme, hasTouch: true });
     const page = await newPage(ctx);
-    await page.goto(server.url + '/');
+    await open(page, server);
     await page.locator('#auth-view').waitFor();
     await noSideScroll(page);
     if (scheme === 'light') await shot(page, 'phone-login');

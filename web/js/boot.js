@@ -15,9 +15,9 @@
     again.addEventListener('click', function reload() { location.reload(); });
     boot.appendChild(again);
   }
-  document.addEventListener('DOMContentLoaded', function hook() {
-    var main = document.querySelector('script[type="module"]');
-    if (main) main.addEventListener('error', function failed() { stuck('parley could not load: the connection failed.'); });
-  });
+  // A script's error event does not bubble, but it can be caught on the way down.
+  window.addEventListener('error', function failed(e) {
+    if (e.target && e.target.tagName === 'SCRIPT') stuck('parley could not load: the connection failed.');
+  }, true);
   setTimeout(function slow() { stuck('parley is taking long to load.'); }, 20000);
 }());
