@@ -6,13 +6,14 @@
 
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::conns::Conns;
 use crate::enforce::ExpiryTimer;
 use crate::fanout::Fanout;
 use crate::hub::Hub;
+use crate::lane::Lane;
 use crate::limits::{Folds, KeyedLimiter, LoginLimits, SlowLane, Tarpit};
 use crate::model::Room;
 use crate::peer::FlushQueue;
-use crate::reaper::Activity;
 use crate::store::Store;
 use crate::sys::KnownSockets;
 use std::collections::HashMap;
@@ -54,8 +55,10 @@ pub struct App {
     pub expiry: ExpiryTimer,
     /// Descriptor numbers of live WebSockets (skipped when looking for new ones).
     pub known_sockets: Arc<KnownSockets>,
-    /// Last request time per HTTP connection, for the idle reaper.
-    pub activity: Arc<Activity>,
+    /// Plain HTTP connections: turns, activity, deadlines (read by the reaper).
+    pub conns: Arc<Conns>,
+    /// IO threads for bodies and answers that may wait on a client.
+    pub lane: Lane,
     /// The address we listen on (its port finds upgraded sockets' descriptors).
     pub local_addr: std::net::SocketAddr,
 }

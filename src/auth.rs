@@ -28,8 +28,6 @@
 use crate::config::Config;
 use crate::model::User;
 use crate::store::{Store, StoreError};
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use jwt_simple::prelude::{
     Claims, Duration as JwtDuration, HS256Key, MACLike, VerificationOptions,
 };
@@ -133,21 +131,7 @@ fn spend(cost: u32) {
     let _ = bcrypt::hash_with_salt("parley timing equaliser", cost, [0x5a; 16]);
 }
 
-/// Random bytes from the OS, base64url without padding.
-pub fn random_token_bytes(n: usize) -> String {
-    let mut buf = vec![0u8; n];
-    if let Err(e) = getrandom::fill(&mut buf) {
-        // Without OS randomness nothing we issue would be safe.
-        log::error!("OS random number generator failed: {e}");
-        std::process::abort();
-    }
-    URL_SAFE_NO_PAD.encode(buf)
-}
-
-/// A 256-bit random token (refresh tokens, ids).
-pub fn random_token() -> String {
-    random_token_bytes(32)
-}
+pub use crate::random::{random_token, random_token_bytes};
 
 /// Hex SHA-256 of a refresh token: the only form in which it is stored.
 pub fn token_hash(token: &str) -> String {

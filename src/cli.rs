@@ -14,8 +14,11 @@ use std::path::PathBuf;
 
 /// parley: a small, secure, self-hosted chat server.
 #[derive(Debug, Parser)]
-#[command(name = "parley", version, about)]
+#[command(name = "parley", about, disable_version_flag = true)]
 pub struct Cli {
+    /// Print the version of parley and of its SQLite, and exit.
+    #[arg(short = 'V', long)]
+    pub version: bool,
     /// The SQLite database file.
     #[arg(long, env = "PARLEY_DB", default_value = "./chat.db", global = true)]
     pub db: PathBuf,
@@ -69,6 +72,15 @@ pub struct ServeArgs {
         global = true
     )]
     pub allow_origin: Vec<String>,
+    /// A reverse proxy (an address or network, e.g. 127.0.0.1/32) whose
+    /// X-Forwarded-For/-Proto/-Host and Forwarded headers are believed; repeatable.
+    #[arg(
+        long = "trusted-proxy",
+        env = "PARLEY_TRUSTED_PROXY",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub trusted_proxy: Vec<String>,
     /// Whether anyone may register.
     #[arg(
         long,
@@ -137,6 +149,24 @@ pub struct ServeArgs {
         global = true
     )]
     pub http_idle_timeout: u64,
+    /// Seconds allowed to read a request body or write an answer (plus time for its
+    /// size); past them the connection is shut down.
+    #[arg(
+        long,
+        env = "PARLEY_HTTP_IO_TIMEOUT",
+        default_value_t = 5,
+        global = true
+    )]
+    pub http_io_timeout: u64,
+    /// Slow HTTP requests (bodies, large answers) one client address may have in
+    /// progress at once; more are refused.
+    #[arg(
+        long,
+        env = "PARLEY_HTTP_PER_ADDRESS",
+        default_value_t = 8,
+        global = true
+    )]
+    pub http_per_address: usize,
 }
 
 /// Subcommands.
@@ -162,6 +192,9 @@ pub enum Command {
         #[arg(long, conflicts_with_all = ["limit", "json"])]
         verify: bool,
     },
+    /// Read-only health report: integrity, schema, WAL, audit chain, key, socket
+    /// ceiling. Exit 1 when the data has a problem.
+    Check,
     /// Write a consistent copy of the (possibly live) database to FILE.
     Backup {
         /// Destination; must not exist.
@@ -229,6 +262,12 @@ impl Cli {
                 .map(|s| s.trim().to_owned())
                 .filter(|s| !s.is_empty())
                 .collect(),
+            trusted_proxies: a
+                .trusted_proxy
+                .iter()
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| s.parse().map_err(|e| format!("--trusted-proxy: {e}")))
+                .collect::<Result<_, String>>()?,
             msg_rate: a.msg_rate,
             login_rate: a.login_rate,
             register_rate: a.register_rate,
@@ -240,6 +279,8 @@ impl Cli {
             max_db_bytes: (a.max_db_mb > 0).then(|| a.max_db_mb.saturating_mul(1 << 20)),
             ws_ping: std::time::Duration::from_secs(a.ws_ping),
             http_idle_timeout: std::time::Duration::from_secs(a.http_idle_timeout),
+            http_io_timeout: std::time::Duration::from_secs(a.http_io_timeout),
+            http_per_address: a.http_per_address,
             ..Config::default()
         };
         cfg.validate()?;
@@ -282,6 +323,11 @@ fn unknown_is_usage(e: StoreError) -> CliError {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<(), CliError> {
+    if cli.version {
+        println!("parley {}", env!("CARGO_PKG_VERSION"));
+        println!("SQLite {}", rusqlite::version());
+        return Ok(());
+    }
     let cfg = cli.config().map_err(CliError::Usage)?;
     match cli.command {
         None | Some(Command::Serve) => crate::server::serve(cfg).map_err(CliError::Failed),
@@ -296,6 +342,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             store.backup(&file).map_err(failed)?;
             println!("backup written to {}", file.display());
             Ok(())
+        }
+        Some(Command::Check) => {
+            crate::check::run(&cfg.db, cfg.max_sockets).map_err(CliError::Failed)
         }
         Some(Command::ExampleDb { file }) => {
             crate::server::example_db(&file, &cfg).map_err(CliError::Failed)

@@ -6,6 +6,56 @@
 
 use std::path::PathBuf;
 
+/// An IP network, `address/prefix` (a bare address is the network of that one address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.trim(), None),
+        };
+        let net: std::net::IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP network (e.g. 10.0.0.0/8, ::1/128)"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix must be 0 to {max}"))?,
+        };
+        Ok(Cidr { net, prefix })
+    }
+}
+
+impl Cidr {
+    /// Whether `ip` is inside the network (an IPv4-mapped IPv6 address counts as its
+    /// IPv4 address).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let ip = match ip {
+            V6(v6) => v6.to_ipv4_mapped().map_or(V6(v6), V4),
+            v4 => v4,
+        };
+        let (net, addr, bits) = match (self.net, ip) {
+            (V4(n), V4(a)) => (u32::from(n) as u128, u32::from(a) as u128, 32),
+            (V6(n), V6(a)) => (u128::from(n), u128::from(a), 128),
+            _ => return false,
+        };
+        let shift = bits - u32::from(self.prefix);
+        shift >= bits || (net >> shift) == (addr >> shift)
+    }
+}
+
 /// Who may create accounts through `POST /api/register`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Registration {
@@ -35,6 +85,8 @@ pub struct Config {
     pub registration: Registration,
     /// Extra origins allowed on the WebSocket upgrade (`*` allows all).
     pub allow_origins: Vec<String>,
+    /// Reverse proxies whose `X-Forwarded-*` / `Forwarded` headers are believed.
+    pub trusted_proxies: Vec<Cidr>,
     /// Messages per second per socket (0 = unlimited).
     pub msg_rate: u32,
     /// Login attempts per minute per IP and per username (0 = unlimited).
@@ -58,6 +110,34 @@ pub struct Config {
     pub ws_ping: std::time::Duration,
     /// Plain HTTP connections with no request for this long are closed.
     pub http_idle_timeout: std::time::Duration,
+    /// A connection that has not sent a whole request head this long after it opened
+    /// is closed (if the idle timeout is shorter, that applies).
+    pub http_head_timeout: std::time::Duration,
+    /// Time allowed to read a request body, or to write an answer, on top of the time
+    /// its bytes take at `http_min_rate`; past it the connection is shut down.
+    pub http_io_timeout: std::time::Duration,
+    /// The slowest transfer, in bytes per second, that `http_io_timeout` allows for.
+    pub http_min_rate: usize,
+    /// Answer bytes an HTTP worker writes to one connection itself (a write that fits
+    /// in the kernel's send buffer cannot wait on the client); past it, IO threads write.
+    pub http_inline_bytes: usize,
+    /// IO threads (reading bodies, writing answers that may wait) at most.
+    pub http_io_threads: usize,
+    /// IO threads the connections of one client address may hold at once.
+    pub http_per_address: usize,
+    /// Pipelined requests that may wait behind the one in progress on a connection
+    /// before it is shut down.
+    pub http_pipeline: usize,
+    /// Open descriptors, in percent of the open-file limit, past which the reaper
+    /// closes idle HTTP connections at once, oldest first ...
+    pub fd_pressure_percent: u8,
+    /// ... until this percent is open.
+    pub fd_relief_percent: u8,
+    /// Connections younger than this are spared by that (their request may be on its
+    /// way).
+    pub fd_pressure_grace: std::time::Duration,
+    /// Free descriptors needed before a dead accept loop is started again.
+    pub accept_headroom: usize,
     /// Largest HTTP request body, in bytes.
     pub max_body_bytes: usize,
     /// Largest WebSocket message after reassembly, in bytes (over it: close 1009).
@@ -83,6 +163,7 @@ impl Default for Config {
             bcrypt_cost: 12,
             registration: Registration::Open,
             allow_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
             msg_rate: 20,
             login_rate: 10,
             register_rate: 30,
@@ -94,6 +175,17 @@ impl Default for Config {
             max_db_bytes: None,
             ws_ping: std::time::Duration::from_secs(30),
             http_idle_timeout: std::time::Duration::from_secs(30),
+            http_head_timeout: std::time::Duration::from_secs(10),
+            http_io_timeout: std::time::Duration::from_secs(5),
+            http_min_rate: 16 * 1024,
+            http_inline_bytes: 8 * 1024,
+            http_io_threads: 64,
+            http_per_address: 8,
+            http_pipeline: 16,
+            fd_pressure_percent: 85,
+            fd_relief_percent: 70,
+            fd_pressure_grace: std::time::Duration::from_secs(2),
+            accept_headroom: 16,
             max_body_bytes: 64 * 1024,
             max_frame_bytes: 64 * 1024,
             max_message_chars: 4000,
@@ -122,9 +214,42 @@ impl Config {
         if self.http_idle_timeout.is_zero() {
             return Err("--http-idle-timeout must be positive".into());
         }
+        if self.http_io_timeout.is_zero() {
+            return Err("--http-io-timeout must be positive".into());
+        }
+        if self.http_per_address == 0 {
+            return Err("--http-per-address must be positive".into());
+        }
         if self.send_queue == 0 || self.send_queue_bytes == 0 {
             return Err("--send-queue and --send-queue-bytes must be positive".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cidr;
+
+    #[test]
+    fn networks_parse_and_contain() {
+        let n: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(n.contains("10.1.200.3".parse().unwrap()));
+        assert!(!n.contains("10.2.0.1".parse().unwrap()));
+        assert!(
+            n.contains("::ffff:10.1.0.9".parse().unwrap()),
+            "IPv4-mapped"
+        );
+        let one: Cidr = "127.0.0.2".parse().unwrap();
+        assert!(one.contains("127.0.0.2".parse().unwrap()));
+        assert!(!one.contains("127.0.0.3".parse().unwrap()));
+        let v6: Cidr = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains("2001:db8:ffff::1".parse().unwrap()));
+        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        for bad in ["", "10.0.0.0/33", "::/129", "example.org", "10.0.0.0/x"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad:?}");
+        }
     }
 }

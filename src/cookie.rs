@@ -6,6 +6,7 @@
 //! `/api/`, and a request that uses it must also carry an `Origin` the upgrade rule
 //! accepts: a missing or foreign one is refused (403) and changes nothing.
 
+use crate::config::Config;
 use crate::error::ApiError;
 use crate::request::{cookie, is_https, origin_allowed};
 use tiny_http::Request;
@@ -14,23 +15,24 @@ use tiny_http::Request;
 pub const NAME: &str = "parley_refresh";
 
 /// `Set-Cookie` value carrying `token` for `max_age` seconds.
-pub fn set(rq: &Request, token: &str, max_age: u64) -> String {
+pub fn set(rq: &Request, cfg: &Config, token: &str, max_age: u64) -> String {
     format!(
         "{NAME}={token}; HttpOnly; SameSite=Strict; Path=/api/; Max-Age={max_age}{}",
-        secure(rq)
+        secure(rq, cfg)
     )
 }
 
 /// `Set-Cookie` value that removes the cookie.
-pub fn clear(rq: &Request) -> String {
+pub fn clear(rq: &Request, cfg: &Config) -> String {
     format!(
         "{NAME}=; HttpOnly; SameSite=Strict; Path=/api/; Max-Age=0{}",
-        secure(rq)
+        secure(rq, cfg)
     )
 }
 
-fn secure(rq: &Request) -> &'static str {
-    if is_https(rq) {
+/// `Secure` when the client used https (as a trusted proxy says).
+fn secure(rq: &Request, cfg: &Config) -> &'static str {
+    if is_https(rq, &cfg.trusted_proxies) {
         "; Secure"
     } else {
         ""
@@ -39,11 +41,11 @@ fn secure(rq: &Request) -> &'static str {
 
 /// The refresh token in the request's cookie, if it carries one; refused (403) when
 /// the request's Origin is missing or not allowed.
-pub fn token(rq: &Request, allowed_origins: &[String]) -> Result<Option<String>, ApiError> {
+pub fn token(rq: &Request, cfg: &Config) -> Result<Option<String>, ApiError> {
     let Some(value) = cookie(rq, NAME).filter(|v| !v.is_empty()) else {
         return Ok(None);
     };
-    match origin_allowed(rq, allowed_origins) {
+    match origin_allowed(rq, &cfg.allow_origins, &cfg.trusted_proxies) {
         Some(true) => Ok(Some(value.to_owned())),
         _ => Err(ApiError::forbidden(
             "a request that uses the refresh cookie needs an allowed Origin",

@@ -1,17 +1,23 @@
 //! HTTP routes on top of tiny_http: parse, authenticate, call [`crate::actions`],
 //! answer JSON.
 //!
-//! A fixed pool of worker threads takes requests from tiny_http's queue; `/ws`
-//! upgrades are handed to [`crate::ws`]. Routing is one `match` over the method and
-//! the path's segments (in the manner of rouille), so every route is listed in
-//! [`route`]. Every answer is JSON, errors included, in the shape PROTOCOL.md fixes.
+//! A fixed pool of worker threads ([`crate::front`]) takes requests from tiny_http's
+//! queue and hands them to [`crate::exchange`], which decides where each runs (a worker, or an IO
+//! thread when it has a body to read) and where its answer is written, so that no
+//! worker waits on a client; `/ws` upgrades are handed to [`crate::ws`]. Routing is one
+//! `match` over the method and the path's segments (in the manner of rouille), so
+//! every route is listed in [`route`]. Every answer is JSON, errors included, in the
+//! shape PROTOCOL.md fixes.
 
 use crate::actions::{self, Actor};
 use crate::app::App;
 use crate::cookie;
 use crate::error::ApiError;
+use crate::exchange::{Exchange, HEAD_BYTES};
 use crate::model::Page;
-use crate::request::{bearer_token, header_value, peer_ip, percent_decode, query_param, Reply};
+use crate::request::{
+    bearer_token, client_ip, connection_upgrade, header_value, percent_decode, query_param, Reply,
+};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
@@ -19,40 +25,30 @@ use std::io::Read;
 use std::sync::Arc;
 use tiny_http::{Method, Request};
 
-/// Answers one request, catching panics so a bug costs one request, not a worker.
-pub fn handle(app: &Arc<App>, request: Request) {
-    let remote = request.remote_addr().copied();
-    if let Some(addr) = remote {
-        app.activity.touch(addr);
-    }
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dispatch(app, request)));
-    if result.is_err() {
-        // tiny_http answers a dropped request with 500 by itself.
-        log::error!("a request handler panicked");
-    }
-    if let Some(addr) = remote {
-        app.activity.touch(addr);
-    }
-}
+/// Stack size of the threads that run handlers (HTTP workers and IO threads).
+pub const HANDLER_STACK: usize = 512 * 1024;
 
-fn dispatch(app: &Arc<App>, mut request: Request) {
-    let path = request.url().split('?').next().unwrap_or("").to_owned();
+/// Answers one request whose turn it is, on the thread [`crate::exchange`] chose; the
+/// caller catches a handler's panic.
+pub fn dispatch(app: &Arc<App>, mut ex: Exchange) {
+    let path = ex.rq.url().split('?').next().unwrap_or("").to_owned();
     if path == "/ws" {
-        return crate::ws::upgrade(app, request);
+        // What the upgrade writes (a 101, or a short refusal) fits in HEAD_BYTES.
+        return ex.write(HEAD_BYTES, crate::ws::upgrade);
     }
-    if *request.method() == Method::Post && (path == "/api/login" || path == "/api/register") {
-        return password_route(app, request, path == "/api/login");
+    if *ex.rq.method() == Method::Post && (path == "/api/login" || path == "/api/register") {
+        return password_route(app, ex, path == "/api/login");
     }
-    if *request.method() == Method::Get {
-        if let Some(reply) = crate::web::serve(&request, &path) {
-            return respond(request, reply);
+    if *ex.rq.method() == Method::Get {
+        if let Some(reply) = crate::web::serve(&ex.rq, &path) {
+            return ex.respond(reply);
         }
     }
-    let reply = match route(app, &mut request, &path) {
+    let reply = match route(app, &mut ex.rq, &path) {
         Ok(r) => r,
         Err(e) => Reply::error(&e),
     };
-    respond(request, reply);
+    ex.respond(reply);
 }
 
 /// Every route. A known path with the wrong method is 405; anything else 404.
@@ -216,9 +212,9 @@ struct Credentials {
 /// Login and register cost a bcrypt hash: after the cheap checks (body, login rate)
 /// they run in the bounded slow lane, or get 429 at once when it is full, so a login
 /// flood cannot occupy the workers that serve chat.
-fn password_route(app: &Arc<App>, mut rq: Request, is_login: bool) {
-    let ip = peer_ip(&rq);
-    let admitted = json_body::<Credentials>(app, &mut rq).and_then(|c| {
+fn password_route(app: &Arc<App>, mut ex: Exchange, is_login: bool) {
+    let ip = client_ip(&ex.rq, &app.cfg.trusted_proxies);
+    let admitted = json_body::<Credentials>(app, &mut ex.rq).and_then(|c| {
         if is_login {
             actions::check_login_rate(app, &c.username, ip.as_deref())?;
         } else {
@@ -230,23 +226,23 @@ fn password_route(app: &Arc<App>, mut rq: Request, is_login: bool) {
     let (c, permit) = match admitted {
         Ok(ok) => ok,
         Err(e) if e.code == crate::error::Code::RateLimited => {
-            return app.tarpit.hold(move || respond(rq, Reply::error(&e)));
+            return app.tarpit.hold(move || ex.respond(Reply::error(&e)));
         }
-        Err(e) => return respond(rq, Reply::error(&e)),
+        Err(e) => return ex.respond(Reply::error(&e)),
     };
     let app2 = app.clone();
     app.slow_lane.run(permit, move |waited| {
         if waited > PASSWORD_QUEUE_WAIT {
-            return respond(rq, Reply::error(&busy()));
+            return ex.respond(Reply::error(&busy()));
         }
         let result = if is_login {
             actions::login(&app2, &c.username, &c.password, ip.as_deref())
-                .map(|p| pair_reply(&app2, &rq, p, c.cookie))
+                .map(|p| pair_reply(&app2, &ex.rq, p, c.cookie))
         } else {
             actions::register(&app2, &c.username, &c.password, ip.as_deref())
                 .map(|u| Reply::json(201, json!({ "user": u })))
         };
-        respond(rq, result.unwrap_or_else(|e| Reply::error(&e)));
+        ex.respond(result.unwrap_or_else(|e| Reply::error(&e)));
     });
 }
 
@@ -255,12 +251,6 @@ const PASSWORD_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(
 
 fn busy() -> ApiError {
     ApiError::rate_limited("too many password checks in progress; retry shortly", 1)
-}
-
-fn respond(rq: Request, reply: Reply) {
-    if let Err(e) = rq.respond(reply.into_response()) {
-        log::debug!("could not write response: {e}");
-    }
 }
 
 /// Runs an action whose result arrives on the writer thread, and waits for it.
@@ -295,7 +285,7 @@ fn pair_reply(app: &App, rq: &Request, pair: actions::TokenPair, in_cookie: bool
     if let Some(map) = v.as_object_mut() {
         map.remove("refresh_token");
     }
-    let cookie = cookie::set(rq, &pair.refresh_token, app.auth.refresh_ttl());
+    let cookie = cookie::set(rq, &app.cfg, &pair.refresh_token, app.auth.refresh_ttl());
     Reply::json(200, v).header("Set-Cookie", cookie)
 }
 
@@ -323,25 +313,29 @@ fn refresh(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
     let b: RefreshBody = optional_body(app, rq)?;
     let (token, in_cookie) = match b.refresh_token {
         Some(t) => (t, false),
-        None => match cookie::token(rq, &app.cfg.allow_origins)? {
+        None => match cookie::token(rq, &app.cfg)? {
             Some(t) => (t, true),
             None => return Err(ApiError::unauthorized("no refresh token")),
         },
     };
-    let pair = actions::refresh(app, &token, peer_ip(rq).as_deref())?;
+    let pair = actions::refresh(
+        app,
+        &token,
+        client_ip(rq, &app.cfg.trusted_proxies).as_deref(),
+    )?;
     Ok(pair_reply(app, rq, pair, in_cookie))
 }
 
 fn logout(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
     let actor = authenticate(app, rq)?;
     let body: RefreshBody = optional_body(app, rq)?;
-    let from_cookie = cookie::token(rq, &app.cfg.allow_origins)?;
+    let from_cookie = cookie::token(rq, &app.cfg)?;
     let mut tokens: Vec<&str> = body.refresh_token.iter().map(String::as_str).collect();
     tokens.extend(from_cookie.as_deref());
     actions::logout(app, &actor, &tokens)?;
     let reply = Reply::no_content();
     Ok(match from_cookie {
-        Some(_) => reply.header("Set-Cookie", cookie::clear(rq)),
+        Some(_) => reply.header("Set-Cookie", cookie::clear(rq, &app.cfg)),
         None => reply,
     })
 }
@@ -364,7 +358,7 @@ fn create_room(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
 fn authenticate(app: &App, rq: &Request) -> Result<Actor, ApiError> {
     let token = bearer_token(rq).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
     let id = app.auth.authenticate(&app.store, token)?;
-    let actor = Actor::new(&id, peer_ip(rq));
+    let actor = Actor::new(&id, client_ip(rq, &app.cfg.trusted_proxies));
     let reads = matches!(rq.method(), Method::Get | Method::Head);
     if !reads && !rq.url().starts_with("/api/logout") {
         actions::check_write_rate(app, &actor)?;
@@ -388,9 +382,15 @@ fn read_body(app: &App, rq: &mut Request) -> Result<Vec<u8>, ApiError> {
     if rq.body_length().is_some_and(|n| n > max) {
         return Err(ApiError::too_large(format!("body is over {max} bytes")));
     }
+    // On a `Connection: upgrade` request tiny_http hands over the raw stream: read only
+    // what Content-Length announces, or we would wait for bytes that never come.
+    let limit = match connection_upgrade(rq) {
+        true => rq.body_length().unwrap_or(0),
+        false => max + 1,
+    };
     let mut buf = Vec::new();
     rq.as_reader()
-        .take(max as u64 + 1)
+        .take(limit as u64)
         .read_to_end(&mut buf)
         .map_err(|_| ApiError::bad_request("could not read the body"))?;
     if buf.len() > max {
@@ -425,29 +425,6 @@ fn page_from_query(url: &str) -> Result<Page, ApiError> {
         int_param(url, "after")?,
         int_param(url, "limit")?,
     ))
-}
-
-/// Starts `n` workers answering requests from `server` until it is unblocked.
-pub fn start_workers(
-    app: &Arc<App>,
-    server: &Arc<tiny_http::Server>,
-    n: usize,
-) -> Vec<std::thread::JoinHandle<()>> {
-    (0..n)
-        .filter_map(|i| {
-            let (app, server) = (app.clone(), server.clone());
-            std::thread::Builder::new()
-                .name(format!("http-{i}"))
-                .stack_size(512 * 1024)
-                .spawn(move || {
-                    while let Ok(rq) = server.recv() {
-                        handle(&app, rq);
-                    }
-                })
-                .map_err(|e| log::error!("could not start an HTTP worker: {e}"))
-                .ok()
-        })
-        .collect()
 }
 
 #[cfg(test)]

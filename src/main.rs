@@ -1,15 +1,20 @@
 //! parley: a small, secure, self-hosted chat server — one binary, one SQLite file.
 //!
 //! `main` only wires the modules together. Where to look:
-//! [`cli`] and [`config`] (flags into one validated `Config`), [`server`] (starts and
-//! stops every service), [`http`] (routes), [`request`] (reading requests, writing
-//! answers), [`cookie`] (the web client's refresh cookie), [`ws`] (one socket's life), [`web`] (the built-in web client), [`hub`] (rooms and presence), [`fanout`]
+//! [`cli`] and [`config`] (flags into one validated `Config`), [`check`] (the health
+//! report), [`server`] (starts and stops every service), [`front`] (the accept loop,
+//! watched and restarted, and the HTTP workers), [`http`] (routes), [`exchange`]
+//! (which thread reads a request and writes its answer, so no worker waits on a
+//! client), [`conns`] (plain HTTP connections: turns, deadlines), [`lane`] (IO
+//! threads), [`request`] (reading requests, writing answers), [`cookie`] (the web
+//! client's refresh cookie), [`ws`] (one socket's life), [`web`] (the built-in web
+//! client), [`hub`] (rooms and presence), [`fanout`]
 //! (delivery of committed events), [`peer`] (non-blocking writes to one socket),
 //! [`presence`] (batched presence), [`keepalive`] (pings for silent sockets), [`enforce`] (token expiry and revocation on live sockets), [`reaper`] (idle HTTP
 //! connections), [`limits`] (rate limits, the password threads), [`actions`] (what users
 //! can do, shared by every transport), [`auth`] (passwords and tokens), [`store`] (all
 //! SQL), [`protocol`] and [`model`] (wire types), [`error`] (error codes), [`metrics`],
-//! [`clock`], [`logging`], [`service`] (background threads' lifecycle), [`sync`] (the
+//! [`clock`], [`logging`], [`random`] (OS randomness), [`service`] (background threads' lifecycle), [`sync`] (the
 //! lock policy), and [`sys`] (the one module allowed `unsafe`).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -17,16 +22,21 @@
 mod actions;
 mod app;
 mod auth;
+mod check;
 mod cli;
 mod clock;
 mod config;
+mod conns;
 mod cookie;
 mod enforce;
 mod error;
+mod exchange;
 mod fanout;
+mod front;
 mod http;
 mod hub;
 mod keepalive;
+mod lane;
 mod limits;
 mod logging;
 mod metrics;
@@ -34,6 +44,7 @@ mod model;
 mod peer;
 mod presence;
 mod protocol;
+mod random;
 mod reaper;
 mod request;
 mod server;

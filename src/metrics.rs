@@ -25,6 +25,19 @@ pub struct Metrics {
     pub logins_ok: AtomicU64,
     /// Failed logins.
     pub logins_failed: AtomicU64,
+    /// HTTP requests refused for want of an IO thread (all busy, or the address's
+    /// share taken); their connections were shut down.
+    pub http_refused: AtomicU64,
+    /// HTTP connections shut down for pipelining too many requests.
+    pub http_cut_pipeline: AtomicU64,
+    /// HTTP connections shut down because a body or an answer took too long.
+    pub http_cut_deadline: AtomicU64,
+    /// Idle HTTP connections closed (idle timeout, or no request head in time).
+    pub http_reaped_idle: AtomicU64,
+    /// Idle HTTP connections closed early because descriptors ran short.
+    pub http_reaped_pressure: AtomicU64,
+    /// Times tiny_http's accept loop died and was started again.
+    pub http_accept_restarts: AtomicU64,
 }
 
 /// The one instance.
@@ -37,11 +50,22 @@ pub static METRICS: Metrics = Metrics {
     upgrades_rejected_limit: AtomicU64::new(0),
     logins_ok: AtomicU64::new(0),
     logins_failed: AtomicU64::new(0),
+    http_refused: AtomicU64::new(0),
+    http_cut_pipeline: AtomicU64::new(0),
+    http_cut_deadline: AtomicU64::new(0),
+    http_reaped_idle: AtomicU64::new(0),
+    http_reaped_pressure: AtomicU64::new(0),
+    http_accept_restarts: AtomicU64::new(0),
 };
 
 /// Bumps a counter by one.
 pub fn inc(c: &AtomicU64) {
     c.fetch_add(1, Relaxed);
+}
+
+/// Adds `n` to a counter.
+pub fn add(c: &AtomicU64, n: usize) {
+    c.fetch_add(n as u64, Relaxed);
 }
 
 /// Values read from elsewhere at render time.
@@ -103,25 +127,37 @@ pub fn render(g: &Gauges) -> String {
             "Failed logins.",
             &m.logins_failed,
         ),
+        (
+            "parley_http_accept_restarts_total",
+            "Times the HTTP accept loop died (out of descriptors) and was started again.",
+            &m.http_accept_restarts,
+        ),
     ];
     for (name, help, c) in counters {
         line(name, "counter", help, c.load(Relaxed).to_string());
     }
-    let _ = writeln!(
-        out,
-        "# HELP parley_upgrades_rejected_total WebSocket upgrades refused, by reason.\n# TYPE parley_upgrades_rejected_total counter"
+    by_reason(
+        &mut out,
+        "parley_upgrades_rejected_total",
+        "WebSocket upgrades refused, by reason.",
+        &[
+            ("unauthorized", &m.upgrades_rejected_unauthorized),
+            ("forbidden", &m.upgrades_rejected_forbidden),
+            ("limit", &m.upgrades_rejected_limit),
+        ],
     );
-    for (reason, c) in [
-        ("unauthorized", &m.upgrades_rejected_unauthorized),
-        ("forbidden", &m.upgrades_rejected_forbidden),
-        ("limit", &m.upgrades_rejected_limit),
-    ] {
-        let _ = writeln!(
-            out,
-            "parley_upgrades_rejected_total{{reason=\"{reason}\"}} {}",
-            c.load(Relaxed)
-        );
-    }
+    by_reason(
+        &mut out,
+        "parley_http_closed_total",
+        "HTTP connections the server shut down, by reason.",
+        &[
+            ("idle", &m.http_reaped_idle),
+            ("pressure", &m.http_reaped_pressure),
+            ("deadline", &m.http_cut_deadline),
+            ("refused", &m.http_refused),
+            ("pipeline", &m.http_cut_pipeline),
+        ],
+    );
     let mut line = |name: &str, kind: &str, help: &str, value: u64| {
         let _ = writeln!(
             out,
@@ -153,4 +189,12 @@ pub fn render(g: &Gauges) -> String {
         db_queued,
     );
     out
+}
+
+/// A counter with one value per `reason` label.
+fn by_reason(out: &mut String, name: &str, help: &str, values: &[(&str, &AtomicU64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (reason, c) in values {
+        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {}", c.load(Relaxed));
+    }
 }

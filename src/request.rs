@@ -4,9 +4,11 @@
 //! Shared by the two doors that take raw requests, [`crate::http`] (routes) and
 //! [`crate::ws`] (the upgrade), so neither depends on the other for these.
 
+use crate::config::Cidr;
 use crate::error::ApiError;
 use serde_json::Value;
 use std::io::Read;
+use std::net::IpAddr;
 use tiny_http::{Header, Request, Response};
 
 /// A response before it is written.
@@ -94,12 +96,125 @@ pub fn cookie<'a>(rq: &'a Request, name: &str) -> Option<&'a str> {
         .find_map(|(k, v)| (k == name).then_some(v))
 }
 
+/// Where a request really came from: its peer, or — when the peer is a trusted proxy
+/// (`--trusted-proxy`) — the client the proxy speaks for, with the scheme and host that
+/// client used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    /// The client's address.
+    pub ip: Option<IpAddr>,
+    /// Whether the client used https.
+    pub https: bool,
+    /// The host the client asked for.
+    pub host: String,
+}
+
+/// Resolves the client of `rq`. Only a peer inside `proxies` is believed: the client
+/// is the right-most `X-Forwarded-For` entry (all such headers, in order) that is not
+/// itself a trusted proxy — or the same from RFC 7239 `Forwarded: for=` — and the
+/// scheme and host come from `X-Forwarded-Proto`/`-Host` (or `proto=`/`host=`).
+/// Malformed values are passed over; from any other peer these headers are ignored.
+pub fn client(rq: &Request, proxies: &[Cidr]) -> Client {
+    let peer = rq.remote_addr().map(|a| a.ip());
+    let own = Client {
+        ip: peer,
+        https: false,
+        host: header_value(rq, "Host").unwrap_or("").to_owned(),
+    };
+    let trusted = |ip: IpAddr| proxies.iter().any(|c| c.contains(ip));
+    if !peer.is_some_and(trusted) {
+        return own;
+    }
+    let fwd = forwarded(rq);
+    let chain: Vec<IpAddr> = fwd.chain.iter().filter_map(|e| parse_node(e)).collect();
+    let ip = chain
+        .iter()
+        .rev()
+        .find(|ip| !trusted(**ip))
+        .or(chain.first())
+        .copied()
+        .or(peer);
+    let host = fwd.host.filter(|h| valid_host(h)).unwrap_or(own.host);
+    let https = fwd.proto.is_some_and(|p| p.eq_ignore_ascii_case("https"));
+    Client { ip, https, host }
+}
+
+/// What the forwarding headers say, before anything is believed.
+#[derive(Default)]
+struct Forwarding {
+    chain: Vec<String>,
+    proto: Option<String>,
+    host: Option<String>,
+}
+
+/// All `X-Forwarded-For` entries in order (else `Forwarded: for=`), and the first
+/// proto and host given.
+fn forwarded(rq: &Request) -> Forwarding {
+    let all = |name: &'static str| -> Vec<String> {
+        rq.headers()
+            .iter()
+            .filter(|h| h.field.equiv(name))
+            .flat_map(|h| h.value.as_str().split(','))
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .collect()
+    };
+    let first = |name: &'static str| all(name).into_iter().next();
+    let xff = all("X-Forwarded-For");
+    if !xff.is_empty() {
+        return Forwarding {
+            chain: xff,
+            proto: first("X-Forwarded-Proto"),
+            host: first("X-Forwarded-Host"),
+        };
+    }
+    let mut f = Forwarding::default();
+    for element in all("Forwarded") {
+        for pair in element.split(';') {
+            let Some((k, v)) = pair.split_once('=') else {
+                continue;
+            };
+            let v = v.trim().trim_matches('"').to_owned();
+            match k.trim().to_ascii_lowercase().as_str() {
+                "for" => f.chain.push(v),
+                "proto" if f.proto.is_none() => f.proto = Some(v),
+                "host" if f.host.is_none() => f.host = Some(v),
+                _ => {}
+            }
+        }
+    }
+    f
+}
+
+/// An address from a forwarding header: `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`,
+/// `[2001:db8::1]:443`; `unknown` and obfuscated names are not addresses.
+fn parse_node(s: &str) -> Option<IpAddr> {
+    s.parse::<IpAddr>()
+        .ok()
+        .or_else(|| s.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| s.trim_start_matches('[').trim_end_matches(']').parse().ok())
+}
+
+/// A host (and port) a browser could have used: nothing a header or policy could be
+/// bent by.
+fn valid_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 255
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+}
+
+/// The client's IP without port (see [`client`]).
+pub fn client_ip(rq: &Request, proxies: &[Cidr]) -> Option<String> {
+    client(rq, proxies).ip.map(|ip| ip.to_string())
+}
+
 /// The Origin rule (the upgrade's, and cookie requests'): an `Origin` must be the
-/// request's own origin (`http://` or `https://` and its `Host`) or one of `allowed`
-/// (`*` allows all). `None` when the request carries none.
-pub fn origin_allowed(rq: &Request, allowed: &[String]) -> Option<bool> {
+/// request's own origin (`http://` or `https://` and the host the client asked for)
+/// or one of `allowed` (`*` allows all). `None` when the request carries none.
+pub fn origin_allowed(rq: &Request, allowed: &[String], proxies: &[Cidr]) -> Option<bool> {
     let origin = header_value(rq, "Origin")?;
-    let host = header_value(rq, "Host").unwrap_or("");
+    let host = client(rq, proxies).host;
     let own = [format!("http://{host}"), format!("https://{host}")];
     Some(
         own.iter().any(|o| o.eq_ignore_ascii_case(origin))
@@ -109,15 +224,10 @@ pub fn origin_allowed(rq: &Request, allowed: &[String]) -> Option<bool> {
     )
 }
 
-/// Whether the request came over https (so a cookie may be marked `Secure`). parley
-/// speaks plain HTTP itself; only a trusted proxy could say otherwise.
-pub fn is_https(_rq: &Request) -> bool {
-    false
-}
-
-/// The peer's IP without port.
-pub fn peer_ip(request: &Request) -> Option<String> {
-    request.remote_addr().map(|a| a.ip().to_string())
+/// Whether the client used https (so a cookie may be marked `Secure`). parley speaks
+/// plain HTTP itself; only a trusted proxy can say so.
+pub fn is_https(rq: &Request, proxies: &[Cidr]) -> bool {
+    client(rq, proxies).https
 }
 
 /// The token of an `Authorization: Bearer` header, if there is one.
@@ -133,6 +243,26 @@ pub fn header_value<'a>(rq: &'a Request, name: &str) -> Option<&'a str> {
         .iter()
         .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
         .map(|h| h.value.as_str())
+}
+
+/// Whether the request says `Connection: upgrade`: tiny_http then hands over the raw
+/// stream as its body, not limited to its `Content-Length`.
+pub fn connection_upgrade(rq: &Request) -> bool {
+    header_value(rq, "Connection").is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"))
+}
+
+/// Whether tiny_http left the request's body to be read from the connection on demand
+/// (so reading it, or even dropping the request, may wait on the client): a body over
+/// 1 KiB, a chunked one, one announced with `Expect: 100-continue`, or any body on a
+/// `Connection: upgrade` request. Smaller bodies it has read ahead, before handing
+/// the request over.
+pub fn reads_body_on_demand(rq: &Request) -> bool {
+    let chunked = header_value(rq, "Transfer-Encoding").is_some();
+    let length = rq.body_length().unwrap_or(0);
+    if connection_upgrade(rq) {
+        return chunked || length > 0;
+    }
+    chunked || length > 1024 || (length > 0 && header_value(rq, "Expect").is_some())
 }
 
 /// The value of query parameter `name`, percent-decoded.
@@ -173,6 +303,34 @@ pub fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with(headers: &[(&str, &str)]) -> Request {
+        let mut t = tiny_http::TestRequest::new();
+        for (k, v) in headers {
+            t = t.with_header(Header::from_bytes(k.as_bytes(), v.as_bytes()).unwrap());
+        }
+        t.into()
+    }
+
+    #[test]
+    fn which_bodies_are_read_on_demand() {
+        let mut rq = with(&[]);
+        assert!(!reads_body_on_demand(&rq), "no body");
+        assert!(!connection_upgrade(&rq));
+        rq = tiny_http::TestRequest::new().with_body("{}").into();
+        assert!(!reads_body_on_demand(&rq), "read ahead");
+        rq = with(&[("Content-Length", "1025")]);
+        assert!(reads_body_on_demand(&rq), "over 1 KiB");
+        rq = with(&[("Content-Length", "5"), ("Expect", "100-continue")]);
+        assert!(reads_body_on_demand(&rq), "100-continue");
+        rq = with(&[("Transfer-Encoding", "chunked")]);
+        assert!(reads_body_on_demand(&rq), "chunked");
+        rq = with(&[("Connection", "keep-alive, Upgrade")]);
+        assert!(connection_upgrade(&rq));
+        assert!(!reads_body_on_demand(&rq), "an upgrade without a body");
+        rq = with(&[("Connection", "upgrade"), ("Content-Length", "3")]);
+        assert!(reads_body_on_demand(&rq), "any body on an upgrade");
+    }
 
     #[test]
     fn query_and_decoding() {

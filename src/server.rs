@@ -2,7 +2,9 @@
 //! service, run the HTTP workers, and on SIGTERM or SIGINT shut down in order.
 //!
 //! This is the one place services start and stop. The main thread waits for a signal;
-//! then it stops accepting (HTTP workers joined, listener closed), commits and delivers
+//! then it stops accepting (the accept watch, then the HTTP workers joined, listener
+//! closed), lets the IO threads
+//! finish what they write (for a bounded time), commits and delivers
 //! what is pending, closes every socket with 1001 and waits for their threads to write
 //! their disconnects, then stops the services in the reverse order of their
 //! dependencies: the sweep, keepalive, presence batches and the reaper (they look at sockets),
@@ -15,19 +17,21 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::enforce::{ExpiryTimer, Sweeper};
 use crate::fanout::Fanout;
+use crate::front::Front;
 use crate::hub::Hub;
 use crate::keepalive::Keepalive;
+use crate::lane::Lane;
 use crate::limits::{Folds, KeyedLimiter, LoginLimits, SlowLane, Tarpit};
 use crate::peer::{close, Flusher};
 use crate::presence::Batcher;
-use crate::reaper::{Reaper, Watched};
+use crate::reaper::{Pressure, Reaper, Watched};
 use crate::service::Periodic;
 use crate::store::audit::AuditEntry;
 use crate::store::Store;
 use std::io::Write;
+use std::net::TcpListener;
 use std::path::Path;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -35,6 +39,8 @@ const MINUTE: Duration = Duration::from_secs(60);
 /// Anonymous upgrade refusals an address gets answered at once per minute; past it,
 /// 429 after the tarpit's pause.
 const UPGRADE_REFUSALS_PER_MINUTE: u32 = 60;
+/// Longest a shutdown waits for IO threads still writing to slow clients.
+const IO_DRAIN: Duration = Duration::from_secs(2);
 
 /// The services no request handler needs a handle to.
 struct Background {
@@ -44,7 +50,7 @@ struct Background {
     presence: Batcher,
     sweeper: Sweeper,
     reaper: Reaper,
-    http_workers: Vec<JoinHandle<()>>,
+    front: Front,
 }
 
 /// Runs the server until SIGTERM or SIGINT.
@@ -63,8 +69,6 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     let listener =
         crate::sys::listen(&cfg.addr).map_err(|e| format!("binding {}: {e}", cfg.addr))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let server =
-        Arc::new(tiny_http::Server::from_listener(listener, None).map_err(|e| e.to_string())?);
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -72,7 +76,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     .map_err(|e| format!("installing signal handlers: {e}"))?;
     let flusher = Flusher::start().map_err(|e| e.to_string())?;
     let app = Arc::new(start_app(cfg, store, auth, &flusher, local)?);
-    let background = start_background(&app, &server, flusher)?;
+    let background = start_background(&app, listener, flusher)?;
     log::info!(
         "listening on http://{local} (database {}, open-file limit {fd_limit})",
         app.cfg.db.display()
@@ -82,7 +86,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
 
     let sig = signals.forever().next();
     log::info!("signal {sig:?}: shutting down");
-    shutdown(&app, server, background);
+    shutdown(&app, background);
     Ok(())
 }
 
@@ -110,8 +114,13 @@ fn start_app(
         slow_lane: SlowLane::start(cores, 64).map_err(io)?,
         tarpit: Tarpit::start(Duration::from_secs(1), 4096).map_err(io)?,
         expiry: ExpiryTimer::start().map_err(io)?,
-        activity: Default::default(),
-        known_sockets: Default::default(),
+        conns: Default::default(),
+        lane: Lane::new(
+            cfg.http_io_threads,
+            cfg.http_per_address,
+            crate::http::HANDLER_STACK,
+        ),
+        known_sockets: reserved_sockets(),
         rooms: Default::default(),
         local_addr: local,
         cfg,
@@ -120,11 +129,21 @@ fn start_app(
     })
 }
 
+/// The registry of upgraded sockets' descriptors, with its reserve: descriptors kept
+/// so that connections can still be listed and shut down when none is free.
+fn reserved_sockets() -> Arc<crate::sys::KnownSockets> {
+    let known = crate::sys::KnownSockets::default();
+    if let Err(e) = known.reserve_descriptors() {
+        log::warn!("no reserved descriptors for the reaper: {e}");
+    }
+    Arc::new(known)
+}
+
 /// Starts the services no request calls: the revocation sweep, presence batches, the
-/// idle-HTTP reaper, and the HTTP workers.
+/// HTTP reaper, and the front door (tiny_http on `listener`, its watch, the workers).
 fn start_background(
     app: &Arc<App>,
-    server: &Arc<tiny_http::Server>,
+    listener: TcpListener,
     flusher: Flusher,
 ) -> Result<Background, String> {
     let sweeper = Sweeper::start(app.hub.clone(), app.store.clone())?;
@@ -138,12 +157,19 @@ fn start_background(
     let reaper = Reaper::start(Watched {
         hub: app.hub.clone(),
         sockets: app.known_sockets.clone(),
-        activity: app.activity.clone(),
+        conns: app.conns.clone(),
         port: app.local_addr.port(),
-        timeout: app.cfg.http_idle_timeout,
+        listening: app.local_addr,
+        idle_timeout: app.cfg.http_idle_timeout,
+        head_timeout: app.cfg.http_head_timeout,
+        pressure: Pressure {
+            high: app.cfg.fd_pressure_percent,
+            low: app.cfg.fd_relief_percent,
+            grace: app.cfg.fd_pressure_grace,
+        },
     })
     .map_err(|e| e.to_string())?;
-    let http_workers = crate::http::start_workers(app, server, app.cfg.http_workers);
+    let front = Front::start(app, listener, reaper.alarm())?;
     Ok(Background {
         flusher,
         folds,
@@ -151,13 +177,13 @@ fn start_background(
         presence,
         sweeper,
         reaper,
-        http_workers,
+        front,
     })
 }
 
 /// Lowers `--max-sockets` to what the process can hold, so a flood of sockets meets
-/// 429 rather than a failed thread or descriptor — tiny_http's accept thread panics on
-/// either, leaving the server deaf. Each WebSocket holds 3 descriptors and 2 threads;
+/// 429 rather than a failed thread or descriptor — tiny_http's accept thread dies on
+/// either (see [`crate::front`] for how it comes back). Each WebSocket holds 3 descriptors and 2 threads;
 /// each thread costs 4 memory mappings (stack, guard, signal stack, its guard) out of
 /// the kernel's `vm.max_map_count`.
 fn fit_socket_limit(wanted: usize, fd_limit: u64) -> usize {
@@ -194,14 +220,10 @@ fn write_folds(folds: &Folds, store: &Store) {
     }
 }
 
-fn shutdown(app: &Arc<App>, server: Arc<tiny_http::Server>, background: Background) {
-    for _ in 0..background.http_workers.len() {
-        server.unblock();
-    }
-    for w in background.http_workers {
-        let _ = w.join();
-    }
-    drop(server);
+fn shutdown(app: &Arc<App>, background: Background) {
+    background.front.stop();
+    // The reaper still runs: it cuts an IO thread's client past its deadline.
+    app.lane.stop(IO_DRAIN);
     // Commit what is queued and hand its acks and broadcasts to the sockets; the close
     // frames go after them.
     app.store.sync();

@@ -3,9 +3,11 @@
 //!
 //! Every long-lived thread parley runs (the database writer and its completion
 //! thread, the checkpointer, fan-out, the flusher, the expiry timer, the revocation
-//! sweep, the HTTP reaper, the password threads, the tarpit) is a [`Worker`]; the
-//! periodic ones are a [`Periodic`]. [`crate::server`] starts them all in one place
-//! and stops them in order on shutdown, so no thread outlives the state it uses.
+//! sweep, the HTTP reaper, the accept watch, the password threads, the tarpit) is a
+//! [`Worker`]; the periodic ones are a [`Periodic`], which a [`Nudger`] can make tick
+//! early. (HTTP workers and IO threads are pools with their own `stop`, in
+//! [`crate::front`] and [`crate::lane`].) [`crate::server`] starts them all in one
+//! place and stops them in order on shutdown, so no thread outlives the state it uses.
 
 use crate::sync::{lock, wait_timeout};
 use std::sync::{Arc, Condvar, Mutex};
@@ -54,37 +56,72 @@ impl Worker {
     }
 }
 
-/// A flag a thread checks to know it should end, with a wake-up for its sleeps.
+/// A flag a thread checks to know it should end, with a wake-up for its sleeps; a
+/// nudge ends one sleep early without stopping the thread.
 #[derive(Default)]
 pub struct StopSignal {
-    stopped: Mutex<bool>,
+    flags: Mutex<Flags>,
     wake: Condvar,
+}
+
+#[derive(Default)]
+struct Flags {
+    stopped: bool,
+    nudged: bool,
+}
+
+/// How a [`StopSignal::nap`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woke {
+    /// The time was up.
+    TimeUp,
+    /// Someone called [`StopSignal::nudge`].
+    Nudged,
+    /// Someone called [`StopSignal::stop`].
+    Stopped,
 }
 
 impl StopSignal {
     /// Tells the thread to end and wakes it.
     pub fn stop(&self) {
-        *lock(&self.stopped) = true;
+        lock(&self.flags).stopped = true;
+        self.wake.notify_all();
+    }
+
+    /// Ends the thread's current (or next) sleep early.
+    pub fn nudge(&self) {
+        lock(&self.flags).nudged = true;
         self.wake.notify_all();
     }
 
     /// Whether [`stop`](Self::stop) was called.
     pub fn is_stopped(&self) -> bool {
-        *lock(&self.stopped)
+        lock(&self.flags).stopped
     }
 
-    /// Sleeps for `d` unless stopped first; returns false once stopped.
+    /// Sleeps for `d` unless stopped first; returns false once stopped. A nudge ends
+    /// the sleep early (returning true).
     pub fn sleep(&self, d: Duration) -> bool {
+        self.nap(d) != Woke::Stopped
+    }
+
+    /// Sleeps for `d`, or until nudged or stopped; says which.
+    pub fn nap(&self, d: Duration) -> Woke {
         let deadline = Instant::now() + d;
-        let mut stopped = lock(&self.stopped);
-        while !*stopped {
+        let mut flags = lock(&self.flags);
+        loop {
+            if flags.stopped {
+                return Woke::Stopped;
+            }
+            if std::mem::take(&mut flags.nudged) {
+                return Woke::Nudged;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return true;
+                return Woke::TimeUp;
             }
-            stopped = wait_timeout(&self.wake, stopped, left);
+            flags = wait_timeout(&self.wake, flags, left);
         }
-        false
     }
 }
 
@@ -116,6 +153,22 @@ impl Periodic {
         self.signal.stop();
         self.worker.join();
     }
+
+    /// A handle that makes the thread tick now rather than at the end of its period.
+    pub fn nudger(&self) -> Nudger {
+        Nudger(self.signal.clone())
+    }
+}
+
+/// Makes a [`Periodic`] tick early; cheap to clone and safe to call from any thread.
+#[derive(Clone)]
+pub struct Nudger(Arc<StopSignal>);
+
+impl Nudger {
+    /// Asks for a tick as soon as the one under way (if any) is done.
+    pub fn nudge(&self) {
+        self.0.nudge();
+    }
 }
 
 #[cfg(test)]
@@ -140,6 +193,21 @@ mod tests {
         let after = ticks.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(ticks.load(Ordering::SeqCst), after, "no tick after stop");
+
+        // A nudge makes it tick before its period is up.
+        let ticks = Arc::new(AtomicU32::new(0));
+        let t = ticks.clone();
+        let p = Periodic::start("test-nudge", Duration::from_secs(3600), move || {
+            t.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+        p.nudger().nudge();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while ticks.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "a nudge did not make it tick");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        p.stop();
 
         // A long period does not delay the stop.
         let slow = Periodic::start("test-slow", Duration::from_secs(3600), || {}).unwrap();

@@ -8,9 +8,21 @@
 //! TCP socket has our local port and the client's address as its two ends. We
 //! duplicate that fd and verify the duplicate's ends again, so the answer is right
 //! even if the numbers changed hands while we looked.
+//!
+//! The same search finds plain HTTP connections to shut down (idle, past a deadline,
+//! or shed when descriptors run short). Shedding matters most when every descriptor
+//! is taken, so [`KnownSockets::reserve_descriptors`] keeps two open from the start:
+//! the `/proc/self/fd` directory, read again from its beginning each time, and a slot
+//! that a connection is `dup2`ed into (which replaces what the slot held, so it needs
+//! no free number). Also here: whether tiny_http still holds our listening socket
+//! (its accept thread drops it when it dies) and how many descriptors are free.
+//!
+//! No thread of its own; called by the upgrade (claim), the reaper, the accept
+//! supervisor ([`crate::front`]) and whoever cuts a connection ([`crate::exchange`]).
 #![allow(unsafe_code)]
 
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 
@@ -117,11 +129,51 @@ impl Fds {
 #[derive(Default)]
 pub struct KnownSockets {
     fds: Mutex<Fds>,
+    reserve: Mutex<Option<Reserve>>,
+}
+
+/// Descriptors kept so that listing and shutting down connections needs no free one.
+struct Reserve {
+    /// `/proc/self/fd`, rewound before each listing.
+    dir: rustix::fs::Dir,
+    dir_number: i32,
+    /// Where a connection is duplicated to be checked and shut down; holds a duplicate
+    /// of the directory in between.
+    slot: OwnedFd,
+}
+
+/// What one listing found.
+#[derive(Debug)]
+pub struct Survey {
+    /// Peers of our accepted connections that are not claimed WebSockets, lowest
+    /// descriptor number first: numbers are handed out lowest first, so among
+    /// connections open at once the earlier ones usually come first.
+    pub peers: Vec<SocketAddr>,
+    /// Descriptors this process has open, all kinds.
+    pub open: usize,
+    /// Peers whose connection has bytes waiting unread in the kernel.
+    pub unread: HashSet<SocketAddr>,
 }
 
 impl KnownSockets {
     fn fds(&self) -> MutexGuard<'_, Fds> {
         crate::sync::lock(&self.fds)
+    }
+
+    /// Opens the reserve (see the module doc). Without it, listings and shutdowns
+    /// open descriptors of their own, and fail when none is free.
+    pub fn reserve_descriptors(&self) -> std::io::Result<()> {
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let dir = rustix::fs::open("/proc/self/fd", flags, Mode::empty())?;
+        let slot = rustix::io::fcntl_dupfd_cloexec(&dir, 0)?;
+        let dir_number = dir.as_raw_fd();
+        *crate::sync::lock(&self.reserve) = Some(Reserve {
+            dir: rustix::fs::Dir::new(dir)?,
+            dir_number,
+            slot,
+        });
+        Ok(())
     }
 
     /// Finds the TCP socket whose local port is `local_port` and whose peer is `peer`,
@@ -177,30 +229,109 @@ impl KnownSockets {
         }
     }
 
-    /// The peers of our accepted connections that are not claimed WebSockets.
-    pub fn unclaimed_peers(&self, local_port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    /// The peers of our accepted connections that are not claimed WebSockets, and how
+    /// many descriptors are open.
+    pub fn survey(&self, local_port: u16) -> std::io::Result<Survey> {
         let skip = self.fds().known.clone();
-        let mut out = Vec::new();
-        scan(&skip, |fd| {
-            out.extend(peer_of(fd, local_port));
-            true
-        })?;
-        Ok(out)
+        let mut reserve = crate::sync::lock(&self.reserve);
+        let (numbers, open) = list(reserve.as_mut(), &skip)?;
+        // Highest first, so a connection's last (lowest) number is kept.
+        let mut lowest = std::collections::HashMap::new();
+        let mut unread = HashSet::new();
+        for n in numbers {
+            if let Some(peer) = peer_of(borrow(n), local_port) {
+                lowest.insert(peer, n);
+                if rustix::io::ioctl_fionread(borrow(n)).is_ok_and(|bytes| bytes > 0) {
+                    unread.insert(peer);
+                }
+            }
+        }
+        let mut peers: Vec<(SocketAddr, i32)> = lowest.into_iter().collect();
+        peers.sort_unstable_by_key(|(_, n)| *n);
+        Ok(Survey {
+            peers: peers.into_iter().map(|(p, _)| p).collect(),
+            open,
+            unread,
+        })
     }
 
     /// Shuts down the unclaimed connection from `peer` (both directions).
     pub fn shut_down(&self, local_port: u16, peer: SocketAddr) -> std::io::Result<bool> {
-        let skip = self.fds().known.clone();
-        let mut done = false;
-        scan(&skip, |fd| {
-            if let Some(dup) = verified_dup(fd, |d| is_connection(d, local_port, peer)) {
-                done = rustix::net::shutdown(&dup, rustix::net::Shutdown::Both).is_ok();
-                return false;
-            }
-            true
-        })?;
-        Ok(done)
+        Ok(self.shut_down_all(local_port, &HashSet::from([peer]))? > 0)
     }
+
+    /// Shuts down the unclaimed connections from `peers` (both directions) in one
+    /// listing; returns how many were found.
+    pub fn shut_down_all(
+        &self,
+        local_port: u16,
+        peers: &HashSet<SocketAddr>,
+    ) -> std::io::Result<usize> {
+        if peers.is_empty() {
+            return Ok(0);
+        }
+        let skip = self.fds().known.clone();
+        let mut reserve = crate::sync::lock(&self.reserve);
+        let (numbers, _) = list(reserve.as_mut(), &skip)?;
+        let mut left = peers.clone();
+        for n in numbers {
+            if left.is_empty() {
+                break;
+            }
+            let Some(peer) = peer_of(borrow(n), local_port).filter(|p| left.contains(p)) else {
+                continue;
+            };
+            let still = |fd: BorrowedFd<'_>| is_connection(fd, local_port, peer);
+            let both = rustix::net::Shutdown::Both;
+            let shut = match reserve.as_mut() {
+                Some(r) => {
+                    rustix::io::dup2(borrow(n), &mut r.slot).is_ok()
+                        && still(r.slot.as_fd())
+                        && rustix::net::shutdown(&r.slot, both).is_ok()
+                }
+                None => verified_dup(borrow(n), still)
+                    .is_some_and(|d| rustix::net::shutdown(&d, both).is_ok()),
+            };
+            if shut {
+                left.remove(&peer);
+            }
+        }
+        if let Some(Reserve { dir, slot, .. }) = reserve.as_mut() {
+            // Let go of the last connection: its descriptors must close when tiny_http's do.
+            let _ = dir.fd().and_then(|d| rustix::io::dup2(d, slot));
+        }
+        Ok(peers.len() - left.len())
+    }
+}
+
+/// The open descriptor numbers not in `skip` (nor the reserve's own), highest first,
+/// and how many are open in all.
+fn list(reserve: Option<&mut Reserve>, skip: &FdSet) -> std::io::Result<(Vec<i32>, usize)> {
+    let mut all: Vec<i32> = Vec::new();
+    let mut own = Vec::new();
+    match reserve {
+        Some(r) => {
+            own.extend([r.dir_number, r.slot.as_raw_fd()]);
+            r.dir.rewind();
+            while let Some(entry) = r.dir.read() {
+                let entry = entry?;
+                if let Some(n) = entry.file_name().to_str().ok().and_then(|s| s.parse().ok()) {
+                    all.push(n);
+                }
+            }
+        }
+        None => {
+            all.extend(
+                std::fs::read_dir("/proc/self/fd")?
+                    .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()),
+            );
+        }
+    }
+    let open = all.len();
+    all.retain(|n| !skip.contains(*n) && !own.contains(n));
+    // New connections usually hold the highest numbers: look there first.
+    all.sort_unstable_by(|a, b| b.cmp(a));
+    Ok((all, open))
 }
 
 /// Walks the numbers that are not known WebSockets, lowest first, for the connection
@@ -261,13 +392,7 @@ fn search_seen(fds: &mut Fds, local_port: u16, peer: SocketAddr) -> Option<(i32,
 /// Calls `visit` on each open descriptor not in `skip`, highest numbers first, until
 /// it returns false.
 fn scan(skip: &FdSet, mut visit: impl FnMut(BorrowedFd<'_>) -> bool) -> std::io::Result<()> {
-    let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|n| !skip.contains(*n))
-        .collect();
-    // New connections usually hold the highest numbers: look there first.
-    fds.sort_unstable_by(|a, b| b.cmp(a));
-    for fd in fds {
+    for fd in list(None, skip)?.0 {
         if !visit(borrow(fd)) {
             break;
         }
@@ -275,13 +400,57 @@ fn scan(skip: &FdSet, mut visit: impl FnMut(BorrowedFd<'_>) -> bool) -> std::io:
     Ok(())
 }
 
+/// Whether descriptor `number` is `listener`'s socket (a duplicate of it): tiny_http's
+/// accept thread holds the listening socket under its own number and closes it when
+/// the thread ends, for whatever reason.
+pub fn is_same_socket(number: i32, listener: &impl AsFd) -> bool {
+    let (Ok(theirs), Ok(ours)) = (
+        rustix::fs::fstat(borrow(number)),
+        rustix::fs::fstat(listener),
+    ) else {
+        return false;
+    };
+    rustix::fs::FileType::from_raw_mode(theirs.st_mode) == rustix::fs::FileType::Socket
+        && (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+}
+
+/// Whether at least `n` descriptors are free: tries to take them (duplicates of
+/// `any`) and gives them back.
+pub fn fds_free(any: &impl AsFd, n: usize) -> bool {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        match rustix::io::fcntl_dupfd_cloexec(any, 0) {
+            Ok(fd) => held.push(fd),
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// The lowest free descriptor number (the kernel hands out the lowest), or None when
+/// none is free. Cheap: a flood fills numbers from the bottom up, so a high number
+/// says the table is nearly full.
+pub fn lowest_free_fd() -> Option<i32> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open("/dev/null", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty());
+    fd.ok().map(|fd| fd.as_raw_fd())
+}
+
+/// The open-file limit in force now (an operator may change it while we run).
+pub fn fd_limit() -> u64 {
+    use rustix::process::{getrlimit, Resource};
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
 /// Borrows a descriptor number for a few system calls.
 fn borrow<'a>(fd: i32) -> BorrowedFd<'a> {
     // SAFETY: `borrow_raw` needs the fd to stay open while borrowed. Callers only make
-    // read-only queries (getsockname/getpeername) and an F_DUPFD_CLOEXEC on it; if
-    // another thread closed the number meanwhile these fail with EBADF, and if the
-    // number was reused they describe another file — which the check on the duplicate
-    // (`verified_dup`) rejects. No memory is reached through the fd.
+    // read-only queries (getsockname/getpeername/fstat/FIONREAD) and a duplication (F_DUPFD_CLOEXEC,
+    // or dup2 into our reserve slot) on it; if another thread closed the number
+    // meanwhile these fail with EBADF, and if the number was reused they describe
+    // another file — which the check on the duplicate (`verified_dup`, or the same
+    // check on the slot) rejects before anything acts on it. No memory is reached
+    // through the fd.
     unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
@@ -331,17 +500,34 @@ pub fn listen(addr: &str) -> std::io::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
-/// Opens a TCP connection to `to` without waiting for it and closes it again: on
-/// loopback the handshake is usually done before `connect` returns, so the listener
-/// sees a connection that ends at once; if not, nothing is left behind.
-pub fn connect_and_close(to: SocketAddr) {
+/// Makes tiny_http's connection pool take up to `times` more connections.
+///
+/// The pool starts a thread for a new connection only if it sees none idle at that
+/// moment; in a burst (the backlog a restarted server accepts at once, a wave of
+/// upgrades) several connections are queued for the same idle threads, and those
+/// that land behind a connection that holds its thread (idle, or a WebSocket) wait
+/// unread. Each empty connection of our own is a task that gets a new thread, which
+/// then takes the next queued connection. (`crate::ws` does this once per upgrade.) A nudge never waits: it starts a
+/// connection without blocking and closes it; on loopback the handshake is usually
+/// done before `connect` returns, and one the full listen queue would delay is lost.
+pub fn nudge_pool(listening: SocketAddr, times: usize) {
     use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let mut to = listening;
+    if to.ip().is_unspecified() {
+        to.set_ip(match to {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
     let family = match to {
         SocketAddr::V4(_) => AddressFamily::INET,
         SocketAddr::V6(_) => AddressFamily::INET6,
     };
     let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
-    if let Ok(fd) = rustix::net::socket_with(family, SocketType::STREAM, flags, None) {
+    for _ in 0..times {
+        let Ok(fd) = rustix::net::socket_with(family, SocketType::STREAM, flags, None) else {
+            return;
+        };
         let _ = rustix::net::connect(&fd, &to);
     }
 }
@@ -356,6 +542,43 @@ fn tune_listener(listener: &std::net::TcpListener) {
     let _ = sockopt::set_tcp_keepidle(listener, std::time::Duration::from_secs(60));
     let _ = sockopt::set_tcp_keepintvl(listener, std::time::Duration::from_secs(10));
     let _ = sockopt::set_tcp_keepcnt(listener, 6);
+}
+
+/// The machine's ceiling for open sockets: the open-file limit (soft, hard) and
+/// `vm.max_map_count`, and how many WebSockets fit under them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ceiling {
+    /// Soft open-file limit.
+    pub files_soft: u64,
+    /// Hard open-file limit (the server raises the soft limit to it).
+    pub files_hard: u64,
+    /// `vm.max_map_count` (None if unreadable).
+    pub max_map_count: Option<u64>,
+}
+
+impl Ceiling {
+    /// Reads this process's limits.
+    pub fn read() -> Ceiling {
+        use rustix::process::{getrlimit, Resource};
+        let lim = getrlimit(Resource::Nofile);
+        Ceiling {
+            files_soft: lim.current.unwrap_or(u64::MAX),
+            files_hard: lim.maximum.unwrap_or(u64::MAX),
+            max_map_count: std::fs::read_to_string("/proc/sys/vm/max_map_count")
+                .ok()
+                .and_then(|s| s.trim().parse().ok()),
+        }
+    }
+
+    /// WebSockets that fit: each holds 3 descriptors (plus 512 kept for everything
+    /// else) and 2 threads of 4 memory mappings each (plus 2,000 kept).
+    pub fn sockets(&self) -> u64 {
+        let by_fds = self.files_hard.saturating_sub(512) / 3;
+        let by_maps = self
+            .max_map_count
+            .map_or(u64::MAX, |m| m.saturating_sub(2000) / 8);
+        by_fds.min(by_maps).max(1)
+    }
 }
 
 /// Raises the open-file limit as far as allowed — each WebSocket costs 3 descriptors
@@ -459,14 +682,20 @@ mod tests {
         );
     }
 
-    #[test]
-    fn finds_the_right_socket_among_many() {
+    /// A listener's port, `n` clients connected to it, and their accepted ends.
+    fn connections(n: usize) -> (u16, Vec<TcpStream>, Vec<TcpStream>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let clients: Vec<TcpStream> = (0..5)
+        let clients: Vec<TcpStream> = (0..n)
             .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
             .collect();
-        let accepted: Vec<TcpStream> = (0..5).map(|_| listener.accept().unwrap().0).collect();
+        let accepted = (0..n).map(|_| listener.accept().unwrap().0).collect();
+        (port, clients, accepted)
+    }
+
+    #[test]
+    fn finds_the_right_socket_among_many() {
+        let (port, clients, accepted) = connections(5);
         let known = KnownSockets::default();
         let mut claims = Vec::new();
         for (i, client) in clients.iter().enumerate() {
@@ -484,10 +713,10 @@ mod tests {
         let stranger: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert!(known.claim(port, stranger).unwrap().is_none());
         // Claimed sockets are skipped: nothing is left unclaimed.
-        assert!(known.unclaimed_peers(port).unwrap().is_empty());
+        assert!(known.survey(port).unwrap().peers.is_empty());
         let first = clients[0].local_addr().unwrap();
         known.release(&claims.remove(0).numbers);
-        assert_eq!(known.unclaimed_peers(port).unwrap(), vec![first]);
+        assert_eq!(known.survey(port).unwrap().peers, vec![first]);
         assert!(known.shut_down(port, first).unwrap());
         let mut c = clients[0].try_clone().unwrap();
         let mut b = [0u8; 1];
@@ -497,5 +726,79 @@ mod tests {
             "the released connection was shut down"
         );
         drop(accepted);
+    }
+
+    fn is_shut(s: &TcpStream) -> bool {
+        s.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        matches!((&*s).read(&mut b), Ok(0))
+    }
+
+    #[test]
+    fn the_reserve_lists_and_shuts_down_several_connections() {
+        let (port, clients, accepted) = connections(4);
+        let known = KnownSockets::default();
+        known.reserve_descriptors().unwrap();
+        let survey = known.survey(port).unwrap();
+        // In the order they were accepted (their numbers ascend).
+        let expected: Vec<SocketAddr> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+        assert_eq!(survey.peers, expected);
+        assert!(survey.unread.is_empty(), "nothing sent yet");
+        (&clients[3]).write_all(b"GET / HTTP/1.1\r\n").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while known.survey(port).unwrap().unread.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "unread bytes not seen"
+            );
+        }
+        assert_eq!(
+            known.survey(port).unwrap().unread,
+            HashSet::from([expected[3]]),
+            "bytes nobody read yet"
+        );
+        assert!(
+            survey.open >= 2 + 8,
+            "reserve and both ends of four connections"
+        );
+        // Through the slot: exactly the two asked for are shut down.
+        let two: HashSet<SocketAddr> = expected[..2].iter().copied().collect();
+        assert_eq!(known.shut_down_all(port, &two).unwrap(), 2);
+        for c in &clients {
+            let asked = two.contains(&c.local_addr().unwrap());
+            assert_eq!(is_shut(c), asked, "{:?}", c.local_addr());
+        }
+        // The slot let go of the last one: closing ours ends that connection for good.
+        let slot = crate::sync::lock(&known.reserve)
+            .as_ref()
+            .map(|r| r.slot.as_raw_fd())
+            .unwrap();
+        assert_eq!(
+            peer_of(borrow(slot), port),
+            None,
+            "the slot holds no connection"
+        );
+        drop(accepted);
+        assert!(known.survey(port).unwrap().peers.is_empty());
+    }
+
+    #[test]
+    fn tells_whether_a_number_is_still_the_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let theirs = listener.try_clone().unwrap();
+        let number = theirs.as_raw_fd();
+        assert!(is_same_socket(number, &listener));
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(
+            !is_same_socket(other.as_raw_fd(), &listener),
+            "another socket"
+        );
+        drop(theirs);
+        // The number may be reused at once by a parallel test, but not for our listener.
+        assert!(!is_same_socket(number, &listener), "closed");
+        assert!(fds_free(&listener, 8));
+        assert!(lowest_free_fd().is_some());
+        assert!(fd_limit() > 8);
     }
 }

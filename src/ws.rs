@@ -18,7 +18,7 @@ use crate::model::Page;
 use crate::peer::{close, text_frame, Frame, Peer, QueueLimits};
 use crate::protocol::{self, error_event, event, ClientMsg, PresenceChoice};
 use crate::request::{
-    bearer_token, header_value, origin_allowed, peer_ip, query_param, with_header, Reply,
+    bearer_token, client_ip, header_value, origin_allowed, query_param, with_header, Reply,
 };
 use crate::store::audit::AuditEntry;
 use serde_json::{json, Value};
@@ -41,13 +41,13 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// The socket is registered (findable by kick, ban, announce and broadcasts) before
 /// the 101 goes out, but nothing is written to it until the 101 has been sent.
 pub fn upgrade(app: &Arc<App>, request: Request) {
-    let ip = peer_ip(&request);
+    let ip = client_ip(&request, &app.cfg.trusted_proxies);
     let (identity, accept, offered) = match admit(app, &request) {
         Ok(ok) => ok,
         Err(Refusal::Anonymous(e)) => return reject_anonymous(app, request, e, ip),
         Err(Refusal::Known(e)) => return reject(app, request, &e, ip),
     };
-    let Some(peer) = attach(app, &request, &identity) else {
+    let Some(peer) = attach(app, &request, &identity, ip.clone()) else {
         app.hub.unreserve(identity.user_id);
         let _ = request.respond(Reply::error(&ApiError::internal()).into_response());
         return;
@@ -60,7 +60,9 @@ pub fn upgrade(app: &Arc<App>, request: Request) {
     peer.start_writing();
     // Done here rather than on the socket's own thread, whose stack (resident for the
     // socket's whole life) stays smaller for it.
-    nudge_http_pool(app.local_addr);
+    // The upgraded connection holds its tiny_http thread for good: one more thread
+    // for whatever is queued behind it (see `sys::nudge_pool`).
+    crate::sys::nudge_pool(app.local_addr, 1);
     audit_socket(app, &peer, "ws_connect");
     let (app2, peer2) = (app.clone(), peer.clone());
     let spawned = std::thread::Builder::new()
@@ -96,7 +98,12 @@ fn admit(app: &App, request: &Request) -> Result<(Identity, String, bool), Refus
 }
 
 /// Finds the connection's socket and registers its peer (not yet writable).
-fn attach(app: &App, request: &Request, identity: &Identity) -> Option<Arc<Peer>> {
+fn attach(
+    app: &App,
+    request: &Request,
+    identity: &Identity,
+    ip: Option<String>,
+) -> Option<Arc<Peer>> {
     let peer_addr = request.remote_addr().copied()?;
     let sock = match app.known_sockets.claim(app.local_addr.port(), peer_addr) {
         Ok(Some(claimed)) => claimed,
@@ -105,7 +112,7 @@ fn attach(app: &App, request: &Request, identity: &Identity) -> Option<Arc<Peer>
             return None;
         }
     };
-    let peer = Arc::new(Peer::new(
+    let mut peer = Peer::new(
         app.hub.next_id(),
         identity,
         peer_addr,
@@ -115,7 +122,12 @@ fn attach(app: &App, request: &Request, identity: &Identity) -> Option<Arc<Peer>
             frames: app.cfg.send_queue,
             bytes: app.cfg.send_queue_bytes,
         },
-    ));
+    );
+    // Behind a trusted proxy, the audit trail names the client, not the proxy.
+    if let Some(ip) = ip {
+        peer.ip = ip;
+    }
+    let peer = Arc::new(peer);
     app.hub.register(peer.clone());
     app.expiry.watch(&peer);
     Some(peer)
@@ -220,7 +232,7 @@ fn handshake(app: &App, rq: &Request) -> Result<(String, String, bool), ApiError
 
 /// Absent Origin (native clients) passes; present, it must be our own origin or allowed.
 fn check_origin(app: &App, rq: &Request) -> Result<(), ApiError> {
-    match origin_allowed(rq, &app.cfg.allow_origins) {
+    match origin_allowed(rq, &app.cfg.allow_origins, &app.cfg.trusted_proxies) {
         Some(false) => Err(ApiError::forbidden("origin not allowed")),
         None | Some(true) => Ok(()),
     }
@@ -258,24 +270,6 @@ struct Conn {
     rooms: Vec<crate::model::Room>,
     /// `--msg-rate`, if on.
     rate: Option<TokenBucket>,
-}
-
-/// Each upgraded socket keeps one tiny_http pool thread parked until it closes, and
-/// the pool adds a thread only when it sees none idle at the moment it accepts a
-/// connection — which a burst of upgrades races past, leaving connections queued
-/// behind parked threads. An empty connection of our own makes the pool run one more
-/// (trivial) task, after which that thread takes the next queued connection; one
-/// nudge per upgrade keeps a burst moving until every upgrade is answered. It never
-/// waits: a nudge the full listen queue would delay is simply lost.
-fn nudge_http_pool(listening: std::net::SocketAddr) {
-    let mut to = listening;
-    if to.ip().is_unspecified() {
-        to.set_ip(match to {
-            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    crate::sys::connect_and_close(to);
 }
 
 fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {

@@ -130,33 +130,50 @@ impl Store {
     /// rolled-back insert rolls back the sequence too), so a deleted row is found even
     /// when later rows were chained onto its predecessor.
     pub fn verify_audit_chain(&self) -> Result<Option<(i64, String)>> {
-        self.read(|c| {
-            let mut st = c.prepare(
-                "SELECT id, ts, actor, action, target, ip, detail, prev_hash, hash
-                   FROM audit_log ORDER BY id",
-            )?;
-            let mut rows = st.query([])?;
-            let (mut prev, mut expected) = (String::new(), 1i64);
-            while let Some(r) = rows.next()? {
-                let id: i64 = r.get(0)?;
-                let (ts, actor, action): (String, Option<String>, String) =
-                    (r.get(1)?, r.get(2)?, r.get(3)?);
-                let (target, ip, detail): (Option<String>, Option<String>, String) =
-                    (r.get(4)?, r.get(5)?, r.get(6)?);
-                let (prev_hash, hash): (String, String) = (r.get(7)?, r.get(8)?);
-                if id != expected {
-                    return Ok(Some((expected, format!("was deleted (the next row present is {id})"))));
-                }
-                if prev_hash != prev {
-                    return Ok(Some((id, "does not follow the previous row (a row was deleted or inserted before it)".into())));
-                }
-                if row_hash(id, &ts, (&actor, &action, &target, &ip), &detail, &prev_hash) != hash {
-                    return Ok(Some((id, "its content was changed".into())));
-                }
-                prev = hash;
-                expected = id + 1;
-            }
-            Ok(None)
-        })
+        self.read(verify_chain)
     }
+}
+
+/// [`Store::verify_audit_chain`] on any connection (`parley check` opens the file
+/// read-only).
+pub fn verify_chain(c: &Connection) -> rusqlite::Result<Option<(i64, String)>> {
+    let mut st = c.prepare(
+        "SELECT id, ts, actor, action, target, ip, detail, prev_hash, hash
+           FROM audit_log ORDER BY id",
+    )?;
+    let mut rows = st.query([])?;
+    let (mut prev, mut expected) = (String::new(), 1i64);
+    while let Some(r) = rows.next()? {
+        let id: i64 = r.get(0)?;
+        let (ts, actor, action): (String, Option<String>, String) =
+            (r.get(1)?, r.get(2)?, r.get(3)?);
+        let (target, ip, detail): (Option<String>, Option<String>, String) =
+            (r.get(4)?, r.get(5)?, r.get(6)?);
+        let (prev_hash, hash): (String, String) = (r.get(7)?, r.get(8)?);
+        if id != expected {
+            return Ok(Some((
+                expected,
+                format!("was deleted (the next row present is {id})"),
+            )));
+        }
+        if prev_hash != prev {
+            return Ok(Some((
+                id,
+                "does not follow the previous row (a row was deleted or inserted before it)".into(),
+            )));
+        }
+        if row_hash(
+            id,
+            &ts,
+            (&actor, &action, &target, &ip),
+            &detail,
+            &prev_hash,
+        ) != hash
+        {
+            return Ok(Some((id, "its content was changed".into())));
+        }
+        prev = hash;
+        expected = id + 1;
+    }
+    Ok(None)
 }

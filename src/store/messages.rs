@@ -4,6 +4,18 @@ use super::{Result, Store, StoreError};
 use crate::model::{DirectMessage, Message, Page, Room, Stored};
 use rusqlite::{params, OptionalExtension};
 
+/// The columns `d.id, f.username, t.username, d.body, d.ts, d.client_id` as a DM.
+fn dm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DirectMessage> {
+    Ok(DirectMessage {
+        id: r.get(0)?,
+        from: r.get(1)?,
+        to: r.get(2)?,
+        body: r.get(3)?,
+        ts: r.get(4)?,
+        client_id: r.get(5)?,
+    })
+}
+
 /// Who sends a message, and the once-only key they gave with it.
 #[derive(Debug, Clone)]
 pub struct Sender {
@@ -224,16 +236,7 @@ impl Store {
         );
         let mut out: Vec<DirectMessage> = self.read(|c| {
             let mut st = c.prepare_cached(&sql)?;
-            let rows = st.query_map(params![a, b, lo, hi, page.limit], |r| {
-                Ok(DirectMessage {
-                    id: r.get(0)?,
-                    from: r.get(1)?,
-                    to: r.get(2)?,
-                    body: r.get(3)?,
-                    ts: r.get(4)?,
-                    client_id: r.get(5)?,
-                })
-            })?;
+            let rows = st.query_map(params![a, b, lo, hi, page.limit], dm_row)?;
             rows.collect()
         })?;
         if page.after.is_none() {
@@ -290,16 +293,7 @@ impl Store {
                                   GROUP BY CASE WHEN from_id = ?1 THEN to_id ELSE from_id END)
                   ORDER BY d.id DESC LIMIT ?2",
             )?;
-            let rows = st.query_map(params![user_id, limit], |r| {
-                Ok(DirectMessage {
-                    id: r.get(0)?,
-                    from: r.get(1)?,
-                    to: r.get(2)?,
-                    body: r.get(3)?,
-                    ts: r.get(4)?,
-                    client_id: r.get(5)?,
-                })
-            })?;
+            let rows = st.query_map(params![user_id, limit], dm_row)?;
             rows.collect()
         })
     }

@@ -11,6 +11,7 @@
 //! [`audit`] (the hash-chained security log).
 
 pub mod audit;
+pub mod health;
 pub mod messages;
 pub mod space;
 pub mod users;
@@ -548,7 +549,7 @@ pub(crate) mod tests {
         let dir = std::env::temp_dir().join(format!(
             "parley-unit-{}-{}",
             std::process::id(),
-            crate::auth::random_token()
+            crate::random::random_token()
         ));
         std::fs::create_dir_all(&dir).unwrap();
         dir

@@ -73,7 +73,7 @@ const SESSION_CURRENT: &str =
 
 /// A new account stamp: 16 random bytes, base64url.
 pub(super) fn new_stamp() -> String {
-    crate::auth::random_token_bytes(16)
+    crate::random::random_token_bytes(16)
 }
 
 fn user_record(r: &Row<'_>) -> rusqlite::Result<UserRecord> {
