@@ -79,6 +79,18 @@ test('unread counts and the tab title', async () => {
   assert.doesNotMatch(await bob.title(), /^\(/);
 });
 
+test('leaving a room takes it off the list and back to the next one', async () => {
+  await bob.locator('#room-list button[data-id="random"]').click();
+  await bob.locator('#conv-title', { hasText: '#random' }).waitFor();
+  await bob.locator('#leave-btn').click();
+  await bob.locator('#room-list button[data-id="random"]').waitFor({ state: 'detached' });
+  assert.equal(await bob.locator('#conv-title').textContent(), '#general');
+  // and it stays left after a reload
+  await bob.reload();
+  await connected(bob);
+  assert.equal(await bob.locator('#room-list button[data-id="random"]').count(), 0);
+});
+
 test('keyboard: Escape closes a dialog and focus comes back', async () => {
   await alice.locator('#rooms-btn').focus();
   await alice.keyboard.press('Enter');

@@ -115,9 +115,9 @@ export async function newPage(context) {
 }
 
 /**
- * Loads the page. The wait is long on purpose: load.test.mjs is the test of how fast
- * a page loads (a server that queues connections behind busy threads can stall it for
- * its idle timeout, 30 s); the other tests are about what the page does once loaded.
+ * Loads the page. The wait is generous on purpose: load.test.mjs is the test of how
+ * fast a page loads (a burst of connections can wait seconds for a thread); the other
+ * tests are about what the page does once loaded.
  */
 export async function open(page, server) {
   await page.goto(server.url + '/', { timeout: 60000 });

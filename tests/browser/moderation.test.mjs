@@ -108,15 +108,29 @@ test('the admin bans a member, whose page says why it was disconnected', async (
   await mia.locator('#auth-error', { hasText: 'This account is banned.' }).waitFor();
 });
 
+test('the admin unbans her and she can log in again', async () => {
+  await root.locator('#user-rows tr[data-user="mia"]').getByRole('button', { name: 'Unban' }).click();
+  await root.locator('#user-rows tr[data-user="mia"] .tag', { hasText: 'active' }).waitFor();
+  await mia.locator('#login-btn').click();
+  await mia.locator('#app-view').waitFor({ state: 'visible' });
+  await connected(mia);
+});
+
 test('the audit trail pages newest first', async () => {
+  for (let i = 0; i < 60; i++) await server.api('POST', '/api/login', { username: 'mia', password: 'not-her-password' });
   await root.locator('#tab-audit').click();
-  await root.locator('#audit-rows tr', { hasText: 'ban' }).first().waitFor();
+  await root.locator('#audit-rows tr', { hasText: 'login_failed' }).first().waitFor();
   const ids = (await root.locator('#audit-rows tr td:first-child').allTextContents()).map(Number);
   assert.deepEqual(ids, [...ids].sort((a, b) => b - a), 'newest first');
-  await shot(root, 'admin-audit');
-  if (await root.locator('#audit-older').isEnabled()) {
-    await root.locator('#audit-older').click();
-    await root.locator('#audit-rows tr td:first-child', { hasText: String(ids[ids.length - 1] - 1) }).first().waitFor();
+  assert.equal(ids.length, 50);
+  await root.locator('#audit-older').click();
+  await root.locator('#audit-rows tr:first-child td:first-child', { hasText: String(ids[ids.length - 1] - 1) }).waitFor();
+  // the older page reaches back to the ban and unban
+  for (const action of ['ban', 'unban']) {
+    await root.locator('#audit-rows tr').filter({ has: root.getByText(action, { exact: true }) }).first().waitFor();
   }
+  await shot(root, 'admin-audit');
+  await root.locator('#audit-newest').click();
+  await root.locator('#audit-rows tr:first-child td:first-child', { hasText: String(ids[0]) }).waitFor();
   noProblems(root, mod);
 });
