@@ -85,3 +85,14 @@ test('an ack lost with the connection: the resend is answered, not stored twice'
   assert.equal(count(await bodies(bob)), 1);
   assert.equal(count(await stored('general')), 1);
 });
+
+test('the device goes offline and back: the page says so, reconnects and catches up', async () => {
+  await alice.context().setOffline(true);
+  await alice.locator('#conn[data-status="offline"]', { hasText: 'this device is offline' }).waitFor();
+  await say(bob, 'while you were away');
+  await seesMessage(bob, 'while you were away');
+  await alice.context().setOffline(false);
+  await connected(alice, 30000);
+  await seesMessage(alice, 'while you were away');
+  assert.equal((await bodies(alice)).filter((b) => b === 'while you were away').length, 1);
+});

@@ -48,8 +48,13 @@ export class ChatSocket {
     this.outbox = new Map();
     this.connecting = false;
     api.onToken((token) => this.send({ type: 'refresh', access_token: token, ref: 'refresh' }));
-    addEventListener('online', () => { if (!this.stopped && !this.ws) this.connect(); });
-    addEventListener('offline', () => this.ws?.close());
+    addEventListener('online', () => this.reconnectNow());
+    addEventListener('offline', () => {
+      if (this.stopped) return;
+      clearTimeout(this.timer);
+      this.drop();
+      this.setState({ status: 'offline', reason: 'this device is offline' });
+    });
   }
 
   start() {
