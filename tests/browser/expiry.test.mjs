@@ -66,5 +66,10 @@ test('two tabs stay connected and logged in over several expiries', async () => 
   assert.equal(count('refresh_reuse'), 0);
   assert.equal(count('refresh_retry'), 0, 'tabs take turns under the lock');
   assert.equal(events.filter((e) => e.action === 'ws_disconnect' && e.actor === 'alice' && e.detail?.code === 4001).length, 0);
+
+  // logging out in one tab logs the other out too
+  await tab2.locator('#logout-btn').click();
+  await tab2.locator('#auth-view').waitFor({ state: 'visible' });
+  await tab1.locator('#auth-error', { hasText: 'You logged out in another tab.' }).waitFor();
   noProblems(tab1, tab2);
 });
