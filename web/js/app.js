@@ -10,7 +10,7 @@ import * as api from './api.js';
 import { ChatSocket } from './socket.js';
 import { Conv, state, can, currentConv, totalUnread, savedRooms, saveRooms } from './state.js';
 import { actionError, charCount } from './format.js';
-import { $, announce, notice, confirmAction } from './ui/dom.js';
+import { $, h, announce, notice, confirmAction } from './ui/dom.js';
 import { initAuth, showAuth } from './ui/auth.js';
 import { initSidebar, renderSidebar } from './ui/sidebar.js';
 import { initMessages, renderAll, appendNew, renderPending, clearMessages, toBottom, notFilled } from './ui/messages.js';
@@ -69,29 +69,17 @@ function showOnline() {
 }
 
 function renderAnnouncements() {
-  const box = $('announcements');
-  box.replaceChildren(...state.announcements.slice(-3).map((a) => {
-    const el = document.createElement('div');
-    el.className = 'announcement';
-    el.setAttribute('role', 'note');
-    const head = document.createElement('strong');
-    head.textContent = `Announcement from ${a.from}`;
-    const when = document.createElement('time');
-    when.dateTime = a.ts;
-    when.textContent = ` · ${new Date(a.ts).toLocaleString()}`;
-    const body = document.createElement('p');
-    body.textContent = a.body;
-    const close = document.createElement('button');
-    close.className = 'small';
-    close.textContent = 'Dismiss';
-    close.setAttribute('aria-label', `Dismiss announcement from ${a.from}`);
-    close.addEventListener('click', () => {
-      state.announcements.splice(state.announcements.indexOf(a), 1);
-      renderAnnouncements();
-    });
-    el.append(head, when, close, body);
-    return el;
-  }));
+  $('announcements').replaceChildren(...state.announcements.slice(-3).map((a) => h('div', { class: 'announcement', role: 'note' },
+    h('strong', { text: `Announcement from ${a.from}` }),
+    h('time', { datetime: a.ts, text: ` · ${new Date(a.ts).toLocaleString()}` }),
+    h('button', {
+      class: 'small', text: 'Dismiss', 'aria-label': `Dismiss announcement from ${a.from}`,
+      onclick: () => {
+        state.announcements.splice(state.announcements.indexOf(a), 1);
+        renderAnnouncements();
+      },
+    }),
+    h('p', { text: a.body }))));
 }
 
 // ---- incoming ----------------------------------------------------------------------
