@@ -36,7 +36,7 @@ export function dayLabel(ts, now = new Date()) {
 
 /**
  * Why a socket closed, in words, from its close code and the server's reason text
- * (PROTOCOL.md: 4001 expired; 4003 kicked, banned or revoked; 1001 going away; 1008
+ * (docs/socket.md: 4001 expired; 4003 kicked, banned or revoked; 1001 going away; 1008
  * too slow).
  */
 export function closeReason(code, reason) {
