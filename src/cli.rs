@@ -167,6 +167,8 @@ pub enum Command {
         /// Destination; must not exist.
         file: PathBuf,
     },
+    /// Print the GraphQL schema (SDL).
+    GraphqlSchema,
     /// Create FILE as a demo database (how chat.db.example is made).
     #[command(hide = true)]
     ExampleDb {
@@ -295,6 +297,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             let store = Store::open(&cfg.db).map_err(failed)?;
             store.backup(&file).map_err(failed)?;
             println!("backup written to {}", file.display());
+            Ok(())
+        }
+        Some(Command::GraphqlSchema) => {
+            print!("{}", crate::graphql::sdl());
             Ok(())
         }
         Some(Command::ExampleDb { file }) => {

@@ -40,6 +40,9 @@ fn dispatch(app: &Arc<App>, mut request: Request) {
     if path == "/ws" {
         return crate::ws::upgrade(app, request);
     }
+    if path == "/graphql" && crate::graphql::socket::wants_upgrade(&request) {
+        return crate::graphql::upgrade(app, request);
+    }
     if *request.method() == Method::Post && (path == "/api/login" || path == "/api/register") {
         return password_route(app, request, path == "/api/login");
     }
@@ -67,6 +70,13 @@ fn route(app: &Arc<App>, rq: &mut Request, path: &str) -> Result<Reply, ApiError
     use Method::{Get, Post};
     match (segs.as_slice(), &method) {
         (["healthz"], Get) => Ok(Reply::json(200, json!({"status": "ok"}))),
+        (["graphql"], Get) => crate::graphql::http::get(app, rq, identify(app, rq)?),
+        (["graphql"], Post) => {
+            let actor = identify(app, rq)?;
+            let raw = read_body(app, rq)?;
+            require_json(rq)?;
+            crate::graphql::http::post(app, rq, actor, &raw)
+        }
         (["metrics"], Get) => Ok(metrics(app)),
         (["api", "refresh"], Post) => refresh(app, rq),
         (["api", "logout"], Post) => logout(app, rq),
@@ -123,7 +133,7 @@ fn route(app: &Arc<App>, rq: &mut Request, path: &str) -> Result<Reply, ApiError
             let id = id
                 .parse::<i64>()
                 .map_err(|_| ApiError::not_found("no such message"))?;
-            wait_for(|done| actions::delete_message(app, &actor, id, done))?;
+            actions::wait_for(|done| actions::delete_message(app, &actor, id, done))?;
             Ok(Reply::no_content())
         }
         (["api", "admin", "users", user, "roles"], Method::Put) => {
@@ -172,6 +182,7 @@ fn known_path(segs: &[&str]) -> bool {
         ["healthz"]
             | ["metrics"]
             | ["ws"]
+            | ["graphql"]
             | [
                 "api",
                 "register" | "login" | "refresh" | "logout" | "me" | "rooms" | "users" | "dms"
@@ -263,17 +274,6 @@ fn respond(rq: Request, reply: Reply) {
     }
 }
 
-/// Runs an action whose result arrives on the writer thread, and waits for it.
-fn wait_for(
-    start: impl FnOnce(Box<dyn FnOnce(Result<(), ApiError>) + Send>) -> Result<(), ApiError>,
-) -> Result<(), ApiError> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    start(Box::new(move |r| {
-        let _ = tx.send(r);
-    }))?;
-    rx.recv().unwrap_or_else(|_| Err(ApiError::internal()))
-}
-
 #[derive(Deserialize)]
 struct RolesBody {
     roles: Vec<String>,
@@ -362,14 +362,20 @@ fn create_room(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
 /// A request that changes something counts against the user's `--msg-rate` budget
 /// (logging out never does).
 fn authenticate(app: &App, rq: &Request) -> Result<Actor, ApiError> {
-    let token = bearer_token(rq).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
-    let id = app.auth.authenticate(&app.store, token)?;
-    let actor = Actor::new(&id, peer_ip(rq));
+    let actor = identify(app, rq)?;
     let reads = matches!(rq.method(), Method::Get | Method::Head);
     if !reads && !rq.url().starts_with("/api/logout") {
         actions::check_write_rate(app, &actor)?;
     }
     Ok(actor)
+}
+
+/// The caller behind the `Authorization: Bearer` token, checked against the
+/// database's current state (no write is counted: GraphQL counts its own).
+fn identify(app: &App, rq: &Request) -> Result<Actor, ApiError> {
+    let token = bearer_token(rq).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+    let id = app.auth.authenticate(&app.store, token)?;
+    Ok(Actor::new(&id, peer_ip(rq)))
 }
 
 fn require_json(rq: &Request) -> Result<(), ApiError> {

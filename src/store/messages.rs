@@ -41,6 +41,18 @@ impl Sender {
     }
 }
 
+/// A DM from a row of `id, from name, to name, body, ts, client_id`.
+fn dm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DirectMessage> {
+    Ok(DirectMessage {
+        id: r.get(0)?,
+        from: r.get(1)?,
+        to: r.get(2)?,
+        body: r.get(3)?,
+        ts: r.get(4)?,
+        client_id: r.get(5)?,
+    })
+}
+
 /// The newest-first or oldest-first scan a [`Page`] needs, and its id bounds.
 fn page_plan(page: Page) -> (&'static str, i64, i64) {
     let lo = page.after.unwrap_or(0);
@@ -224,16 +236,7 @@ impl Store {
         );
         let mut out: Vec<DirectMessage> = self.read(|c| {
             let mut st = c.prepare_cached(&sql)?;
-            let rows = st.query_map(params![a, b, lo, hi, page.limit], |r| {
-                Ok(DirectMessage {
-                    id: r.get(0)?,
-                    from: r.get(1)?,
-                    to: r.get(2)?,
-                    body: r.get(3)?,
-                    ts: r.get(4)?,
-                    client_id: r.get(5)?,
-                })
-            })?;
+            let rows = st.query_map(params![a, b, lo, hi, page.limit], dm_row)?;
             rows.collect()
         })?;
         if page.after.is_none() {
@@ -290,17 +293,66 @@ impl Store {
                                   GROUP BY CASE WHEN from_id = ?1 THEN to_id ELSE from_id END)
                   ORDER BY d.id DESC LIMIT ?2",
             )?;
-            let rows = st.query_map(params![user_id, limit], |r| {
-                Ok(DirectMessage {
-                    id: r.get(0)?,
-                    from: r.get(1)?,
-                    to: r.get(2)?,
-                    body: r.get(3)?,
-                    ts: r.get(4)?,
-                    client_id: r.get(5)?,
-                })
-            })?;
+            let rows = st.query_map(params![user_id, limit], dm_row)?;
             rows.collect()
+        })
+    }
+}
+
+/// The message a sender first stored with a once-only key: a room message or a DM
+/// (`None` inside when it has been deleted since).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sent {
+    /// A room message.
+    Room(Option<Message>),
+    /// A direct message.
+    Dm(Option<DirectMessage>),
+}
+
+impl Store {
+    /// What `user_id` first stored with `client_id`, if anything.
+    pub fn sent_with(&self, user_id: i64, client_id: &str) -> Result<Option<Sent>> {
+        self.read(|c| {
+            let first: Option<(String, i64)> = c
+                .prepare_cached(
+                    "SELECT kind, message_id FROM client_ids WHERE user_id = ?1 AND client_id = ?2",
+                )?
+                .query_row(params![user_id, client_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let Some((kind, id)) = first else {
+                return Ok(None);
+            };
+            if kind == "dm" {
+                let dm = c
+                    .prepare_cached(
+                        "SELECT d.id, f.username, t.username, d.body, d.ts, d.client_id
+                           FROM direct_messages d
+                           JOIN users f ON f.id = d.from_id JOIN users t ON t.id = d.to_id
+                          WHERE d.id = ?1 AND d.deleted_at IS NULL",
+                    )?
+                    .query_row([id], dm_row)
+                    .optional()?;
+                return Ok(Some(Sent::Dm(dm)));
+            }
+            let msg = c
+                .prepare_cached(
+                    "SELECT m.id, r.name, u.username, m.body, m.ts, m.client_id
+                       FROM messages m JOIN rooms r ON r.id = m.room_id
+                       JOIN users u ON u.id = m.user_id
+                      WHERE m.id = ?1 AND m.deleted_at IS NULL",
+                )?
+                .query_row([id], |r| {
+                    Ok(Message {
+                        id: r.get(0)?,
+                        room: r.get(1)?,
+                        from: r.get(2)?,
+                        body: r.get(3)?,
+                        ts: r.get(4)?,
+                        client_id: r.get(5)?,
+                    })
+                })
+                .optional()?;
+            Ok(Some(Sent::Room(msg)))
         })
     }
 }
