@@ -307,8 +307,8 @@ struct Conn {
     actor: Actor,
     /// Joined rooms by name, with their ids.
     rooms: Vec<crate::model::Room>,
-    /// `--msg-rate`, if on.
-    rate: Option<TokenBucket>,
+    /// `--msg-rate`.
+    rate: MessageRate,
 }
 
 /// Each upgraded socket keeps one tiny_http pool thread parked until it closes, and
@@ -340,9 +340,26 @@ pub fn socket_actor(peer: &Peer) -> Actor {
     Actor::new(&identity, Some(peer.ip.clone()))
 }
 
-/// `--msg-rate` for one socket, if on.
-pub fn socket_rate(app: &App) -> Option<TokenBucket> {
-    (app.cfg.msg_rate > 0).then(|| TokenBucket::new(app.cfg.msg_rate, Duration::from_secs(1)))
+/// `--msg-rate` for one socket: the messages per second it may send (all, if off).
+pub struct MessageRate(Option<TokenBucket>);
+
+impl MessageRate {
+    /// A full budget.
+    pub fn new(app: &App) -> MessageRate {
+        let per_second = app.cfg.msg_rate;
+        MessageRate((per_second > 0).then(|| TokenBucket::new(per_second, Duration::from_secs(1))))
+    }
+
+    /// Counts one message; `rate_limited` past the budget.
+    pub fn take(&mut self) -> Result<(), ApiError> {
+        match self.0.as_mut().map(|b| b.take(Instant::now())) {
+            Some(Err(wait)) => Err(ApiError::rate_limited(
+                "too many messages; slow down",
+                wait.as_secs() + 1,
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Reads the socket until it closes, then lets go of it: leaves its rooms (telling
@@ -474,7 +491,7 @@ impl Protocol for Conn {
     fn on_text(&mut self, text: &str) {
         match protocol::parse(text) {
             Ok((msg, reference)) => {
-                if let Err(e) = self.within_rate() {
+                if let Err(e) = self.rate.take() {
                     return self.reply_error(&e, &reference);
                 }
                 if let Err(e) = self.act(msg, &reference) {
@@ -502,7 +519,7 @@ impl Conn {
             actor: socket_actor(peer),
             peer: peer.clone(),
             rooms: Vec::new(),
-            rate: socket_rate(app),
+            rate: MessageRate::new(app),
         }
     }
 
@@ -512,17 +529,6 @@ impl Conn {
 
     fn reply_error(&self, e: &ApiError, reference: &Value) {
         self.send_json(&error_event(e, reference));
-    }
-
-    /// Counts a frame against `--msg-rate`.
-    fn within_rate(&mut self) -> Result<(), ApiError> {
-        match self.rate.as_mut().map(|b| b.take(Instant::now())) {
-            Some(Err(wait)) => Err(ApiError::rate_limited(
-                "too many messages; slow down",
-                wait.as_secs() + 1,
-            )),
-            _ => Ok(()),
-        }
     }
 
     fn act(&mut self, msg: ClientMsg, reference: &Value) -> Result<(), ApiError> {

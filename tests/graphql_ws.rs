@@ -161,6 +161,7 @@ fn protocol_rules() {
             .len()
             > 10
     );
+    c.expect("i", "complete");
     c.ping();
     // Announcements are for chat sockets (bob, the first account, is admin): nothing
     // stray arrives here.
@@ -288,8 +289,8 @@ fn dm_received_both_directions() {
         "mutation { sendDm(to: \"carol\", body: \"note to self\") { id } }",
         json!({}),
     );
-    a.ping();
-    b.ping();
+    a.quiet_for(Duration::from_millis(200));
+    b.quiet_for(Duration::from_millis(200));
 }
 
 /// `since` replays everything stored after it, in id order and without a cap, then

@@ -22,7 +22,6 @@ use super::{charge_writes, request_error, schema, Gql, Signal};
 use crate::actions::Actor;
 use crate::app::App;
 use crate::error::ApiError;
-use crate::limits::TokenBucket;
 use crate::peer::{text_frame, Peer, SocketKind};
 use crate::sync::lock;
 use crate::ws::{self, Protocol};
@@ -117,7 +116,8 @@ struct Session {
     actor: Actor,
     shared: Arc<Shared>,
     pump: Option<JoinHandle<()>>,
-    rate: Option<TokenBucket>,
+    /// `--msg-rate`: `subscribe` messages and renewals count.
+    rate: ws::MessageRate,
     initialised: bool,
     next_seq: u64,
 }
@@ -155,7 +155,7 @@ impl Session {
             peer: peer.clone(),
             shared,
             pump,
-            rate: ws::socket_rate(app),
+            rate: ws::MessageRate::new(app),
             initialised: false,
             next_seq: 0,
         }
@@ -228,7 +228,8 @@ impl Session {
             return self.send(&json!({"type": "pong"}));
         };
         let renewed = self
-            .within_rate()
+            .rate
+            .take()
             .and_then(|()| ws::renew(&self.app, &self.peer, token));
         let answer = match renewed {
             Ok(id) => {
@@ -247,7 +248,7 @@ impl Session {
                 format!("Subscriber for {id} already exists"),
             ));
         }
-        let admitted = self.within_rate().and_then(|()| {
+        let admitted = self.rate.take().and_then(|()| {
             if lock(&self.shared.state).active.len() >= MAX_OPERATIONS {
                 return Err(ApiError::bad_request(format!(
                     "at most {MAX_OPERATIONS} operations may run at once on one socket"
@@ -272,17 +273,6 @@ impl Session {
             actor: self.actor.clone(),
         });
         Ok(())
-    }
-
-    /// Counts a `subscribe` or a renewal against `--msg-rate` (per socket, as on `/ws`).
-    fn within_rate(&mut self) -> Result<(), ApiError> {
-        match self.rate.as_mut().map(|b| b.take(Instant::now())) {
-            Some(Err(wait)) => Err(ApiError::rate_limited(
-                "too many messages; slow down",
-                wait.as_secs() + 1,
-            )),
-            _ => Ok(()),
-        }
     }
 }
 
