@@ -91,10 +91,11 @@ impl Fanout {
     }
 
     /// Publishes a typed event to its listeners, in order after everything queued
-    /// before; nothing is queued while nobody listens.
-    pub fn publish(&self, event: Event) {
+    /// before. While nobody listens (no GraphQL subscription) the event is not even
+    /// made: `event` runs only when someone may hear it.
+    pub fn publish(&self, event: impl FnOnce() -> Event) {
         if !self.listeners.is_empty() {
-            self.send(Item::Publish(event));
+            self.send(Item::Publish(event()));
         }
     }
 

@@ -150,7 +150,8 @@ pub fn send_message(
                     id: Some(msg.id),
                 };
                 app2.fanout.deliver(vec![(to, frame)]);
-                app2.fanout.publish(Event::Message(Arc::new(msg.clone())));
+                app2.fanout
+                    .publish(|| Event::Message(Arc::new(msg.clone())));
             }
         });
         done(res)
@@ -188,7 +189,8 @@ pub fn send_dm(
                 }
                 app2.fanout.deliver(delivery);
                 let users = [from_id, to_id];
-                app2.fanout.publish(Event::Dm(Arc::new(dm.clone()), users));
+                app2.fanout
+                    .publish(|| Event::Dm(Arc::new(dm.clone()), users));
             }
         });
         done(res)

@@ -86,7 +86,7 @@ pub fn delete_message(
                 };
                 app2.fanout.deliver(vec![(to, frame)]);
                 app2.fanout
-                    .publish(Event::Deleted(std::sync::Arc::new(deleted)));
+                    .publish(|| Event::Deleted(std::sync::Arc::new(deleted)));
                 audit_by(
                     &app2,
                     &actor2,
