@@ -200,6 +200,8 @@ pub enum Command {
         /// Destination; must not exist.
         file: PathBuf,
     },
+    /// Print the GraphQL schema (SDL).
+    GraphqlSchema,
     /// Create FILE as a demo database (how chat.db.example is made).
     #[command(hide = true)]
     ExampleDb {
@@ -345,6 +347,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Some(Command::Check) => {
             crate::check::run(&cfg.db, cfg.max_sockets).map_err(CliError::Failed)
+        }
+        Some(Command::GraphqlSchema) => {
+            print!("{}", crate::graphql::sdl());
+            Ok(())
         }
         Some(Command::ExampleDb { file }) => {
             crate::server::example_db(&file, &cfg).map_err(CliError::Failed)

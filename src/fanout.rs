@@ -7,9 +7,12 @@
 //! lock held, drops the sockets whose queue overflowed and writes each touched socket
 //! once: when messages arrive faster than they can be sent, several leave in one
 //! system call, so the cost per delivery falls as load rises instead of latency
-//! climbing. [`Fanout::stop`] (at shutdown, after a final [`Fanout::sync`]) closes the
+//! climbing. Typed [`Event`]s for GraphQL subscriptions ([`crate::events`]) take the
+//! same queue and thread, so they too go out in commit order and never wait on a slow
+//! listener. [`Fanout::stop`] (at shutdown, after a final [`Fanout::sync`]) closes the
 //! queue and joins the thread.
 
+use crate::events::{Event, Listeners, Listening, Topic};
 use crate::hub::Hub;
 use crate::peer::{Frame, Handed, Peer};
 use crate::service::{Worker, SERVICE_STACK};
@@ -29,7 +32,7 @@ pub enum Target {
     },
     /// These sockets (presence, addressed to who was in the room at that moment).
     Peers(Vec<Arc<Peer>>),
-    /// Every socket of a user.
+    /// Every chat socket of a user.
     User(i64),
     /// The sockets of a room that take presence batches.
     BatchTakers(String),
@@ -41,6 +44,7 @@ type Delivery = Vec<(Target, Frame)>;
 
 enum Item {
     Deliver(Delivery),
+    Publish(Event),
     /// Answered once everything queued before it has been written out.
     Sync(SyncSender<()>),
 }
@@ -56,6 +60,7 @@ const MAX_PASS: usize = 512;
 /// Handle to the fan-out thread.
 pub struct Fanout {
     tx: Mutex<Option<SyncSender<Item>>>,
+    listeners: Arc<Listeners>,
     worker: Worker,
 }
 
@@ -63,9 +68,12 @@ impl Fanout {
     /// Starts the fan-out thread.
     pub fn start(hub: Arc<Hub>) -> std::io::Result<Fanout> {
         let (tx, rx) = mpsc::sync_channel(QUEUE_CAP);
-        let worker = Worker::spawn("fanout", SERVICE_STACK, move || run(&hub, &rx))?;
+        let listeners = Arc::new(Listeners::default());
+        let l = listeners.clone();
+        let worker = Worker::spawn("fanout", SERVICE_STACK, move || run(&hub, &l, &rx))?;
         Ok(Fanout {
             tx: Mutex::new(Some(tx)),
+            listeners,
             worker,
         })
     }
@@ -82,6 +90,20 @@ impl Fanout {
         self.send(Item::Deliver(delivery));
     }
 
+    /// Publishes a typed event to its listeners, in order after everything queued
+    /// before. While nobody listens (no GraphQL subscription) the event is not even
+    /// made: `event` runs only when someone may hear it.
+    pub fn publish(&self, event: impl FnOnce() -> Event) {
+        if !self.listeners.is_empty() {
+            self.send(Item::Publish(event()));
+        }
+    }
+
+    /// Starts listening to `topic` (see [`Listeners::listen`]).
+    pub fn listen(&self, topic: Topic, owner: &Arc<Peer>, cap: usize) -> Listening {
+        self.listeners.listen(topic, Arc::downgrade(owner), cap)
+    }
+
     /// Waits until everything queued so far has been handed to its sockets.
     pub fn sync(&self) {
         let (tx, rx) = mpsc::sync_channel(1);
@@ -96,7 +118,7 @@ impl Fanout {
     }
 }
 
-fn run(hub: &Hub, rx: &Receiver<Item>) {
+fn run(hub: &Hub, listeners: &Listeners, rx: &Receiver<Item>) {
     while let Ok(first) = rx.recv() {
         let mut pass = vec![first];
         while pass.len() < MAX_PASS {
@@ -112,6 +134,11 @@ fn run(hub: &Hub, rx: &Receiver<Item>) {
                 Item::Deliver(d) => {
                     for (target, frame) in d {
                         queue(hub, &target, &frame, &mut touched);
+                    }
+                }
+                Item::Publish(e) => {
+                    for p in listeners.push(&e) {
+                        touched.overflowed.entry(p.id).or_insert(p);
                     }
                 }
                 Item::Sync(done) => synced.push(done),
@@ -152,7 +179,7 @@ fn queue(hub: &Hub, target: &Target, frame: &Frame, touched: &mut Touched) {
         Target::BatchTakers(name) => hub.for_each_batch_taker(name, |p| put(p, None)),
         Target::Peers(peers) => peers.iter().for_each(|p| put(p, None)),
         Target::User(user_id) => {
-            for p in &hub.user_peers(*user_id) {
+            for p in hub.user_peers(*user_id).iter().filter(|p| p.speaks_chat()) {
                 put(p, None);
             }
         }

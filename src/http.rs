@@ -36,6 +36,9 @@ pub fn dispatch(app: &Arc<App>, mut ex: Exchange) {
         // What the upgrade writes (a 101, or a short refusal) fits in HEAD_BYTES.
         return ex.write(HEAD_BYTES, crate::ws::upgrade);
     }
+    if path == "/graphql" && crate::graphql::socket::wants_upgrade(&ex.rq) {
+        return ex.write(HEAD_BYTES, crate::graphql::upgrade);
+    }
     if *ex.rq.method() == Method::Post && (path == "/api/login" || path == "/api/register") {
         return password_route(app, ex, path == "/api/login");
     }
@@ -63,6 +66,13 @@ fn route(app: &Arc<App>, rq: &mut Request, path: &str) -> Result<Reply, ApiError
     use Method::{Get, Post};
     match (segs.as_slice(), &method) {
         (["healthz"], Get) => Ok(Reply::json(200, json!({"status": "ok"}))),
+        (["graphql"], Get) => crate::graphql::http::get(app, rq, identify(app, rq)?),
+        (["graphql"], Post) => {
+            let actor = identify(app, rq)?;
+            let raw = read_body(app, rq)?;
+            require_json(rq)?;
+            crate::graphql::http::post(app, rq, actor, &raw)
+        }
         (["metrics"], Get) => Ok(metrics(app)),
         (["api", "refresh"], Post) => refresh(app, rq),
         (["api", "logout"], Post) => logout(app, rq),
@@ -119,7 +129,7 @@ fn route(app: &Arc<App>, rq: &mut Request, path: &str) -> Result<Reply, ApiError
             let id = id
                 .parse::<i64>()
                 .map_err(|_| ApiError::not_found("no such message"))?;
-            wait_for(|done| actions::delete_message(app, &actor, id, done))?;
+            actions::wait_for(|done| actions::delete_message(app, &actor, id, done))?;
             Ok(Reply::no_content())
         }
         (["api", "admin", "users", user, "roles"], Method::Put) => {
@@ -168,6 +178,7 @@ fn known_path(segs: &[&str]) -> bool {
         ["healthz"]
             | ["metrics"]
             | ["ws"]
+            | ["graphql"]
             | [
                 "api",
                 "register" | "login" | "refresh" | "logout" | "me" | "rooms" | "users" | "dms"
@@ -251,17 +262,6 @@ const PASSWORD_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(
 
 fn busy() -> ApiError {
     ApiError::rate_limited("too many password checks in progress; retry shortly", 1)
-}
-
-/// Runs an action whose result arrives on the writer thread, and waits for it.
-fn wait_for(
-    start: impl FnOnce(Box<dyn FnOnce(Result<(), ApiError>) + Send>) -> Result<(), ApiError>,
-) -> Result<(), ApiError> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    start(Box::new(move |r| {
-        let _ = tx.send(r);
-    }))?;
-    rx.recv().unwrap_or_else(|_| Err(ApiError::internal()))
 }
 
 #[derive(Deserialize)]
@@ -356,14 +356,20 @@ fn create_room(app: &App, rq: &mut Request) -> Result<Reply, ApiError> {
 /// A request that changes something counts against the user's `--msg-rate` budget
 /// (logging out never does).
 fn authenticate(app: &App, rq: &Request) -> Result<Actor, ApiError> {
-    let token = bearer_token(rq).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
-    let id = app.auth.authenticate(&app.store, token)?;
-    let actor = Actor::new(&id, client_ip(rq, &app.cfg.trusted_proxies));
+    let actor = identify(app, rq)?;
     let reads = matches!(rq.method(), Method::Get | Method::Head);
     if !reads && !rq.url().starts_with("/api/logout") {
         actions::check_write_rate(app, &actor)?;
     }
     Ok(actor)
+}
+
+/// The caller behind the `Authorization: Bearer` token, checked against the
+/// database's current state (no write is counted: GraphQL counts its own).
+fn identify(app: &App, rq: &Request) -> Result<Actor, ApiError> {
+    let token = bearer_token(rq).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+    let id = app.auth.authenticate(&app.store, token)?;
+    Ok(Actor::new(&id, client_ip(rq, &app.cfg.trusted_proxies)))
 }
 
 fn require_json(rq: &Request) -> Result<(), ApiError> {

@@ -52,6 +52,28 @@ pub struct DirectMessage {
     pub client_id: Option<String>,
 }
 
+/// A room message deleted by a moderator (the socket's `deleted` event).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Deleted {
+    /// The message's id.
+    pub id: i64,
+    /// Its room.
+    pub room: String,
+    /// Who deleted it.
+    pub by: String,
+}
+
+/// A user came online in a room or went offline (the socket's `presence` event).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Presence {
+    /// Username.
+    pub user: String,
+    /// Room name.
+    pub room: String,
+    /// `online` or `offline`.
+    pub status: &'static str,
+}
+
 /// What storing a message with a once-only key led to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stored<T> {

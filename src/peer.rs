@@ -48,6 +48,28 @@ pub mod close {
     pub const REVOKED: u16 = 4003;
 }
 
+/// Which protocol a socket speaks: it decides which frames the socket may be handed
+/// and how parley's own close codes read on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketKind {
+    /// `/ws`: parley's chat protocol; every broadcast frame is meant for it.
+    Chat,
+    /// `/graphql`: `graphql-transport-ws`; it gets only its own frames, and expiry
+    /// and revocation close it with that protocol's 4401 and 4403.
+    GraphQl,
+}
+
+impl SocketKind {
+    /// The close code this kind of socket sends for parley's `code`.
+    pub fn close_code(self, code: u16) -> u16 {
+        match (self, code) {
+            (SocketKind::GraphQl, close::EXPIRED) => 4401,
+            (SocketKind::GraphQl, close::REVOKED) => 4403,
+            _ => code,
+        }
+    }
+}
+
 /// Encodes an unmasked (server) frame with the given opcode.
 fn encode(opcode: u8, payload: &[u8]) -> Frame {
     let len = payload.len();
@@ -293,6 +315,8 @@ struct Outq {
 pub struct Peer {
     /// Unique per process.
     pub id: u64,
+    /// The protocol it speaks.
+    pub kind: SocketKind,
     /// The authenticated user.
     pub user_id: i64,
     /// Their username.
@@ -320,6 +344,7 @@ impl Peer {
     /// Wraps a socket (a duplicate of the upgraded connection's fd).
     pub fn new(
         id: u64,
+        kind: SocketKind,
         identity: &crate::auth::Identity,
         remote: std::net::SocketAddr,
         socket: crate::sys::Claimed,
@@ -328,6 +353,7 @@ impl Peer {
     ) -> Peer {
         Peer {
             id,
+            kind,
             user_id: identity.user_id,
             username: identity.username.clone(),
             ip: remote.ip().to_string(),
@@ -561,8 +587,16 @@ impl Peer {
         }
     }
 
+    /// Whether broadcast frames of the chat protocol (room messages, DMs,
+    /// announcements) are meant for this socket.
+    pub fn speaks_chat(&self) -> bool {
+        self.kind == SocketKind::Chat
+    }
+
     /// Starts a server-side close: drops queued data (finishing a half-written frame so
     /// the stream stays well-formed), sends a close frame, then ends the connection.
+    /// `code` is parley's; the socket's kind may spell it its own way
+    /// ([`SocketKind::close_code`]).
     pub fn close(self: &Arc<Self>, code: u16, reason: &str) {
         self.close_with(code, reason, false)
     }
@@ -585,7 +619,8 @@ impl Peer {
         if !keep_pending {
             q.frames.keep_partial_head();
         }
-        q.frames.push(close_frame(code, reason));
+        q.frames
+            .push(close_frame(self.kind.close_code(code), reason));
         self.pump(q);
     }
 
@@ -835,7 +870,16 @@ mod tests {
             frames,
             bytes: usize::MAX,
         };
-        let peer = Peer::new(id, &identity, remote, claimed, flusher.queue(), limits);
+        let kind = SocketKind::Chat;
+        let peer = Peer::new(
+            id,
+            kind,
+            &identity,
+            remote,
+            claimed,
+            flusher.queue(),
+            limits,
+        );
         let peer = Arc::new(peer);
         peer.start_writing();
         (peer, client)

@@ -5,6 +5,10 @@
 //! limits have all passed; a refusal is a plain HTTP answer with the JSON error. After
 //! the upgrade the socket has one reader thread (this module) and tiny_http's parked
 //! thread; everything written to it goes through its [`Peer`].
+//!
+//! Both WebSocket doors use [`open`]: `/ws` with parley's chat protocol ([`Conn`]),
+//! `/graphql` with `graphql-transport-ws` ([`crate::graphql`]). They share the checks,
+//! the socket caps, the read loop and the ending; each brings its own [`Protocol`].
 
 use crate::actions::{self, Actor};
 use crate::app::App;
@@ -15,7 +19,7 @@ use crate::hub::PresenceMode;
 use crate::limits::{Noted, TokenBucket};
 use crate::metrics::{inc, METRICS};
 use crate::model::Page;
-use crate::peer::{close, text_frame, Frame, Peer, QueueLimits};
+use crate::peer::{close, text_frame, Frame, Peer, QueueLimits, SocketKind};
 use crate::protocol::{self, error_event, event, ClientMsg, PresenceChoice};
 use crate::request::{
     bearer_token, client_ip, header_value, origin_allowed, query_param, with_header, Reply,
@@ -36,25 +40,50 @@ const MAX_PENDING: usize = 64;
 /// How long a closing socket may take to flush before it is cut.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// What a socket does with what its client sends: parley's chat protocol ([`Conn`]) or
+/// GraphQL's. It runs on the socket's reader thread.
+pub trait Protocol {
+    /// A text message arrived.
+    fn on_text(&mut self, text: &str);
+    /// A binary message arrived.
+    fn on_binary(&mut self);
+    /// The socket is ending: stop whatever the protocol runs, and name the rooms the
+    /// socket leaves.
+    fn end(&mut self) -> Vec<String>;
+}
+
 /// Checks and upgrades a `GET /ws` request, then starts the socket's reader thread.
+pub fn upgrade(app: &Arc<App>, request: Request) {
+    open(app, request, SUBPROTOCOL, SocketKind::Chat, Conn::new);
+}
+
+/// Checks and upgrades a WebSocket request (answering `subprotocol` when the client
+/// offers it), then starts the socket's reader thread, which speaks the protocol
+/// `start` makes.
 ///
 /// The socket is registered (findable by kick, ban, announce and broadcasts) before
 /// the 101 goes out, but nothing is written to it until the 101 has been sent.
-pub fn upgrade(app: &Arc<App>, request: Request) {
+pub fn open<P: Protocol>(
+    app: &Arc<App>,
+    request: Request,
+    subprotocol: &'static str,
+    kind: SocketKind,
+    start: impl FnOnce(&Arc<App>, &Arc<Peer>) -> P + Send + 'static,
+) {
     let ip = client_ip(&request, &app.cfg.trusted_proxies);
-    let (identity, accept, offered) = match admit(app, &request) {
+    let (identity, accept, offered) = match admit(app, &request, subprotocol) {
         Ok(ok) => ok,
         Err(Refusal::Anonymous(e)) => return reject_anonymous(app, request, e, ip),
         Err(Refusal::Known(e)) => return reject(app, request, &e, ip),
     };
-    let Some(peer) = attach(app, &request, &identity, ip.clone()) else {
+    let Some(peer) = attach(app, &request, &identity, ip.clone(), kind) else {
         app.hub.unreserve(identity.user_id);
         let _ = request.respond(Reply::error(&ApiError::internal()).into_response());
         return;
     };
     let mut response = with_header(Response::empty(101), "Sec-WebSocket-Accept", &accept);
     if offered {
-        response = with_header(response, "Sec-WebSocket-Protocol", SUBPROTOCOL);
+        response = with_header(response, "Sec-WebSocket-Protocol", subprotocol);
     }
     let stream = request.upgrade("websocket", response);
     peer.start_writing();
@@ -65,10 +94,17 @@ pub fn upgrade(app: &Arc<App>, request: Request) {
     crate::sys::nudge_pool(app.local_addr, 1);
     audit_socket(app, &peer, "ws_connect");
     let (app2, peer2) = (app.clone(), peer.clone());
+    let name = match kind {
+        SocketKind::Chat => "ws",
+        SocketKind::GraphQl => "gql",
+    };
     let spawned = std::thread::Builder::new()
-        .name(format!("ws-{}", peer.id))
+        .name(format!("{name}-{}", peer.id))
         .stack_size(app.cfg.socket_thread_stack)
-        .spawn(move || run(&app2, peer2, stream));
+        .spawn(move || {
+            let mut protocol = start(&app2, &peer2);
+            run(&app2, peer2, stream, &mut protocol)
+        });
     if let Err(e) = spawned {
         log::error!("could not start a socket thread: {e}");
         app.hub.unregister(&peer, &[]);
@@ -86,8 +122,12 @@ enum Refusal {
 }
 
 /// The pre-upgrade checks plus a reserved socket slot.
-fn admit(app: &App, request: &Request) -> Result<(Identity, String, bool), Refusal> {
-    let (identity, accept, offered) = check(app, request)?;
+fn admit(
+    app: &App,
+    request: &Request,
+    subprotocol: &str,
+) -> Result<(Identity, String, bool), Refusal> {
+    let (identity, accept, offered) = check(app, request, subprotocol)?;
     app.hub.reserve(identity.user_id).map_err(|hit| {
         Refusal::Known(ApiError::rate_limited(
             format!("too many sockets ({hit:?})"),
@@ -103,6 +143,7 @@ fn attach(
     request: &Request,
     identity: &Identity,
     ip: Option<String>,
+    kind: SocketKind,
 ) -> Option<Arc<Peer>> {
     let peer_addr = request.remote_addr().copied()?;
     let sock = match app.known_sockets.claim(app.local_addr.port(), peer_addr) {
@@ -114,6 +155,7 @@ fn attach(
     };
     let mut peer = Peer::new(
         app.hub.next_id(),
+        kind,
         identity,
         peer_addr,
         sock,
@@ -182,10 +224,11 @@ fn audit_refusal(app: &App, e: &ApiError, ip: Option<String>) {
     });
 }
 
-/// Origin, handshake headers and token, in the order docs/socket.md gives. Returns who the
-/// socket is for, the `Sec-WebSocket-Accept` value, and whether `parley.v1` was offered.
-fn check(app: &App, rq: &Request) -> Result<(Identity, String, bool), Refusal> {
-    let (token, accept, offered) = handshake(app, rq).map_err(Refusal::Anonymous)?;
+/// Origin, handshake headers and token, in the order docs/socket.md gives. Returns who
+/// the socket is for, the `Sec-WebSocket-Accept` value, and whether `subprotocol` was
+/// offered.
+fn check(app: &App, rq: &Request, subprotocol: &str) -> Result<(Identity, String, bool), Refusal> {
+    let (token, accept, offered) = handshake(app, rq, subprotocol).map_err(Refusal::Anonymous)?;
     let identity = app
         .auth
         .authenticate(&app.store, &token)
@@ -197,9 +240,13 @@ fn check(app: &App, rq: &Request) -> Result<(Identity, String, bool), Refusal> {
 }
 
 /// The checks before the token's: Origin, the handshake headers, a token present.
-/// Returns the token, the `Sec-WebSocket-Accept` value and whether `parley.v1` was
+/// Returns the token, the `Sec-WebSocket-Accept` value and whether `subprotocol` was
 /// offered.
-fn handshake(app: &App, rq: &Request) -> Result<(String, String, bool), ApiError> {
+fn handshake(
+    app: &App,
+    rq: &Request,
+    subprotocol: &str,
+) -> Result<(String, String, bool), ApiError> {
     check_origin(app, rq)?;
     let key = header_value(rq, "Sec-WebSocket-Key");
     let upgrade = header_value(rq, "Upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
@@ -227,7 +274,7 @@ fn handshake(app: &App, rq: &Request) -> Result<(String, String, bool), ApiError
         .or_else(|| query_param(rq.url(), "access_token"));
     let token = token.ok_or(AuthError::Missing)?;
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-    Ok((token, accept, offered.contains(&SUBPROTOCOL)))
+    Ok((token, accept, offered.contains(&subprotocol)))
 }
 
 /// Absent Origin (native clients) passes; present, it must be our own origin or allowed.
@@ -268,25 +315,52 @@ struct Conn {
     actor: Actor,
     /// Joined rooms by name, with their ids.
     rooms: Vec<crate::model::Room>,
-    /// `--msg-rate`, if on.
-    rate: Option<TokenBucket>,
+    /// `--msg-rate`.
+    rate: MessageRate,
 }
 
-fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {
+/// The actor behind a socket: its user, its current login, its address.
+pub fn socket_actor(peer: &Peer) -> Actor {
     let identity = Identity {
         user_id: peer.user_id,
         username: peer.username.clone(),
         sid: peer.sid(),
         expires_at: peer.expires_at(),
     };
-    let mut conn = Conn {
-        app: app.clone(),
-        actor: Actor::new(&identity, Some(peer.ip.clone())),
-        peer: peer.clone(),
-        rooms: Vec::new(),
-        rate: (app.cfg.msg_rate > 0)
-            .then(|| TokenBucket::new(app.cfg.msg_rate, Duration::from_secs(1))),
-    };
+    Actor::new(&identity, Some(peer.ip.clone()))
+}
+
+/// `--msg-rate` for one socket: the messages per second it may send (all, if off).
+pub struct MessageRate(Option<TokenBucket>);
+
+impl MessageRate {
+    /// A full budget.
+    pub fn new(app: &App) -> MessageRate {
+        let per_second = app.cfg.msg_rate;
+        MessageRate((per_second > 0).then(|| TokenBucket::new(per_second, Duration::from_secs(1))))
+    }
+
+    /// Counts one message; `rate_limited` past the budget.
+    pub fn take(&mut self) -> Result<(), ApiError> {
+        match self.0.as_mut().map(|b| b.take(Instant::now())) {
+            Some(Err(wait)) => Err(ApiError::rate_limited(
+                "too many messages; slow down",
+                wait.as_secs() + 1,
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Reads the socket until it closes, then lets go of it: leaves its rooms (telling
+/// who is left), records the disconnect, and closes the connection once what is
+/// queued is written (or a bounded wait passed).
+fn run<P: Protocol>(
+    app: &Arc<App>,
+    peer: Arc<Peer>,
+    stream: Box<dyn ReadWrite + Send>,
+    protocol: &mut P,
+) {
     let config = WebSocketConfig::default()
         .read_buffer_size(app.cfg.ws_read_buffer)
         .max_message_size(Some(app.cfg.max_frame_bytes))
@@ -297,13 +371,14 @@ fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {
         replies: Vec::new(),
     };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        read_loop(&mut conn, &mut ctx, &mut io)
+        read_loop(&peer, protocol, &mut ctx, &mut io)
     }));
     if outcome.is_err() {
         log::error!("socket {} handler panicked; closing it", peer.id);
         peer.close(1011, "internal error");
     }
-    let rooms: Vec<String> = conn.rooms.iter().map(|r| r.name.clone()).collect();
+    let rooms = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| protocol.end()))
+        .unwrap_or_default();
     for (room, tell) in app.hub.unregister(&peer, &rooms) {
         presence(app, &peer, &room, "offline", tell);
     }
@@ -315,17 +390,22 @@ fn run(app: &Arc<App>, peer: Arc<Peer>, stream: Box<dyn ReadWrite + Send>) {
     drop(io);
 }
 
-fn read_loop(conn: &mut Conn, ctx: &mut WebSocketContext, io: &mut Duplex) {
+fn read_loop(
+    peer: &Arc<Peer>,
+    protocol: &mut impl Protocol,
+    ctx: &mut WebSocketContext,
+    io: &mut Duplex,
+) {
     loop {
         let msg = ctx.read(io);
         if msg.is_ok() {
-            conn.peer.heard();
+            peer.heard();
         }
         // A socket closed by the server (kick, ban, revocation, expiry, too slow) acts
         // no more, even if its client keeps sending: the close frame may take a while
         // to reach a client that does not read, but nothing it sends after the close
         // counts.
-        if !conn.peer.is_open() {
+        if !peer.is_open() {
             return;
         }
         if matches!(msg, Ok(Message::Ping(_))) {
@@ -333,32 +413,29 @@ fn read_loop(conn: &mut Conn, ctx: &mut WebSocketContext, io: &mut Duplex) {
             // which waits for the client's next frame: write it out now.
             let _ = ctx.flush(io);
         }
-        if !io.replies.is_empty() && conn.peer.is_open() {
+        if !io.replies.is_empty() && peer.is_open() {
             let bytes: Frame = std::mem::take(&mut io.replies).into();
-            conn.peer.send(&bytes);
+            peer.send(&bytes);
         }
         io.replies.clear();
         match msg {
-            Ok(Message::Text(text)) => conn.on_text(text.as_str()),
-            Ok(Message::Binary(_)) => conn.reply_error(
-                &ApiError::bad_request("binary frames are not supported"),
-                &Value::Null,
-            ),
+            Ok(Message::Text(text)) => protocol.on_text(text.as_str()),
+            Ok(Message::Binary(_)) => protocol.on_binary(),
             Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
             Ok(Message::Close(_)) => {
-                conn.peer.close(close::NORMAL, "");
+                peer.close(close::NORMAL, "");
                 return;
             }
             Err(tungstenite::Error::Capacity(_)) => {
-                conn.peer.close(close::TOO_BIG, "message too big");
+                peer.close(close::TOO_BIG, "message too big");
                 return;
             }
             Err(tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_)) => {
-                conn.peer.close(close::PROTOCOL, "protocol error");
+                peer.close(close::PROTOCOL, "protocol error");
                 return;
             }
             Err(_) => {
-                conn.peer.mark_closed();
+                peer.mark_closed();
                 return;
             }
         }
@@ -367,39 +444,44 @@ fn read_loop(conn: &mut Conn, ctx: &mut WebSocketContext, io: &mut Duplex) {
 
 /// Records a socket's connect or disconnect.
 fn audit_socket(app: &App, peer: &Peer, action: &'static str) {
+    let detail = match peer.kind {
+        SocketKind::Chat => json!({"socket": peer.id}),
+        SocketKind::GraphQl => json!({"socket": peer.id, "protocol": "graphql-transport-ws"}),
+    };
     app.store.audit(AuditEntry {
         actor: Some(peer.username.clone()),
         action,
         target: None,
         ip: Some(peer.ip.clone()),
-        detail: json!({"socket": peer.id}),
+        detail,
     });
 }
 
-impl Conn {
-    fn send_json(&self, json: &str) {
-        self.peer.send(&text_frame(json));
+/// Moves a socket to a newer access token of the same user (the chat protocol's
+/// `refresh`, GraphQL's renewal `ping`) and returns the token's identity. An invalid
+/// token is `unauthorized`, another user's `forbidden`; the socket then keeps its old
+/// token.
+pub fn renew(app: &App, peer: &Peer, token: &str) -> Result<Identity, ApiError> {
+    let id = app
+        .auth
+        .authenticate(&app.store, token)
+        .map_err(|e| match e {
+            AuthError::Banned => ApiError::forbidden("user is banned"),
+            AuthError::Store(s) => s.into(),
+            _ => ApiError::unauthorized("invalid access token"),
+        })?;
+    if id.user_id != peer.user_id {
+        return Err(ApiError::forbidden("token belongs to another user"));
     }
+    peer.reauthenticate(id.sid.clone(), id.expires_at);
+    Ok(id)
+}
 
-    fn reply_error(&self, e: &ApiError, reference: &Value) {
-        self.send_json(&error_event(e, reference));
-    }
-
-    /// Counts a frame against `--msg-rate`.
-    fn within_rate(&mut self) -> Result<(), ApiError> {
-        match self.rate.as_mut().map(|b| b.take(Instant::now())) {
-            Some(Err(wait)) => Err(ApiError::rate_limited(
-                "too many messages; slow down",
-                wait.as_secs() + 1,
-            )),
-            _ => Ok(()),
-        }
-    }
-
+impl Protocol for Conn {
     fn on_text(&mut self, text: &str) {
         match protocol::parse(text) {
             Ok((msg, reference)) => {
-                if let Err(e) = self.within_rate() {
+                if let Err(e) = self.rate.take() {
                     return self.reply_error(&e, &reference);
                 }
                 if let Err(e) = self.act(msg, &reference) {
@@ -408,6 +490,35 @@ impl Conn {
             }
             Err((e, reference)) => self.reply_error(&e, &reference),
         }
+    }
+
+    fn on_binary(&mut self) {
+        let e = ApiError::bad_request("binary frames are not supported");
+        self.reply_error(&e, &Value::Null);
+    }
+
+    fn end(&mut self) -> Vec<String> {
+        self.rooms.iter().map(|r| r.name.clone()).collect()
+    }
+}
+
+impl Conn {
+    fn new(app: &Arc<App>, peer: &Arc<Peer>) -> Conn {
+        Conn {
+            app: app.clone(),
+            actor: socket_actor(peer),
+            peer: peer.clone(),
+            rooms: Vec::new(),
+            rate: MessageRate::new(app),
+        }
+    }
+
+    fn send_json(&self, json: &str) {
+        self.peer.send(&text_frame(json));
+    }
+
+    fn reply_error(&self, e: &ApiError, reference: &Value) {
+        self.send_json(&error_event(e, reference));
     }
 
     fn act(&mut self, msg: ClientMsg, reference: &Value) -> Result<(), ApiError> {
@@ -584,19 +695,7 @@ impl Conn {
     }
 
     fn refresh(&mut self, token: &str, reference: &Value) -> Result<(), ApiError> {
-        let id = self
-            .app
-            .auth
-            .authenticate(&self.app.store, token)
-            .map_err(|e| match e {
-                AuthError::Banned => ApiError::forbidden("user is banned"),
-                AuthError::Store(s) => s.into(),
-                _ => ApiError::unauthorized("invalid access token"),
-            })?;
-        if id.user_id != self.peer.user_id {
-            return Err(ApiError::forbidden("token belongs to another user"));
-        }
-        self.peer.reauthenticate(id.sid.clone(), id.expires_at);
+        let id = renew(&self.app, &self.peer, token)?;
         self.actor.sid = id.sid;
         let expires_at = crate::clock::unix_to_rfc3339(id.expires_at);
         let v = json!({"type": "refreshed", "expires_at": expires_at, "ref": reference});
@@ -607,13 +706,19 @@ impl Conn {
 
 /// Tells `tell` (the room's other sockets at that moment) that `peer`'s user came
 /// online in `room` or went offline.
-fn presence(app: &App, peer: &Peer, room: &str, status: &str, tell: Vec<Arc<Peer>>) {
-    if tell.is_empty() {
-        return;
+/// GraphQL's `presence` subscribers hear it too.
+fn presence(app: &App, peer: &Peer, room: &str, status: &'static str, tell: Vec<Arc<Peer>>) {
+    let change = || crate::model::Presence {
+        user: peer.username.clone(),
+        room: room.to_owned(),
+        status,
+    };
+    if !tell.is_empty() {
+        let frame = text_frame(&event("presence", &change()));
+        app.fanout.deliver(vec![(Target::Peers(tell), frame)]);
     }
-    let v = json!({"type": "presence", "user": peer.username, "room": room, "status": status});
     app.fanout
-        .deliver(vec![(Target::Peers(tell), text_frame(&v.to_string()))]);
+        .publish(|| crate::events::Event::Presence(Arc::new(change())));
 }
 
 /// Acknowledges a stored message, or reports why it was not stored. Runs on the writer

@@ -4,12 +4,14 @@ use super::{audit_by, check_body, check_client_id, find_room, require, valid_roo
 use crate::app::App;
 use crate::clock;
 use crate::error::ApiError;
+use crate::events::Event;
 use crate::fanout::Target;
 use crate::metrics::{inc, METRICS};
 use crate::model::{DirectMessage, Message, Page, Room, Stored};
 use crate::store::messages::Sender;
 use serde::Serialize;
 use serde_json::json;
+use std::sync::Arc;
 
 /// A room with its live online count.
 #[derive(Debug, Serialize)]
@@ -128,7 +130,7 @@ pub struct Conversation {
 /// and then `done` runs — the socket's ack, or a REST/GraphQL reply. A repeat of the
 /// actor's `client_id` is neither stored nor broadcast: `done` gets the first id.
 pub fn send_message(
-    app: &std::sync::Arc<App>,
+    app: &Arc<App>,
     actor: &Actor,
     room: Room,
     body: String,
@@ -148,6 +150,8 @@ pub fn send_message(
                     id: Some(msg.id),
                 };
                 app2.fanout.deliver(vec![(to, frame)]);
+                app2.fanout
+                    .publish(|| Event::Message(Arc::new(msg.clone())));
             }
         });
         done(res)
@@ -158,7 +162,7 @@ pub fn send_message(
 /// Stores a direct message; once durable it goes to every socket of both users, then
 /// `done` runs.
 pub fn send_dm(
-    app: &std::sync::Arc<App>,
+    app: &Arc<App>,
     actor: &Actor,
     to: &str,
     body: String,
@@ -184,9 +188,37 @@ pub fn send_dm(
                     delivery.push((Target::User(from_id), frame));
                 }
                 app2.fanout.deliver(delivery);
+                let users = [from_id, to_id];
+                app2.fanout
+                    .publish(|| Event::Dm(Arc::new(dm.clone()), users));
             }
         });
         done(res)
     });
     Ok(())
+}
+
+/// The room message the actor first sent with `client_id`, for a repeat that must be
+/// answered with the message itself (GraphQL's `sendMessage`): 409 if the key went
+/// with a direct message, 404 if the message was deleted since.
+pub fn first_message(app: &App, actor: &Actor, client_id: &str) -> Result<Message, ApiError> {
+    match app.store.sent_with(actor.user_id, client_id)? {
+        Some(crate::store::messages::Sent::Room(Some(m))) => Ok(m),
+        Some(crate::store::messages::Sent::Room(None)) => Err(ApiError::not_found(
+            "the message first sent with this client_id was deleted",
+        )),
+        _ => Err(ApiError::conflict(
+            "this client_id was already used for a direct message",
+        )),
+    }
+}
+
+/// The direct message the actor first sent with `client_id` (see [`first_message`]).
+pub fn first_dm(app: &App, actor: &Actor, client_id: &str) -> Result<DirectMessage, ApiError> {
+    match app.store.sent_with(actor.user_id, client_id)? {
+        Some(crate::store::messages::Sent::Dm(Some(m))) => Ok(m),
+        _ => Err(ApiError::conflict(
+            "this client_id was already used for a room message",
+        )),
+    }
 }

@@ -138,6 +138,18 @@ pub fn check_client_id(client_id: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
+/// Runs an action whose result arrives on the writer thread (a send, a deletion) and
+/// waits for it.
+pub fn wait_for<T: Send + 'static>(
+    start: impl FnOnce(Box<dyn FnOnce(Result<T, ApiError>) + Send>) -> Result<(), ApiError>,
+) -> Result<T, ApiError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    start(Box::new(move |r| {
+        let _ = tx.send(r);
+    }))?;
+    rx.recv().unwrap_or_else(|_| Err(ApiError::internal()))
+}
+
 /// Counts a write made through REST (or GraphQL) against the user's `--msg-rate`
 /// budget: the same number per second a socket may send.
 pub fn check_write_rate(app: &App, actor: &Actor) -> Result<(), ApiError> {

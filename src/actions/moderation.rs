@@ -5,8 +5,9 @@ use super::{audit_by, check_body, find_user, require, Actor};
 use crate::app::App;
 use crate::clock;
 use crate::error::ApiError;
+use crate::events::Event;
 use crate::fanout::Target;
-use crate::model::User;
+use crate::model::{Deleted, User};
 use crate::store::users::GUARD_PERMISSION;
 use serde_json::json;
 
@@ -73,13 +74,19 @@ pub fn delete_message(
     app.store
         .delete_message(id, actor.user_id, clock::now_rfc3339(), move |res| {
             let res = res.map_err(ApiError::from).map(|room| {
-                let v = json!({"type": "deleted", "id": id, "room": room, "by": actor2.username});
+                let deleted = Deleted {
+                    id,
+                    room: room.clone(),
+                    by: actor2.username.clone(),
+                };
+                let frame = crate::peer::text_frame(&crate::protocol::event("deleted", &deleted));
                 let to = Target::Room {
                     name: room.clone(),
                     id: None,
                 };
+                app2.fanout.deliver(vec![(to, frame)]);
                 app2.fanout
-                    .deliver(vec![(to, crate::peer::text_frame(&v.to_string()))]);
+                    .publish(|| Event::Deleted(std::sync::Arc::new(deleted)));
                 audit_by(
                     &app2,
                     &actor2,
@@ -122,7 +129,7 @@ pub fn announce(
     check_body(body, app.cfg.max_message_chars)?;
     let v = json!({"type": "announcement", "from": actor.username, "body": body, "ts": clock::now_rfc3339()});
     let frame = crate::peer::text_frame(&v.to_string());
-    let peers = match &roles {
+    let mut peers = match &roles {
         None => app.hub.all_peers(),
         Some(roles) => app
             .store
@@ -131,6 +138,7 @@ pub fn announce(
             .flat_map(|id| app.hub.user_peers(id))
             .collect(),
     };
+    peers.retain(|p| p.speaks_chat());
     for p in &peers {
         p.send(&frame);
     }

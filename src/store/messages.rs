@@ -298,3 +298,61 @@ impl Store {
         })
     }
 }
+
+/// The message a sender first stored with a once-only key: a room message or a DM
+/// (`None` inside when it has been deleted since).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sent {
+    /// A room message.
+    Room(Option<Message>),
+    /// A direct message.
+    Dm(Option<DirectMessage>),
+}
+
+impl Store {
+    /// What `user_id` first stored with `client_id`, if anything.
+    pub fn sent_with(&self, user_id: i64, client_id: &str) -> Result<Option<Sent>> {
+        self.read(|c| {
+            let first: Option<(String, i64)> = c
+                .prepare_cached(
+                    "SELECT kind, message_id FROM client_ids WHERE user_id = ?1 AND client_id = ?2",
+                )?
+                .query_row(params![user_id, client_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let Some((kind, id)) = first else {
+                return Ok(None);
+            };
+            if kind == "dm" {
+                let dm = c
+                    .prepare_cached(
+                        "SELECT d.id, f.username, t.username, d.body, d.ts, d.client_id
+                           FROM direct_messages d
+                           JOIN users f ON f.id = d.from_id JOIN users t ON t.id = d.to_id
+                          WHERE d.id = ?1 AND d.deleted_at IS NULL",
+                    )?
+                    .query_row([id], dm_row)
+                    .optional()?;
+                return Ok(Some(Sent::Dm(dm)));
+            }
+            let msg = c
+                .prepare_cached(
+                    "SELECT m.id, r.name, u.username, m.body, m.ts, m.client_id
+                       FROM messages m JOIN rooms r ON r.id = m.room_id
+                       JOIN users u ON u.id = m.user_id
+                      WHERE m.id = ?1 AND m.deleted_at IS NULL",
+                )?
+                .query_row([id], |r| {
+                    Ok(Message {
+                        id: r.get(0)?,
+                        room: r.get(1)?,
+                        from: r.get(2)?,
+                        body: r.get(3)?,
+                        ts: r.get(4)?,
+                        client_id: r.get(5)?,
+                    })
+                })
+                .optional()?;
+            Ok(Some(Sent::Room(msg)))
+        })
+    }
+}

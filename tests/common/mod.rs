@@ -1386,17 +1386,24 @@ pub fn ids_of(msgs: &Value) -> Vec<i64> {
 /// A WebSocket whose TCP receive buffer is tiny (set before the connection exists, so
 /// the window TCP advertises is small too): a client that stops reading fills up fast.
 pub fn tiny_window_socket(srv: &Server, token: &str) -> tungstenite::WebSocket<TcpStream> {
+    let mut req = ws_request(srv, "/ws");
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    tiny_window_upgrade(srv, req)
+}
+
+/// The upgrade `req` over a connection with a tiny receive window (see
+/// `tiny_window_socket`).
+pub fn tiny_window_upgrade(
+    srv: &Server,
+    req: http::Request<()>,
+) -> tungstenite::WebSocket<TcpStream> {
     use rustix::net::{sockopt, AddressFamily, SocketType};
     let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
     sockopt::set_socket_recv_buffer_size(&fd, 2048).unwrap();
     rustix::net::connect(&fd, &SocketAddr::from(([127, 0, 0, 1], srv.port))).unwrap();
     let stream = TcpStream::from(fd);
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    let mut req = format!("ws://127.0.0.1:{}/ws", srv.port)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
     let (ws, _) = tungstenite::client::client(req, stream).expect("upgrade");
     ws
 }
