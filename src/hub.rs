@@ -13,7 +13,7 @@
 //! storm of n users the first way costs n²/2 frames, the second about n × (storm
 //! length / 250 ms).
 
-use crate::peer::Peer;
+use crate::peer::{Peer, SocketKind};
 use crate::sync::lock;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -106,7 +106,8 @@ struct Sockets {
     by_user: HashMap<i64, Vec<Arc<Peer>>>,
     /// Upgrades admitted but not yet registered, per user, so limits hold under races.
     reserved: HashMap<i64, usize>,
-    reserved_total: usize,
+    /// Threads of the sockets open and reserved ([`SocketKind::threads`]).
+    threads: usize,
 }
 
 /// Why an upgrade was refused a socket slot.
@@ -123,7 +124,8 @@ pub struct Hub {
     sockets: Mutex<Sockets>,
     rooms: Mutex<Rooms>,
     next_id: AtomicU64,
-    max_sockets: usize,
+    /// `--max-sockets` in threads: a chat socket's 2 each.
+    max_threads: usize,
     max_per_user: usize,
 }
 
@@ -144,7 +146,7 @@ impl Hub {
             sockets: Mutex::new(Sockets::default()),
             rooms: Mutex::new(Rooms::default()),
             next_id: AtomicU64::new(1),
-            max_sockets,
+            max_threads: max_sockets.saturating_mul(SocketKind::Chat.threads()),
             max_per_user,
         }
     }
@@ -156,9 +158,13 @@ impl Hub {
 
     /// Reserves a socket slot for `user_id` before the upgrade; undo with
     /// [`unreserve`](Self::unreserve) or turn into a socket with [`register`](Self::register).
-    pub fn reserve(&self, user_id: i64) -> Result<(), LimitHit> {
+    ///
+    /// `--max-sockets` is counted in threads, the resource it protects: a GraphQL
+    /// socket (3 threads) takes one and a half chat sockets' (2 threads) share.
+    pub fn reserve(&self, user_id: i64, kind: SocketKind) -> Result<(), LimitHit> {
         let mut s = lock(&self.sockets);
-        if s.by_id.len() + s.reserved_total >= self.max_sockets {
+        // The first socket always fits, so a tiny cap still admits a GraphQL socket.
+        if s.threads > 0 && s.threads + kind.threads() > self.max_threads {
             return Err(LimitHit::Total);
         }
         let mine = s.by_user.get(&user_id).map_or(0, Vec::len)
@@ -167,30 +173,36 @@ impl Hub {
             return Err(LimitHit::PerUser);
         }
         *s.reserved.entry(user_id).or_default() += 1;
-        s.reserved_total += 1;
+        s.threads += kind.threads();
         Ok(())
     }
 
     /// Gives back a reserved slot whose upgrade failed.
-    pub fn unreserve(&self, user_id: i64) {
+    pub fn unreserve(&self, user_id: i64, kind: SocketKind) {
         let mut s = lock(&self.sockets);
-        Self::take_reservation(&mut s, user_id);
+        if Self::take_reservation(&mut s, user_id) {
+            s.threads = s.threads.saturating_sub(kind.threads());
+        }
     }
 
-    fn take_reservation(s: &mut Sockets, user_id: i64) {
-        if let Some(n) = s.reserved.get_mut(&user_id) {
-            *n -= 1;
-            if *n == 0 {
-                s.reserved.remove(&user_id);
-            }
-            s.reserved_total -= 1;
+    /// Drops one of the user's reservations; false if there was none.
+    fn take_reservation(s: &mut Sockets, user_id: i64) -> bool {
+        let Some(n) = s.reserved.get_mut(&user_id) else {
+            return false;
+        };
+        *n -= 1;
+        if *n == 0 {
+            s.reserved.remove(&user_id);
         }
+        true
     }
 
     /// Turns a reservation into a live socket.
     pub fn register(&self, peer: Arc<Peer>) {
         let mut s = lock(&self.sockets);
-        Self::take_reservation(&mut s, peer.user_id);
+        if !Self::take_reservation(&mut s, peer.user_id) {
+            s.threads += peer.kind.threads();
+        }
         s.by_user
             .entry(peer.user_id)
             .or_default()
@@ -206,7 +218,9 @@ impl Hub {
             .filter_map(|room| Some((room.clone(), self.leave(peer, room)??)))
             .collect();
         let mut s = lock(&self.sockets);
-        s.by_id.remove(&peer.id);
+        if s.by_id.remove(&peer.id).is_some() {
+            s.threads = s.threads.saturating_sub(peer.kind.threads());
+        }
         if let Some(list) = s.by_user.get_mut(&peer.user_id) {
             list.retain(|p| p.id != peer.id);
             if list.is_empty() {

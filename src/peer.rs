@@ -60,6 +60,15 @@ pub enum SocketKind {
 }
 
 impl SocketKind {
+    /// Threads a socket of this kind holds while open: its reader and tiny_http's
+    /// parked one, and for GraphQL the pump that runs its operations.
+    pub fn threads(self) -> usize {
+        match self {
+            SocketKind::Chat => 2,
+            SocketKind::GraphQl => 3,
+        }
+    }
+
     /// The close code this kind of socket sends for parley's `code`.
     pub fn close_code(self, code: u16) -> u16 {
         match (self, code) {

@@ -183,8 +183,8 @@ fn start_background(
 
 /// Lowers `--max-sockets` to what the process can hold, so a flood of sockets meets
 /// 429 rather than a failed thread or descriptor — tiny_http's accept thread dies on
-/// either (see [`crate::front`] for how it comes back). Each WebSocket holds 3 descriptors and 2 threads;
-/// each thread costs 4 memory mappings (stack, guard, signal stack, its guard) out of
+/// either (see [`crate::front`] for how it comes back). Each WebSocket holds 3 descriptors and 2 threads
+/// (a GraphQL socket 3, which [`crate::hub::Hub::reserve`] counts as 1.5 sockets); each thread costs 4 memory mappings (stack, guard, signal stack, its guard) out of
 /// the kernel's `vm.max_map_count`.
 fn fit_socket_limit(wanted: usize, fd_limit: u64) -> usize {
     let max_maps = std::fs::read_to_string("/proc/sys/vm/max_map_count")

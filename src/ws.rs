@@ -71,13 +71,13 @@ pub fn open<P: Protocol>(
     start: impl FnOnce(&Arc<App>, &Arc<Peer>) -> P + Send + 'static,
 ) {
     let ip = client_ip(&request, &app.cfg.trusted_proxies);
-    let (identity, accept, offered) = match admit(app, &request, subprotocol) {
+    let (identity, accept, offered) = match admit(app, &request, subprotocol, kind) {
         Ok(ok) => ok,
         Err(Refusal::Anonymous(e)) => return reject_anonymous(app, request, e, ip),
         Err(Refusal::Known(e)) => return reject(app, request, &e, ip),
     };
     let Some(peer) = attach(app, &request, &identity, ip.clone(), kind) else {
-        app.hub.unreserve(identity.user_id);
+        app.hub.unreserve(identity.user_id, kind);
         let _ = request.respond(Reply::error(&ApiError::internal()).into_response());
         return;
     };
@@ -126,9 +126,10 @@ fn admit(
     app: &App,
     request: &Request,
     subprotocol: &str,
+    kind: SocketKind,
 ) -> Result<(Identity, String, bool), Refusal> {
     let (identity, accept, offered) = check(app, request, subprotocol)?;
-    app.hub.reserve(identity.user_id).map_err(|hit| {
+    app.hub.reserve(identity.user_id, kind).map_err(|hit| {
         Refusal::Known(ApiError::rate_limited(
             format!("too many sockets ({hit:?})"),
             5,

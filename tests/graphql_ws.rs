@@ -79,6 +79,43 @@ fn the_upgrade_is_checked_like_ws() {
 }
 
 #[test]
+fn a_graphql_socket_takes_one_and_a_half_slots_of_max_sockets() {
+    // --max-sockets 2 is 4 socket threads: two chat sockets (2 each) fit, but a
+    // GraphQL socket (3) and a chat socket do not.
+    let srv = start_unlimited(&["--max-sockets", "2"]);
+    let bob = new_user(&srv, "bob");
+    let auth = format!("Bearer {bob}");
+    let proto = ("Sec-WebSocket-Protocol", "graphql-transport-ws");
+    let mut sub = GqlWs {
+        ws: Ws::try_connect(
+            &srv,
+            gql::ws_request_for(&srv, &format!("?access_token={bob}")),
+        )
+        .expect("the first socket fits"),
+    };
+    sub.init();
+    let r = ws_handshake_raw(&srv, "/ws", &[("Authorization", &auth)]);
+    assert_ws_rejected(&r, 429, "rate_limited");
+    let r = ws_handshake_raw(&srv, "/graphql", &[proto, ("Authorization", &auth)]);
+    assert_ws_rejected(&r, 429, "rate_limited");
+    // Closing it gives its threads back: now two chat sockets fit.
+    drop(sub);
+    let mut first = None;
+    wait_until(
+        Duration::from_secs(5),
+        "the GraphQL socket's slot back",
+        || {
+            first = Ws::connect_port(srv.port, &bob).ok();
+            first.is_some()
+        },
+    );
+    let second = Ws::connect_port(srv.port, &bob).expect("two chat sockets fit in 2");
+    let r = ws_handshake_raw(&srv, "/ws", &[("Authorization", &auth)]);
+    assert_ws_rejected(&r, 429, "rate_limited");
+    drop((first, second));
+}
+
+#[test]
 fn renewal_and_operations_count_against_the_message_rate() {
     let srv = Server::start(&["--msg-rate", "2", "--login-rate", "0"]);
     let bob = new_user(&srv, "bob");
