@@ -1068,8 +1068,9 @@ fn nothing_refers_outside_the_repository() {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            // Build output, installed npm packages, git's own files, and CI's scripts (which run beside the
-            // shared notes by design) are not part of what a clone reads.
+            // Build output, installed npm packages, git's own files, and CI's scripts
+            // (which run beside the shared notes by design) are not part of what a
+            // clone reads.
             if matches!(name.as_str(), "target" | ".git" | ".ci" | "node_modules") {
                 continue;
             }
