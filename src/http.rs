@@ -43,7 +43,7 @@ pub fn dispatch(app: &Arc<App>, mut ex: Exchange) {
         return password_route(app, ex, path == "/api/login");
     }
     if *ex.rq.method() == Method::Get {
-        if let Some(reply) = crate::web::serve(&ex.rq, &path) {
+        if let Some(reply) = crate::web::serve(&ex.rq, &path, &app.cfg.trusted_proxies) {
             return ex.respond(reply);
         }
     }

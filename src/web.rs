@@ -7,13 +7,14 @@
 //! referrer. Assets have an ETag (a hash of their bytes) and are revalidated on each
 //! use, so an upgraded server never leaves a browser with a stale client.
 
-use crate::request::{header_value, Reply};
+use crate::config::Cidr;
+use crate::request::{client, header_value, Reply};
 use tiny_http::Request;
 
 include!(concat!(env!("OUT_DIR"), "/web_assets.rs"));
 
 /// The answer for `path` if it names the page or an asset, else `None`.
-pub fn serve(rq: &Request, path: &str) -> Option<Reply> {
+pub fn serve(rq: &Request, path: &str, proxies: &[Cidr]) -> Option<Reply> {
     let file = match path {
         "/" | "/index.html" => "index.html",
         _ => path.strip_prefix("/static/")?,
@@ -28,16 +29,17 @@ pub fn serve(rq: &Request, path: &str) -> Option<Reply> {
         reply
             .header("ETag", *etag)
             .header("Cache-Control", "no-cache")
-            .header("Content-Security-Policy", policy(rq))
+            .header("Content-Security-Policy", policy(rq, proxies))
             .header("X-Frame-Options", "DENY"),
     )
 }
 
 /// The page's CSP. Sockets go to our own host (`'self'` covers ws/wss in newer
-/// browsers only, so they are named).
-fn policy(rq: &Request) -> String {
-    let host: String = header_value(rq, "Host")
-        .unwrap_or("")
+/// browsers only, so they are named) — the host the browser sees, which behind a
+/// trusted proxy is the one it forwards.
+fn policy(rq: &Request, proxies: &[Cidr]) -> String {
+    let host: String = client(rq, proxies)
+        .host
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '-' | '[' | ']'))
         .collect();

@@ -166,6 +166,16 @@ fn the_forwarded_scheme_and_host_are_the_origin_and_make_the_cookie_secure() {
     assert!(r.header("set-cookie").unwrap().contains("; Secure"));
     let r = request_from(&srv, 3, "POST", "/api/login", &forwarded, Some(&body));
     assert!(!r.header("set-cookie").unwrap().contains("Secure"));
+    // The web client's CSP lets its socket reach the host the browser sees.
+    let csp = |src: u8| {
+        let r = request_from(&srv, src, "GET", "/", &forwarded, None);
+        assert_status(&r, 200);
+        r.header("content-security-policy").unwrap().to_owned()
+    };
+    assert!(csp(2).contains("wss://chat.example.org;"), "{}", csp(2));
+    let direct = csp(3);
+    assert!(!direct.contains("chat.example.org"), "{direct}");
+    assert!(direct.contains(&format!("ws://127.0.0.1:{} ", srv.port)), "{direct}");
 }
 
 #[test]
