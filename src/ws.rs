@@ -74,7 +74,7 @@ pub fn open<P: Protocol>(
     let (identity, accept, offered) = match admit(app, &request, subprotocol, kind) {
         Ok(ok) => ok,
         Err(Refusal::Anonymous(e)) => return reject_anonymous(app, request, e, ip),
-        Err(Refusal::Known(e)) => return reject(app, request, &e, ip),
+        Err(Refusal::Known(e, user)) => return reject(app, request, &e, ip, user),
     };
     let Some(peer) = attach(app, &request, &identity, ip.clone(), kind) else {
         app.hub.unreserve(identity.user_id, kind);
@@ -117,8 +117,8 @@ pub fn open<P: Protocol>(
 enum Refusal {
     /// Before a valid token: bad Origin, not an upgrade, no token or a bad one.
     Anonymous(ApiError),
-    /// A valid token, but a banned user or no socket slot.
-    Known(ApiError),
+    /// A valid token, but a banned user or no socket slot: the refusal is the user's.
+    Known(ApiError, String),
 }
 
 /// The pre-upgrade checks plus a reserved socket slot.
@@ -130,10 +130,8 @@ fn admit(
 ) -> Result<(Identity, String, bool), Refusal> {
     let (identity, accept, offered) = check(app, request, subprotocol)?;
     app.hub.reserve(identity.user_id, kind).map_err(|hit| {
-        Refusal::Known(ApiError::rate_limited(
-            format!("too many sockets ({hit:?})"),
-            5,
-        ))
+        let e = ApiError::rate_limited(format!("too many sockets ({hit:?})"), 5);
+        Refusal::Known(e, identity.username.clone())
     })?;
     Ok((identity, accept, offered))
 }
@@ -176,9 +174,9 @@ fn attach(
     Some(peer)
 }
 
-fn reject(app: &App, request: Request, e: &ApiError, ip: Option<String>) {
+fn reject(app: &App, request: Request, e: &ApiError, ip: Option<String>, user: String) {
     count_refusal(e);
-    audit_refusal(app, e, ip);
+    audit_refusal(app, e, ip, Some(user));
     let _ = request.respond(Reply::error(e).into_response());
 }
 
@@ -195,7 +193,7 @@ fn reject_anonymous(app: &App, request: Request, e: ApiError, ip: Option<String>
     };
     count_refusal(&e);
     if app.folds.note("ws_rejected", address) == Noted::First {
-        audit_refusal(app, &e, ip);
+        audit_refusal(app, &e, ip, None);
     }
     let answer = move || {
         let _ = request.respond(Reply::error(&e).into_response());
@@ -215,9 +213,9 @@ fn count_refusal(e: &ApiError) {
     inc(counter);
 }
 
-fn audit_refusal(app: &App, e: &ApiError, ip: Option<String>) {
+fn audit_refusal(app: &App, e: &ApiError, ip: Option<String>, actor: Option<String>) {
     app.store.audit(AuditEntry {
-        actor: None,
+        actor,
         action: "ws_rejected",
         target: None,
         ip,
@@ -234,7 +232,11 @@ fn check(app: &App, rq: &Request, subprotocol: &str) -> Result<(Identity, String
         .auth
         .authenticate(&app.store, &token)
         .map_err(|e| match e {
-            AuthError::Banned => Refusal::Known(e.into()),
+            // A banned user's token is genuine: its name is the refused actor.
+            AuthError::Banned => match app.auth.decode_access(&token) {
+                Ok(id) => Refusal::Known(e.into(), id.username),
+                Err(_) => Refusal::Anonymous(e.into()),
+            },
             other => Refusal::Anonymous(other.into()),
         })?;
     Ok((identity, accept, offered))

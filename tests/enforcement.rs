@@ -252,6 +252,19 @@ fn the_ban_flow_end_to_end() {
         assert_ws_rejected(&upgrade_query(&srv, t), 403, "forbidden");
         assert_ws_rejected(&upgrade_subprotocol(&srv, t), 403, "forbidden");
     }
+    // A banned user's refused upgrades are on record as theirs (the token is genuine).
+    let rows_by_bob = || -> i64 {
+        open_db(&srv.db_path())
+            .query_row(
+                "SELECT count(*) FROM audit_log WHERE action = 'ws_rejected' AND actor = 'bob'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    wait_until(Duration::from_secs(5), "6 ws_rejected rows by bob", || {
+        rows_by_bob() == 6
+    });
     // Login and refresh: 403.
     assert_error(&login_resp(&srv, "bob", PW), 403, "forbidden");
     assert_error(&refresh_resp(&srv, &refresh_tok(&p2)), 403, "forbidden");
