@@ -19,8 +19,10 @@ pub struct Metrics {
     pub upgrades_rejected_unauthorized: AtomicU64,
     /// Upgrades refused with 403 (ban, Origin).
     pub upgrades_rejected_forbidden: AtomicU64,
-    /// Upgrades refused with 429 (socket limits).
+    /// Upgrades refused with 429 (socket limits, refusal flood).
     pub upgrades_rejected_limit: AtomicU64,
+    /// Upgrades refused with 400 or 405: not a WebSocket handshake.
+    pub upgrades_rejected_invalid: AtomicU64,
     /// Successful logins.
     pub logins_ok: AtomicU64,
     /// Failed logins.
@@ -48,6 +50,7 @@ pub static METRICS: Metrics = Metrics {
     upgrades_rejected_unauthorized: AtomicU64::new(0),
     upgrades_rejected_forbidden: AtomicU64::new(0),
     upgrades_rejected_limit: AtomicU64::new(0),
+    upgrades_rejected_invalid: AtomicU64::new(0),
     logins_ok: AtomicU64::new(0),
     logins_failed: AtomicU64::new(0),
     http_refused: AtomicU64::new(0),
@@ -144,6 +147,7 @@ pub fn render(g: &Gauges) -> String {
             ("unauthorized", &m.upgrades_rejected_unauthorized),
             ("forbidden", &m.upgrades_rejected_forbidden),
             ("limit", &m.upgrades_rejected_limit),
+            ("invalid", &m.upgrades_rejected_invalid),
         ],
     );
     by_reason(

@@ -208,6 +208,7 @@ fn count_refusal(e: &ApiError) {
     let counter = match e.http_status() {
         401 => &METRICS.upgrades_rejected_unauthorized,
         403 => &METRICS.upgrades_rejected_forbidden,
+        400 | 405 => &METRICS.upgrades_rejected_invalid,
         _ => &METRICS.upgrades_rejected_limit,
     };
     inc(counter);
@@ -251,6 +252,9 @@ fn handshake(
     subprotocol: &str,
 ) -> Result<(String, String, bool), ApiError> {
     check_origin(app, rq)?;
+    if *rq.method() != tiny_http::Method::Get {
+        return Err(ApiError::method_not_allowed());
+    }
     let key = header_value(rq, "Sec-WebSocket-Key");
     let upgrade = header_value(rq, "Upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     let version = header_value(rq, "Sec-WebSocket-Version") == Some("13");
@@ -259,9 +263,6 @@ fn handshake(
             "expected a WebSocket upgrade (version 13)",
         ));
     };
-    if *rq.method() != tiny_http::Method::Get {
-        return Err(ApiError::method_not_allowed());
-    }
     let offered: Vec<&str> = rq
         .headers()
         .iter()

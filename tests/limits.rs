@@ -689,9 +689,18 @@ fn metrics_count_what_happens() {
         &[("Authorization", &auth), ("Origin", "http://evil.example")],
     );
     assert_ws_rejected(&r, 403, "forbidden");
+    // Not a handshake at all: counted apart from the limits.
+    let r = srv.request("POST", "/ws", Some(&t), None);
+    assert_error(&r, 405, "bad_request");
+    let r = srv.get("/ws", Some(&t));
+    assert_error(&r, 400, "bad_request");
     let after = metrics(&srv);
     assert_eq!(metric(&after, unauth) - metric(&before, unauth), 1.0);
-    assert_eq!(rejected_total(&after) - rejected_total(&before), 2.0);
+    let invalid = "parley_upgrades_rejected_total{reason=\"invalid\"}";
+    assert_eq!(metric(&after, invalid) - metric(&before, invalid), 2.0);
+    let limit = "parley_upgrades_rejected_total{reason=\"limit\"}";
+    assert_eq!(metric(&after, limit), metric(&before, limit));
+    assert_eq!(rejected_total(&after) - rejected_total(&before), 4.0);
 
     // Writes go through the batched writer.
     let b0 = metric(&after, "parley_db_batches_total");
