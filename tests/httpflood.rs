@@ -586,3 +586,49 @@ fn a_huge_content_length_does_not_take_the_server_down() {
         "still running"
     );
 }
+
+/// A browser opens several keep-alive connections at once (the web client's page and
+/// modules); each holds an HTTP thread while idle. On a fresh server every one of them
+/// must be answered at once, not after a busy thread is freed (tiny_http's pool once
+/// queued a burst behind its single idle thread: the last answer took about 2 s).
+#[test]
+fn a_burst_of_keep_alive_connections_is_answered_at_once() {
+    // The race it guards against hit about one fresh server in two.
+    for _ in 0..5 {
+        burst_on_a_fresh_server(24);
+    }
+}
+
+fn burst_on_a_fresh_server(burst: usize) {
+    let srv = Server::start(&[]);
+    let port = srv.port;
+    let (tx, rx) = mpsc::channel();
+    let ready = Arc::new(std::sync::Barrier::new(burst));
+    let clients: Vec<_> = (0..burst)
+        .map(|_| {
+            let (tx, ready) = (tx.clone(), ready.clone());
+            thread::spawn(move || {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                ready.wait();
+                let t = Instant::now();
+                s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .unwrap();
+                let status = next_status(&mut BufReader::new(s.try_clone().unwrap())).unwrap();
+                tx.send((status, t.elapsed())).unwrap();
+                // Keep the connection open (and its thread busy) until all are done.
+                ready.wait();
+            })
+        })
+        .collect();
+    let answers: Vec<(u16, Duration)> = (0..burst).map(|_| rx.recv().unwrap()).collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let slowest = answers.iter().map(|a| a.1).max().unwrap();
+    assert!(answers.iter().all(|a| a.0 == 200), "{answers:?}");
+    assert!(
+        slowest < PROMPT,
+        "the slowest of {burst} answers took {slowest:?}"
+    );
+}

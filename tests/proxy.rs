@@ -175,7 +175,10 @@ fn the_forwarded_scheme_and_host_are_the_origin_and_make_the_cookie_secure() {
     assert!(csp(2).contains("wss://chat.example.org;"), "{}", csp(2));
     let direct = csp(3);
     assert!(!direct.contains("chat.example.org"), "{direct}");
-    assert!(direct.contains(&format!("ws://127.0.0.1:{} ", srv.port)), "{direct}");
+    assert!(
+        direct.contains(&format!("ws://127.0.0.1:{} ", srv.port)),
+        "{direct}"
+    );
 }
 
 #[test]

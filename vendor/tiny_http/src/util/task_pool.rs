@@ -69,7 +69,12 @@ impl TaskPool {
     pub fn spawn(&self, code: Box<dyn FnMut() + Send>) {
         let mut queue = self.sharing.todo.lock().unwrap();
 
-        if self.sharing.waiting_tasks.load(Ordering::Acquire) == 0 {
+        // parley: spawn unless an idle thread is left over for this task. The original
+        // checked only for "no idle thread", so a burst of connections queued several
+        // tasks behind one idle thread; the others waited for a busy thread (a
+        // keep-alive connection) to finish. Under this lock, `waiting_tasks` counts
+        // the woken threads that have not taken their task yet, so the check is exact.
+        if self.sharing.waiting_tasks.load(Ordering::Acquire) <= queue.len() {
             self.add_thread(Some(code));
         } else {
             queue.push_back(code);
