@@ -1,12 +1,11 @@
 // The page and its modules load promptly even when the browser opens many connections
 // at once and other tabs hold sockets: a browser fetches the ES modules over up to 6
-// parallel keep-alive connections, and tiny_http's pool queues a burst of new
-// connections behind threads held by idle ones. Before the server nudged its pool,
-// the queued ones waited for the idle reaper (30 s) and were often closed unanswered
-// (ERR_EMPTY_RESPONSE): the page never started. The server now nudges the pool from
-// its reaper, whose pass runs every 2.5 s and needs to have seen a connection once:
-// measured here, a burst's last answer comes after ~2.5 s. The bounds below hold the
-// server to that design (two passes) and catch any return of the long stall.
+// parallel keep-alive connections, each of which holds an HTTP thread while idle.
+// tiny_http's pool once queued such a burst behind its single idle thread; the queued
+// connections waited for the idle reaper and were often closed unanswered
+// (ERR_EMPTY_RESPONSE), and later ~2.5 s for a reaper pass. The vendored pool now
+// starts a thread for each connection no idle thread is left for, so every answer
+// comes at once; the bound below leaves room for a loaded CI machine only.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
@@ -46,9 +45,9 @@ async function burst(url, n, limit) {
   return times;
 }
 
-test('12 connections opened at once to a fresh server are all answered within two reaper passes', async () => {
+test('12 connections opened at once to a fresh server are all answered at once', async () => {
   const times = await burst(`${server.url}/static/style.css`, 12, 10000);
-  assert.ok(Math.max(...times) < 6000, `answers after (ms): ${times.join(', ')}`);
+  assert.ok(Math.max(...times) < 1000, `answers after (ms): ${times.join(', ')}`);
 });
 
 test('new tabs boot within 10 s while other tabs hold sockets', async () => {
