@@ -15,7 +15,12 @@
 //!   passed to a close call anywhere in `src/`;
 //! - every socket frame type a client may send (`ClientMsg`) and every event `type`
 //!   the server writes (outside `src/graphql/`, which `docs/graphql.md` covers);
-//! - every metric name of `src/metrics.rs`.
+//! - every metric name of `src/metrics.rs`;
+//! - in `docs/graphql.md`: every root field of `parley graphql-schema` as its SDL line
+//!   (arguments and type included) in a table row, every limit of
+//!   `src/graphql/limits.rs` (and the socket's operation cap and `connection_init`
+//!   timeout) on a table row with its value, and every close code of GraphQL's own
+//!   (`mod code` in `src/graphql/socket.rs`, and `SocketKind::close_code`'s).
 //!
 //! Two more keep the repository self-contained: no file refers to the old shared
 //! protocol notes outside it, and every relative link (and `#anchor`) in the README and
@@ -1054,6 +1059,239 @@ fn every_metric_is_documented() {
 }
 
 // ---------------------------------------------------------------------------------
+// GraphQL.
+
+/// Every root field of the schema the binary serves, by root type, as its SDL line
+/// (`messages(room: String!, before: Int, after: Int, limit: Int): [Message!]!`).
+fn graphql_root_fields() -> BTreeMap<String, Vec<String>> {
+    let sdl = help(&["graphql-schema"]);
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let (mut root, mut doc) = (None::<String>, false);
+    for line in sdl.lines() {
+        let t = line.trim();
+        // Descriptions: `"""` opens or closes one; both on one line leave it closed.
+        let quotes = t.matches("\"\"\"").count();
+        if quotes > 0 {
+            doc ^= quotes % 2 == 1;
+            continue;
+        }
+        if doc {
+            continue;
+        }
+        if let Some(rest) = t.strip_prefix("type ") {
+            let name = rest.trim_end_matches('{').trim();
+            if ["Query", "Mutation", "Subscription"].contains(&name) {
+                root = Some(name.to_owned());
+            }
+        } else if t == "}" {
+            root = None;
+        } else if let (Some(r), Some(first)) = (&root, t.chars().next()) {
+            assert!(
+                first.is_ascii_lowercase() && t.contains(':'),
+                "could not read the {r} field line {t:?} of `parley graphql-schema`"
+            );
+            out.entry(r.clone()).or_default().push(t.to_owned());
+        }
+    }
+    out
+}
+
+#[test]
+fn every_graphql_root_field_is_documented_with_its_arguments() {
+    let fields = graphql_root_fields();
+    for (root, at_least) in [("Query", 6), ("Mutation", 9), ("Subscription", 4)] {
+        let n = fields.get(root).map_or(0, Vec::len);
+        assert!(
+            n >= at_least,
+            "could not read the {root} fields of `parley graphql-schema`: {fields:?}"
+        );
+    }
+    let graphql = doc("graphql.md");
+    let missing: Vec<String> = fields
+        .iter()
+        .flat_map(|(root, fs)| fs.iter().map(move |f| (root, f)))
+        .filter(|(_, f)| {
+            !graphql
+                .lines()
+                .any(|l| l.starts_with('|') && l.contains(&format!("`{f}`")))
+        })
+        .map(|(root, f)| format!("a table row of docs/graphql.md with the {root} field `{f}`"))
+        .collect();
+    assert_none_missing("GraphQL root fields", &missing);
+}
+
+/// `n` as the docs write it: `10,000`, `1,024`, `32`.
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Whether `line` holds `number` on its own (not as a part of `16,384` or `132`).
+fn holds_number(line: &str, number: &str) -> bool {
+    line.match_indices(number).any(|(at, _)| {
+        let before = line[..at].chars().next_back();
+        let after = line[at + number.len()..].chars().collect::<Vec<_>>();
+        let digit_before = before.is_some_and(|c| c.is_ascii_digit() || c == ',' || c == '.');
+        let digit_after = match after.as_slice() {
+            [c, ..] if c.is_ascii_digit() => true,
+            [',' | '.', c, ..] if c.is_ascii_digit() => true,
+            _ => false,
+        };
+        !digit_before && !digit_after
+    })
+}
+
+/// The numeric `const NAME: TYPE = VALUE;` items of a file: `usize = 10_000` is
+/// 10000, `Duration = Duration::from_secs(10)` is 10 seconds.
+fn constants(toks: &[Token]) -> BTreeMap<String, Const> {
+    let mut out = BTreeMap::new();
+    for i in 0..toks.len().saturating_sub(3) {
+        let Tok::Ident(name) = &toks[i + 1].tok else {
+            continue;
+        };
+        if !ident(&toks[i], "const") || !punct(&toks[i + 2], ':') {
+            continue;
+        }
+        let eq = (i..toks.len()).find(|&j| punct(&toks[j], '=')).unwrap();
+        let semi = (eq..toks.len()).find(|&j| punct(&toks[j], ';')).unwrap();
+        let value = &toks[eq + 1..semi];
+        let number = value.iter().find_map(|t| match &t.tok {
+            Tok::Num(n) => n.replace('_', "").parse::<u64>().ok(),
+            _ => None,
+        });
+        if let Some(value_of) = number {
+            let seconds = value.iter().any(|t| ident(t, "from_secs"));
+            out.insert(name.clone(), Const { value_of, seconds });
+        }
+    }
+    out
+}
+
+/// `toks` without the `mod NAME { ... }` blocks inside it (whose constants may share
+/// a name with the file's own: `code::INIT_TIMEOUT`).
+fn outside_modules(toks: &[Token]) -> Vec<Token> {
+    let mut out = Vec::with_capacity(toks.len());
+    let mut i = 0;
+    while i < toks.len() {
+        if ident(&toks[i], "mod") && toks.get(i + 2).is_some_and(|t| punct(t, '{')) {
+            i = matching(toks, i + 2) + 1;
+        } else {
+            out.push(toks[i].clone());
+            i += 1;
+        }
+    }
+    out
+}
+
+/// A numeric constant of the code.
+#[derive(Debug, Clone, Copy)]
+struct Const {
+    value_of: u64,
+    /// A `Duration::from_secs`.
+    seconds: bool,
+}
+
+impl Const {
+    /// As the docs write it: `10,000`, `32`, `10 s`.
+    fn shown(self) -> String {
+        match self.seconds {
+            true => format!("{} s", self.value_of),
+            false => grouped(self.value_of),
+        }
+    }
+}
+
+#[test]
+fn every_graphql_limit_is_documented_with_its_value() {
+    let src = src();
+    // Each limit, and the words its line of docs/graphql.md holds beside its value.
+    let limits = constants(&outside_modules(&src["src/graphql/limits.rs"]));
+    let socket = constants(&outside_modules(&src["src/graphql/socket.rs"]));
+    let known: [(&str, &BTreeMap<String, Const>, &str); 9] = [
+        ("MAX_DEPTH", &limits, "depth"),
+        ("MAX_COMPLEXITY", &limits, "complexity"),
+        ("MAX_NESTING", &limits, "nest"),
+        ("MAX_FIELDS", &limits, "fields in an operation"),
+        ("MAX_ALIASES", &limits, "aliases"),
+        ("MAX_ROOT_FIELDS", &limits, "root fields"),
+        ("MAX_DIRECTIVES", &limits, "directives"),
+        ("MAX_OPERATIONS", &socket, "operations running at once"),
+        ("INIT_TIMEOUT", &socket, "connection_init"),
+    ];
+    let listed: BTreeSet<&str> = known.iter().map(|(name, _, _)| *name).collect();
+    let unlisted: Vec<&String> = limits
+        .keys()
+        .filter(|k| k.starts_with("MAX_") && !listed.contains(k.as_str()))
+        .collect();
+    assert!(
+        unlisted.is_empty(),
+        "src/graphql/limits.rs has limits this test does not know: {unlisted:?}; \
+         document them in docs/graphql.md and add them to this test"
+    );
+    let graphql = doc("graphql.md");
+    let mut missing = Vec::new();
+    for (name, consts, words) in known {
+        let value = consts
+            .get(name)
+            .unwrap_or_else(|| panic!("no const {name} in src/graphql/: update this test"))
+            .shown();
+        let documented = graphql.lines().any(|l| {
+            l.starts_with('|') && l.to_lowercase().contains(words) && holds_number(l, &value)
+        });
+        if !documented {
+            missing.push(format!(
+                "{name}: a table row of docs/graphql.md with {words:?} and {value}"
+            ));
+        }
+    }
+    assert_none_missing("GraphQL limits", &missing);
+}
+
+#[test]
+fn every_graphql_close_code_is_documented() {
+    let src = src();
+    // The protocol's own codes (`mod code` of src/graphql/socket.rs)...
+    let socket = &src["src/graphql/socket.rs"];
+    let module = (0..socket.len() - 2)
+        .find(|&i| {
+            ident(&socket[i], "mod") && ident(&socket[i + 1], "code") && punct(&socket[i + 2], '{')
+        })
+        .expect("src/graphql/socket.rs has `mod code`");
+    let end = matching(socket, module + 2);
+    let mut codes: BTreeSet<String> = constants(&socket[module..end])
+        .into_values()
+        .map(|c| c.value_of.to_string())
+        .collect();
+    // ...and parley's codes as a GraphQL socket spells them (`SocketKind::close_code`).
+    let body = fn_body(&src["src/peer.rs"], "close_code");
+    for w in body.windows(3) {
+        if let (true, true, Tok::Num(n)) = (punct(&w[0], '='), punct(&w[1], '>'), &w[2].tok) {
+            codes.insert(n.clone());
+        }
+    }
+    for sure in ["4400", "4401", "4403", "4408", "4409", "4429"] {
+        assert!(
+            codes.contains(sure),
+            "the scan missed close code {sure}: {codes:?}"
+        );
+    }
+    let graphql = doc("graphql.md");
+    let missing: Vec<String> = codes
+        .iter()
+        .filter(|c| !graphql.contains(&format!("`{c}`")))
+        .map(|c| format!("`{c}` in docs/graphql.md"))
+        .collect();
+    assert_none_missing("GraphQL close codes", &missing);
+}
+
+// ---------------------------------------------------------------------------------
 // The repository stands on its own.
 
 #[test]
@@ -1148,10 +1386,6 @@ fn every_link_in_the_docs_resolves() {
                 f => page.parent().unwrap().join(f),
             };
             let name = page.strip_prefix(root()).unwrap().display().to_string();
-            // docs/graphql.md arrives with the GraphQL code.
-            if !path.exists() && path.ends_with("docs/graphql.md") {
-                continue;
-            }
             if !path.exists() {
                 broken.push(format!("{name}: {target} (no such file)"));
                 continue;
