@@ -500,16 +500,16 @@ pub fn listen(addr: &str) -> std::io::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
-/// Makes tiny_http's connection pool take up to `times` more connections.
+/// Makes tiny_http's connection pool take up to `times` more connections: the
+/// reaper's safety net for connections it sees waiting unread.
 ///
-/// The pool starts a thread for a new connection only if it sees none idle at that
-/// moment; in a burst (the backlog a restarted server accepts at once, a wave of
-/// upgrades) several connections are queued for the same idle threads, and those
-/// that land behind a connection that holds its thread (idle, or a WebSocket) wait
-/// unread. Each empty connection of our own is a task that gets a new thread, which
-/// then takes the next queued connection. (`crate::ws` does this once per upgrade.) A nudge never waits: it starts a
-/// connection without blocking and closes it; on loopback the handshake is usually
-/// done before `connect` returns, and one the full listen queue would delay is lost.
+/// The vendored pool starts a thread for each connection no idle thread is left for,
+/// so this should find nothing to do; if a connection ever does land behind one that
+/// holds its thread (idle, or a WebSocket), each empty connection of our own is a task
+/// that gets a new thread, which then takes the next queued connection. A nudge never
+/// waits: it starts a connection without blocking and closes it; on loopback the
+/// handshake is usually done before `connect` returns, and one the full listen queue
+/// would delay is lost.
 pub fn nudge_pool(listening: SocketAddr, times: usize) {
     use rustix::net::{AddressFamily, SocketFlags, SocketType};
     let mut to = listening;

@@ -89,9 +89,6 @@ pub fn open<P: Protocol>(
     peer.start_writing();
     // Done here rather than on the socket's own thread, whose stack (resident for the
     // socket's whole life) stays smaller for it.
-    // The upgraded connection holds its tiny_http thread for good: one more thread
-    // for whatever is queued behind it (see `sys::nudge_pool`).
-    crate::sys::nudge_pool(app.local_addr, 1);
     audit_socket(app, &peer, "ws_connect");
     let (app2, peer2) = (app.clone(), peer.clone());
     let name = match kind {
