@@ -50,12 +50,20 @@ impl TokenBucket {
 
     /// Takes one token, or says how long until one is available.
     pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        self.take_n(now, 1)
+    }
+
+    /// Takes `n` tokens or none, and says how long until `n` are available (more than
+    /// the capacity never are: the wait is then one whole period).
+    pub fn take_n(&mut self, now: Instant, n: u32) -> Result<(), Duration> {
         self.refill(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let n = f64::from(n);
+        if self.tokens >= n {
+            self.tokens -= n;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec))
+            let short = (n.min(self.capacity) - self.tokens).max(0.0);
+            Err(Duration::from_secs_f64(short.max(1.0) / self.per_sec))
         }
     }
 
@@ -148,14 +156,20 @@ impl KeyedLimiter {
 
     /// Counts an event for `key`; `Err(seconds)` to wait if over the limit.
     pub fn check(&self, key: &str) -> Result<(), u64> {
-        if self.limit == 0 {
+        self.check_n(key, 1)
+    }
+
+    /// Counts `n` events for `key` at once, all or none; `Err(seconds)` as for
+    /// [`check`](Self::check).
+    pub fn check_n(&self, key: &str, n: u32) -> Result<(), u64> {
+        if self.limit == 0 || n == 0 {
             return Ok(());
         }
         let now = Instant::now();
         let (limit, per) = (self.limit, self.per);
         lock(&self.buckets)
             .entry(key, now, || TokenBucket::new(limit, per))
-            .take(now)
+            .take_n(now, n)
             .map_err(|wait| wait.as_secs() + 1)
     }
 
@@ -533,6 +547,21 @@ mod tests {
             "{wait:?}"
         );
         assert!(b.take(t + Duration::from_secs(21)).is_ok());
+    }
+
+    #[test]
+    fn taking_several_is_all_or_nothing() {
+        let mut b = TokenBucket::new(5, Duration::from_secs(5));
+        let t = Instant::now();
+        assert!(b.take_n(t, 3).is_ok());
+        // Three more do not fit in the two left: none are taken.
+        let wait = b.take_n(t, 3).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(1), "one token short at 1/s");
+        assert!(b.take_n(t, 2).is_ok(), "the refusal spent nothing");
+        assert!(b.take(t).is_err());
+        // More than the capacity never fits.
+        assert!(b.take_n(t + Duration::from_secs(60), 6).is_err());
+        assert!(b.take_n(t + Duration::from_secs(60), 5).is_ok());
     }
 
     #[test]

@@ -470,7 +470,8 @@ fn refusals_before_execution_use_the_rest_shape() {
     assert_eq!(stored_message_count(&srv.db_path()), 0);
 
     // Each root mutation field is a write against --msg-rate (3 per second): a
-    // mutation with four is refused whole with 429.
+    // mutation with four is refused whole with 429. (A full budget first.)
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let four = "mutation { a: createRoom(name: \"a1\") { name } b: createRoom(name: \"a2\") { name } c: createRoom(name: \"a3\") { name } d: createRoom(name: \"a4\") { name } }";
     let r = gql::post(&srv, &bob, four, json!({}));
     assert_error(&r, 429, "rate_limited");
@@ -481,6 +482,10 @@ fn refusals_before_execution_use_the_rest_shape() {
         1,
         "nothing ran: {rooms}"
     );
+    // ...and spent nothing: three fit at once.
+    let three = "mutation { a: createRoom(name: \"b1\") { name } b: createRoom(name: \"b2\") { name } c: createRoom(name: \"b3\") { name } }";
+    let made = gql::data(&srv, &bob, three, json!({}));
+    assert_eq!(made["c"]["name"], "b3", "{made}");
     // Queries are not writes.
     for _ in 0..10 {
         gql::data(&srv, &bob, "{ me { id } }", json!({}));

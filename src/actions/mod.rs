@@ -153,8 +153,14 @@ pub fn wait_for<T: Send + 'static>(
 /// Counts a write made through REST (or GraphQL) against the user's `--msg-rate`
 /// budget: the same number per second a socket may send.
 pub fn check_write_rate(app: &App, actor: &Actor) -> Result<(), ApiError> {
+    check_write_rate_n(app, actor, 1)
+}
+
+/// Counts `n` writes at once against `--msg-rate`: all of them, or none if they do not
+/// all fit (so a refused request has spent nothing).
+pub fn check_write_rate_n(app: &App, actor: &Actor, n: u32) -> Result<(), ApiError> {
     app.write_limiter
-        .check(&actor.user_id.to_string())
+        .check_n(&actor.user_id.to_string(), n)
         .map_err(|secs| ApiError::rate_limited("too many requests; slow down", secs))
 }
 

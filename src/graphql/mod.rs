@@ -98,9 +98,11 @@ pub fn request_error(e: ApiError) -> ServerError {
 }
 
 /// Counts a mutation's root fields (each a write: `sendMessage`, `ban`, ...) against
-/// the user's `--msg-rate` budget, before anything runs.
+/// the user's `--msg-rate` budget, before anything runs: all of them or, if they do
+/// not all fit, none (the refused request has spent nothing).
 pub fn charge_writes(app: &App, actor: &Actor, writes: usize) -> Result<(), ApiError> {
-    (0..writes).try_for_each(|_| crate::actions::check_write_rate(app, actor))
+    let n = u32::try_from(writes).unwrap_or(u32::MAX);
+    crate::actions::check_write_rate_n(app, actor, n)
 }
 
 /// Wakes a thread that waits on it; a wake-up before the wait is not lost.
