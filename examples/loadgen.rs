@@ -651,6 +651,12 @@ impl Server {
         {
             args.extend(["--register-rate", "0"]);
         }
+        // `acks` creates a room per sender, more than --room-rate's hourly budget.
+        if !extra.iter().any(|a| a.starts_with("--room-rate"))
+            && server_knows_flag(bin, "--room-rate")
+        {
+            args.extend(["--room-rate", "0"]);
+        }
         let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         args.extend(extra.iter().cloned());
         let cmdline = std::iter::once(bin.display().to_string())
