@@ -123,7 +123,8 @@ pub struct Config {
     pub http_inline_bytes: usize,
     /// IO threads (reading bodies, writing answers that may wait) at most.
     pub http_io_threads: usize,
-    /// IO threads the connections of one client address may hold at once.
+    /// IO threads the connections of one client address may hold at once (its further
+    /// requests wait in a bounded backlog: see [`crate::lane`]).
     pub http_per_address: usize,
     /// Pipelined requests that may wait behind the one in progress on a connection
     /// before it is shut down.

@@ -2,10 +2,14 @@
 //! thread wait on a client, so that the HTTP workers never do.
 //!
 //! A bounded, elastic pool. A job gets a thread at once — an idle one, or a new one
-//! (`http-io`) — or is refused: when `Config::http_io_threads` jobs are running, or
-//! when its client address already runs `Config::http_per_address` of them (so one
-//! address, however many connections it opens, cannot take them all). A thread idle
-//! for a few seconds ends. Every job runs under a deadline that the reaper enforces
+//! (`http-io`) — unless `Config::http_io_threads` jobs are running (it is refused) or
+//! its client address already runs `Config::http_per_address` of them (so one
+//! address, however many connections it opens, cannot take them all). Then it waits
+//! in that address's backlog, on no thread, and runs when one of the address's jobs
+//! ends: a browser's burst of connections, or an office behind one NAT address, is
+//! served a few at a time rather than refused. Backlogs are bounded
+//! ([`BACKLOG_PER_ADDRESS`], [`BACKLOG_TOTAL`]); past them the job is refused. A
+//! thread idle for a few seconds ends. Every job runs under a deadline that the reaper enforces
 //! by shutting the connection down (see [`crate::exchange`]), so no thread waits on a
 //! client for long.
 //!
@@ -21,6 +25,10 @@ use std::time::{Duration, Instant};
 
 /// How long an idle IO thread waits for another job before it ends.
 const LINGER: Duration = Duration::from_secs(5);
+/// Jobs one address may have waiting for its share of threads.
+pub const BACKLOG_PER_ADDRESS: usize = 256;
+/// Jobs all addresses together may have waiting.
+pub const BACKLOG_TOTAL: usize = 4096;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -55,12 +63,49 @@ struct State {
     /// Jobs reserved, queued or running, in total and per address.
     taken: usize,
     by_address: HashMap<IpAddr, usize>,
+    /// Jobs (or reserved places for them) waiting for their address's share, per
+    /// address, and how many in all.
+    backlog: HashMap<IpAddr, VecDeque<Option<Job>>>,
+    backlogged: usize,
     threads: usize,
     idle: usize,
     stopped: bool,
 }
 
 impl State {
+    /// A job of `ip` ended: its place passes to the address's next waiting job (queued
+    /// to run), or is given back.
+    fn finish(&mut self, ip: IpAddr) {
+        // The first waiting job that has arrived (a place reserved a moment ago may
+        // still be empty).
+        let next = self.backlog.get_mut(&ip).and_then(|q| {
+            let i = q.iter().position(Option::is_some)?;
+            q.remove(i).flatten()
+        });
+        if let Some(job) = next {
+            self.backlogged -= 1;
+            if self.backlog.get(&ip).is_some_and(VecDeque::is_empty) {
+                self.backlog.remove(&ip);
+            }
+            self.jobs.push_back((ip, job));
+        } else {
+            self.release(ip);
+        }
+    }
+
+    /// Drops one reserved backlog place of `ip` that never got its job.
+    fn unqueue(&mut self, ip: IpAddr) {
+        if let Some(q) = self.backlog.get_mut(&ip) {
+            if let Some(i) = q.iter().position(Option::is_none) {
+                q.remove(i);
+                self.backlogged -= 1;
+            }
+            if q.is_empty() {
+                self.backlog.remove(&ip);
+            }
+        }
+    }
+
     fn release(&mut self, ip: IpAddr) {
         self.taken = self.taken.saturating_sub(1);
         if let Some(n) = self.by_address.get_mut(&ip) {
@@ -76,13 +121,19 @@ impl State {
 /// when dropped unused.
 pub struct Permit {
     ip: IpAddr,
+    /// A place in the address's backlog rather than a running place.
+    queued: bool,
     shared: Option<Arc<Shared>>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(s) = self.shared.take() {
-            lock(&s.state).release(self.ip);
+            let mut st = lock(&s.state);
+            match self.queued {
+                true => st.unqueue(self.ip),
+                false => st.release(self.ip),
+            }
         }
     }
 }
@@ -103,19 +154,34 @@ impl Lane {
         }
     }
 
-    /// A place for a job of `ip`, or None if the pool or the address has none left.
+    /// A place for a job of `ip` — running, or in the address's backlog — or None if
+    /// the pool is full or stopped, or the backlogs are.
     pub fn reserve(&self, ip: IpAddr) -> Option<Permit> {
         let mut st = lock(&self.shared.state);
         let mine = st.by_address.get(&ip).copied().unwrap_or(0);
-        if st.stopped || st.taken >= self.shared.max || mine >= self.shared.per_address {
+        if st.stopped {
+            return None;
+        }
+        let permit = |queued| Permit {
+            ip,
+            queued,
+            shared: Some(self.shared.clone()),
+        };
+        if mine >= self.shared.per_address {
+            let waiting = st.backlog.get(&ip).map_or(0, VecDeque::len);
+            if waiting >= BACKLOG_PER_ADDRESS || st.backlogged >= BACKLOG_TOTAL {
+                return None;
+            }
+            st.backlog.entry(ip).or_default().push_back(None);
+            st.backlogged += 1;
+            return Some(permit(true));
+        }
+        if st.taken >= self.shared.max {
             return None;
         }
         st.taken += 1;
         *st.by_address.entry(ip).or_insert(0) += 1;
-        Some(Permit {
-            ip,
-            shared: Some(self.shared.clone()),
-        })
+        Some(permit(false))
     }
 
     /// Runs `job` on an IO thread; its place is given back when it ends.
@@ -123,7 +189,19 @@ impl Lane {
         permit.shared = None;
         let ip = permit.ip;
         let mut st = lock(&self.shared.state);
-        st.jobs.push_back((ip, Box::new(job)));
+        let job: Job = Box::new(job);
+        let job = match permit.queued {
+            true => self.fill_place(&mut st, ip, job),
+            false => Some(job),
+        };
+        if let Some(job) = job {
+            self.start(st, ip, job);
+        }
+    }
+
+    /// Queues a job that holds a running place, and gives it a thread.
+    fn start(&self, mut st: std::sync::MutexGuard<'_, State>, ip: IpAddr, job: Job) {
+        st.jobs.push_back((ip, job));
         // Each queued job needs a thread of its own: an idle one not yet claimed by an
         // earlier job, or a new one (never more than `max`: every job holds a place).
         if st.jobs.len() <= st.idle {
@@ -147,7 +225,33 @@ impl Lane {
                 let (ip, job) = st.jobs.pop_back().unwrap_or((ip, Box::new(|| {})));
                 drop(st);
                 run_job(job);
-                lock(&self.shared.state).release(ip);
+                lock(&self.shared.state).finish(ip);
+            }
+        }
+    }
+
+    /// Puts a backlogged job in a place reserved for it. If the address's jobs ended
+    /// meanwhile and gave their places back, it is queued to run at once instead (it
+    /// may then briefly exceed the pool's total: by at most the address's share).
+    /// Returns the job if it is to start now.
+    fn fill_place(&self, st: &mut State, ip: IpAddr, job: Job) -> Option<Job> {
+        let running = st.by_address.get(&ip).copied().unwrap_or(0);
+        let slot = st
+            .backlog
+            .get_mut(&ip)
+            .and_then(|q| q.iter_mut().find(|j| j.is_none()));
+        match slot {
+            Some(slot) if running >= self.shared.per_address => {
+                *slot = Some(job);
+                None
+            }
+            // Room again (or, unreachable while the permit's place exists, no place
+            // to wait in): it runs now, holding a running place.
+            _ => {
+                st.unqueue(ip);
+                st.taken += 1;
+                *st.by_address.entry(ip).or_insert(0) += 1;
+                Some(job)
             }
         }
     }
@@ -193,7 +297,7 @@ impl Shared {
                 drop(st);
                 run_job(job);
                 st = lock(&self.state);
-                st.release(ip);
+                st.finish(ip);
                 continue;
             }
             if st.stopped {
@@ -231,7 +335,10 @@ mod tests {
         let (a, b) = (ip(1), ip(2));
         let p1 = lane.reserve(a).expect("first");
         let p2 = lane.reserve(a).expect("second");
-        assert!(lane.reserve(a).is_none(), "the address has its two");
+        assert!(
+            lane.reserve(a).is_some_and(|p| p.queued),
+            "past its two, it waits"
+        );
         let p3 = lane.reserve(b).expect("another address");
         assert!(lane.reserve(ip(3)).is_none(), "the pool is full");
         drop(p3);
@@ -251,7 +358,10 @@ mod tests {
                 let _ = done_tx.send(());
             });
         }
-        assert!(lane.reserve(a).is_none(), "running jobs keep their places");
+        assert!(
+            lane.reserve(a).is_some_and(|p| p.queued),
+            "running jobs keep their places"
+        );
         release.send(()).unwrap();
         release.send(()).unwrap();
         for _ in 0..2 {
@@ -267,6 +377,66 @@ mod tests {
         lane.stop(Duration::from_secs(5));
         assert!(lane.reserve(a).is_none(), "a stopped pool takes nothing");
         assert_eq!(lane.counts().1, 0, "threads ended");
+    }
+
+    #[test]
+    fn past_its_share_an_address_waits_in_its_backlog() {
+        let lane = Lane::new(8, 2, 64 * 1024);
+        let (a, b) = (ip(1), ip(2));
+        let (release, gate) = mpsc::channel::<()>();
+        let gate = Arc::new(Mutex::new(gate));
+        let (done_tx, done) = mpsc::channel();
+        // Five jobs of `a`: two run, three wait, on no thread.
+        for i in 0..5 {
+            let p = lane.reserve(a).expect("a place, running or waiting");
+            assert_eq!(p.queued, i >= 2);
+            let (gate, done_tx) = (gate.clone(), done_tx.clone());
+            lane.run(p, move || {
+                let _ = lock(&gate).recv();
+                let _ = done_tx.send(i);
+            });
+        }
+        assert_eq!(lane.counts(), (2, 2), "two running places, two threads");
+        // Another address is not held up by a's backlog.
+        let pb = lane.reserve(b).expect("b has its own share");
+        assert!(!pb.queued);
+        drop(pb);
+        // An unused waiting place is given back.
+        let spare = lane.reserve(a).expect("room in the backlog");
+        drop(spare);
+        assert_eq!(lock(&lane.shared.state).backlogged, 3);
+        // Each job that ends hands its place to the next waiting one, in order.
+        let mut order = Vec::new();
+        for _ in 0..5 {
+            release.send(()).unwrap();
+            order.push(done.recv_timeout(Duration::from_secs(5)).unwrap());
+        }
+        order.sort_unstable();
+        assert_eq!(order, [0, 1, 2, 3, 4], "every job ran");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lane.counts().0 != 0 {
+            assert!(Instant::now() < deadline, "places not given back");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(lock(&lane.shared.state).backlogged, 0);
+        assert!(lock(&lane.shared.state).backlog.is_empty());
+        lane.stop(Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_full_backlog_refuses() {
+        let lane = Lane::new(4, 1, 64 * 1024);
+        let _running = lane.reserve(ip(1)).expect("running");
+        let waiting: Vec<Permit> = (0..BACKLOG_PER_ADDRESS)
+            .map(|_| lane.reserve(ip(1)).expect("waiting"))
+            .collect();
+        assert!(
+            lane.reserve(ip(1)).is_none(),
+            "the address's backlog is full"
+        );
+        assert!(lane.reserve(ip(2)).is_some(), "others are not");
+        drop(waiting);
+        assert!(lane.reserve(ip(1)).is_some());
     }
 
     #[test]
