@@ -124,7 +124,7 @@ pub struct Hub {
     sockets: Mutex<Sockets>,
     rooms: Mutex<Rooms>,
     next_id: AtomicU64,
-    /// `--max-sockets` in threads: a chat socket's 2 each.
+    /// `--max-sockets` in threads: a chat socket's one each.
     max_threads: usize,
     max_per_user: usize,
 }
@@ -160,7 +160,7 @@ impl Hub {
     /// [`unreserve`](Self::unreserve) or turn into a socket with [`register`](Self::register).
     ///
     /// `--max-sockets` is counted in threads, the resource it protects: a GraphQL
-    /// socket (3 threads) takes one and a half chat sockets' (2 threads) share.
+    /// socket (2 threads) takes two chat sockets' (1 thread) share.
     pub fn reserve(&self, user_id: i64, kind: SocketKind) -> Result<(), LimitHit> {
         let mut s = lock(&self.sockets);
         // The first socket always fits, so a tiny cap still admits a GraphQL socket.

@@ -60,7 +60,7 @@ mod ws;
 use clap::Parser;
 
 fn main() {
-    // Small stacks for tiny_http's per-connection threads (each WebSocket parks one);
+    // Small stacks for tiny_http's per-connection threads (one per HTTP connection);
     // set before any thread starts, since the standard library reads it once.
     if std::env::var_os("RUST_MIN_STACK").is_none() {
         std::env::set_var("RUST_MIN_STACK", "131072");

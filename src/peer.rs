@@ -60,12 +60,12 @@ pub enum SocketKind {
 }
 
 impl SocketKind {
-    /// Threads a socket of this kind holds while open: its reader and tiny_http's
-    /// parked one, and for GraphQL the pump that runs its operations.
+    /// Threads a socket of this kind holds while open: its reader, and for GraphQL
+    /// the pump that runs its operations.
     pub fn threads(self) -> usize {
         match self {
-            SocketKind::Chat => 2,
-            SocketKind::GraphQl => 3,
+            SocketKind::Chat => 1,
+            SocketKind::GraphQl => 2,
         }
     }
 

@@ -183,24 +183,22 @@ fn start_background(
 
 /// Lowers `--max-sockets` to what the process can hold, so a flood of sockets meets
 /// 429 rather than a failed thread or descriptor — tiny_http's accept thread dies on
-/// either (see [`crate::front`] for how it comes back). Each WebSocket holds 3 descriptors and 2 threads
-/// (a GraphQL socket 3, which [`crate::hub::Hub::reserve`] counts as 1.5 sockets); each thread costs 4 memory mappings (stack, guard, signal stack, its guard) out of
-/// the kernel's `vm.max_map_count`.
+/// either (see [`crate::front`] for how it comes back). What a socket costs is in
+/// [`crate::sys::socket_ceiling`]; a GraphQL socket holds a second thread, and
+/// [`crate::hub::Hub::reserve`] counts it as two sockets.
 fn fit_socket_limit(wanted: usize, fd_limit: u64) -> usize {
     let max_maps = std::fs::read_to_string("/proc/sys/vm/max_map_count")
         .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(u64::MAX);
+        .and_then(|s| s.trim().parse::<u64>().ok());
     sockets_that_fit(wanted, fd_limit, max_maps)
 }
 
-fn sockets_that_fit(wanted: usize, fd_limit: u64, max_maps: u64) -> usize {
-    let by_fds = fd_limit.saturating_sub(512) / 3;
-    let by_maps = max_maps.saturating_sub(2000) / 8;
-    let fits = by_fds.min(by_maps).max(1) as usize;
+fn sockets_that_fit(wanted: usize, fd_limit: u64, max_maps: Option<u64>) -> usize {
+    let fits =
+        usize::try_from(crate::sys::socket_ceiling(fd_limit, max_maps)).unwrap_or(usize::MAX);
     if wanted > fits {
         log::warn!(
-            "--max-sockets {wanted} lowered to {fits}: open-file limit {fd_limit}, vm.max_map_count {max_maps}"
+            "--max-sockets {wanted} lowered to {fits}: open-file limit {fd_limit}, vm.max_map_count {max_maps:?}"
         );
     }
     wanted.min(fits)
@@ -319,17 +317,15 @@ mod tests {
 
     #[test]
     fn socket_limit_fits_descriptors_and_mappings() {
-        assert_eq!(sockets_that_fit(10_000, 20_000, 65_530), 6_496, "fd-bound");
+        let maps = Some(65_530);
+        assert_eq!(sockets_that_fit(10_000, 20_000, maps), 6_496, "fd-bound");
+        assert_eq!(sockets_that_fit(20_000, 1 << 20, maps), 15_882, "map-bound");
         assert_eq!(
-            sockets_that_fit(10_000, 1 << 20, 65_530),
-            7_941,
-            "map-bound"
-        );
-        assert_eq!(
-            sockets_that_fit(100, 20_000, 65_530),
+            sockets_that_fit(100, 20_000, maps),
             100,
             "a lower wish stands"
         );
-        assert_eq!(sockets_that_fit(100, 10, 10), 1, "never zero");
+        assert_eq!(sockets_that_fit(100, 10, Some(10)), 1, "never zero");
+        assert_eq!(sockets_that_fit(10_000, 1 << 20, None), 10_000);
     }
 }

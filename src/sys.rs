@@ -570,15 +570,20 @@ impl Ceiling {
         }
     }
 
-    /// WebSockets that fit: each holds 3 descriptors (plus 512 kept for everything
-    /// else) and 2 threads of 4 memory mappings each (plus 2,000 kept).
+    /// WebSockets that fit under the hard open-file limit: see [`socket_ceiling`].
     pub fn sockets(&self) -> u64 {
-        let by_fds = self.files_hard.saturating_sub(512) / 3;
-        let by_maps = self
-            .max_map_count
-            .map_or(u64::MAX, |m| m.saturating_sub(2000) / 8);
-        by_fds.min(by_maps).max(1)
+        socket_ceiling(self.files_hard, self.max_map_count)
     }
+}
+
+/// Chat WebSockets that fit in `files` descriptors and `max_map_count` memory
+/// mappings: each holds 3 descriptors (plus 512 kept for everything else) and one
+/// thread, its reader, of 4 mappings (stack, guard, signal stack, its guard; plus
+/// 2,000 kept). Never zero.
+pub fn socket_ceiling(files: u64, max_map_count: Option<u64>) -> u64 {
+    let by_fds = files.saturating_sub(512) / 3;
+    let by_maps = max_map_count.map_or(u64::MAX, |m| m.saturating_sub(2000) / 4);
+    by_fds.min(by_maps).max(1)
 }
 
 /// Raises the open-file limit as far as allowed — each WebSocket costs 3 descriptors

@@ -3,8 +3,9 @@
 //!
 //! Nothing is upgraded until the Origin, the token, the ban state and the socket
 //! limits have all passed; a refusal is a plain HTTP answer with the JSON error. After
-//! the upgrade the socket has one reader thread (this module) and tiny_http's parked
-//! thread; everything written to it goes through its [`Peer`].
+//! the upgrade the socket has one thread, its reader (this module; tiny_http's
+//! connection thread goes back to its pool), and everything written to it goes
+//! through its [`Peer`].
 //!
 //! Both WebSocket doors use [`open`]: `/ws` with parley's chat protocol ([`Conn`]),
 //! `/graphql` with `graphql-transport-ws` ([`crate::graphql`]). They share the checks,

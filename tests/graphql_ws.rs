@@ -79,9 +79,9 @@ fn the_upgrade_is_checked_like_ws() {
 }
 
 #[test]
-fn a_graphql_socket_takes_one_and_a_half_slots_of_max_sockets() {
-    // --max-sockets 2 is 4 socket threads: two chat sockets (2 each) fit, but a
-    // GraphQL socket (3) and a chat socket do not.
+fn a_graphql_socket_takes_two_slots_of_max_sockets() {
+    // --max-sockets 2 is 2 socket threads: two chat sockets (1 each) fit, but a
+    // GraphQL socket (2) and a chat socket do not.
     let srv = start_unlimited(&["--max-sockets", "2"]);
     let bob = new_user(&srv, "bob");
     let auth = format!("Bearer {bob}");

@@ -1395,3 +1395,49 @@ fn logout_closes_the_logins_live_sockets_with_4003() {
     assert_eq!(doomed.expect_close(), Some(4003));
     survivor.ping();
 }
+
+/// Threads of a process, from /proc.
+fn thread_count(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
+}
+
+/// An upgraded socket costs the server one thread, its reader: tiny_http's connection
+/// thread goes back to its pool at the upgrade (it once stayed parked for the socket's
+/// life, doubling the threads, memory and mappings a socket costs). Sockets still
+/// chat, and closing them ends their threads.
+#[test]
+fn an_upgraded_socket_holds_one_thread() {
+    let srv = start_unlimited(&[]);
+    let token = new_user(&srv, "alice");
+    // Warm up: tiny_http's pool keeps a few threads, the IO lanes and workers exist.
+    let warm = Ws::connect(&srv, &token);
+    drop(warm);
+    std::thread::sleep(Duration::from_millis(200));
+    let before = thread_count(srv.pid());
+    let n = 40;
+    let mut socks: Vec<Ws> = (0..n).map(|_| Ws::connect(&srv, &token)).collect();
+    for s in &mut socks {
+        s.ping();
+    }
+    // Idle pool threads linger for 5 s after their connection ends; wait them out.
+    wait_until(Duration::from_secs(10), "pool threads to wind down", || {
+        thread_count(srv.pid()) <= before + n + 4
+    });
+    let during = thread_count(srv.pid());
+    assert!(
+        during >= before + n && during <= before + n + 4,
+        "{n} sockets took the server from {before} to {during} threads"
+    );
+    for s in &mut socks {
+        s.ping();
+    }
+    drop(socks);
+    wait_until(Duration::from_secs(10), "socket threads to end", || {
+        thread_count(srv.pid()) <= before + 4
+    });
+}

@@ -169,6 +169,15 @@ impl ClientConnection {
     }
 }
 
+// parley: without this, dropping a connection whose last request is still held (an
+// upgraded WebSocket) blocked its pool thread in the header reader's `Drop` until
+// that request's stream was dropped: one parked thread for each WebSocket's life.
+impl Drop for ClientConnection {
+    fn drop(&mut self) {
+        self.next_header_source.abandon();
+    }
+}
+
 impl Iterator for ClientConnection {
     type Item = Request;
 

@@ -144,6 +144,16 @@ impl<W: Write + Send> Write for SequentialWriter<W> {
     }
 }
 
+impl<R: Read + Send> SequentialReader<R> {
+    /// parley: drops this reader's place in the sequence without waiting for its turn,
+    /// for the last reader of a connection that is over, which no reader follows. The
+    /// reader before it then finds nobody to hand the stream to, and drops it (closing
+    /// the read half) whenever it ends itself.
+    pub fn abandon(&mut self) {
+        self.inner = SequentialReaderInner::Empty;
+    }
+}
+
 impl<R> Drop for SequentialReader<R>
 where
     R: Read + Send,
