@@ -1,10 +1,10 @@
--- parley database layout, schema version 3.
+-- parley database layout, schema version 4.
 --
 -- This file is the one source of the layout: the binary embeds it and applies it to a
--- new database on first start, then sets PRAGMA user_version = 3 so later versions
+-- new database on first start, then sets PRAGMA user_version = 4 so later versions
 -- know what to migrate from. (Older databases are upgraded in place on open; see
--- `migrate_v1` and `migrate_v2` in src/store/mod.rs.) Times are RFC 3339 text in UTC unless a column says
--- otherwise, so the file reads well in `sqlite3`.
+-- `migrate_v1`, `migrate_v2` and `migrate_v3` in src/store/mod.rs.) Times are RFC 3339
+-- text in UTC unless a column says otherwise, so the file reads well in `sqlite3`.
 
 -- Server-wide values, e.g. the JWT signing key (`jwt_key`, 32 random bytes).
 CREATE TABLE settings (
@@ -71,6 +71,22 @@ CREATE TABLE refresh_tokens (
     used_at    TEXT
 );
 CREATE INDEX refresh_tokens_session ON refresh_tokens(session_id);
+
+-- begin: login_epoch (schema 4; the upgrade from 3 runs this section as it is)
+-- A count of every change that can end a login (a revoke, a ban, a new stamp, a
+-- deleted account or login), whoever makes it: the server, `parley user`, the sqlite3
+-- shell. The server re-checks its live sockets' logins when the count moves, instead
+-- of after every commit. Without the row it re-checks after every commit again.
+INSERT INTO settings(key, value) VALUES ('login_epoch', 0);
+CREATE TRIGGER login_epoch_ban AFTER UPDATE OF banned_at, stamp ON users
+BEGIN UPDATE settings SET value = value + 1 WHERE key = 'login_epoch'; END;
+CREATE TRIGGER login_epoch_user_gone AFTER DELETE ON users
+BEGIN UPDATE settings SET value = value + 1 WHERE key = 'login_epoch'; END;
+CREATE TRIGGER login_epoch_revoke AFTER UPDATE OF user_id, revoked_at, user_stamp ON sessions
+BEGIN UPDATE settings SET value = value + 1 WHERE key = 'login_epoch'; END;
+CREATE TRIGGER login_epoch_login_gone AFTER DELETE ON sessions
+BEGIN UPDATE settings SET value = value + 1 WHERE key = 'login_epoch'; END;
+-- end: login_epoch
 
 CREATE TABLE rooms (
     id         INTEGER PRIMARY KEY,

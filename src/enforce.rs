@@ -3,15 +3,18 @@
 //! Two threads serve every socket, so no socket polls anything itself:
 //! - `expiry` ([`ExpiryTimer`]): one min-heap of token expiry times; a socket whose
 //!   token expires without a `refresh` is closed with 4001;
-//! - `revocation-sweep` ([`Sweeper`]): watches `PRAGMA data_version` and, when anything
-//!   changed the database (the CLI, `sqlite3`, or this process), checks each live
-//!   login once against the current sessions and bans, closing dead ones with 4003.
+//! - `revocation-sweep` ([`Sweeper`]): once a second asks the store whether a login
+//!   may have ended (a revoke, a ban or a deleted account, by the CLI, `sqlite3`, or
+//!   this process: [`crate::store::ChangeWatcher`]), and if so checks each live login
+//!   once against the current sessions and bans, closing dead ones with 4003. Messages
+//!   and audit rows do not start a sweep, which would cost a query per live login.
 //!   So a ban or password change made from the command line reaches live sockets
 //!   within seconds.
 //!
 //! Both are started and stopped by [`crate::server`].
 
 use crate::hub::Hub;
+use crate::metrics::{self, METRICS};
 use crate::peer::{close, Peer};
 use crate::service::{Periodic, StopSignal, Worker, SERVICE_STACK};
 use crate::store::Store;
@@ -141,7 +144,8 @@ impl Sweeper {
     pub fn start(hub: Arc<Hub>, store: Arc<Store>) -> Result<Sweeper, String> {
         let mut watcher = store.watcher().map_err(|e| e.to_string())?;
         let thread = Periodic::start("revocation-sweep", SWEEP_EVERY, move || {
-            if watcher.changed() {
+            if watcher.logins_changed() {
+                metrics::inc(&METRICS.login_sweeps);
                 sweep(&hub, &store);
             }
         })

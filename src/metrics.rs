@@ -40,6 +40,8 @@ pub struct Metrics {
     pub http_reaped_pressure: AtomicU64,
     /// Times tiny_http's accept loop died and was started again.
     pub http_accept_restarts: AtomicU64,
+    /// Times the live sockets' logins were checked again against the database.
+    pub login_sweeps: AtomicU64,
 }
 
 /// The one instance.
@@ -59,6 +61,7 @@ pub static METRICS: Metrics = Metrics {
     http_reaped_idle: AtomicU64::new(0),
     http_reaped_pressure: AtomicU64::new(0),
     http_accept_restarts: AtomicU64::new(0),
+    login_sweeps: AtomicU64::new(0),
 };
 
 /// Bumps a counter by one.
@@ -134,6 +137,11 @@ pub fn render(g: &Gauges) -> String {
             "parley_http_accept_restarts_total",
             "Times the HTTP accept loop died (out of descriptors) and was started again.",
             &m.http_accept_restarts,
+        ),
+        (
+            "parley_login_sweeps_total",
+            "Times live sockets' logins were checked again after a revoke, ban or account change.",
+            &m.login_sweeps,
         ),
     ];
     for (name, help, c) in counters {

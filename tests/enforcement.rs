@@ -731,6 +731,41 @@ fn refresh_with_an_expired_token_is_unauthorized() {
 }
 
 #[test]
+fn chat_does_not_start_login_sweeps_but_a_ban_does() {
+    // The revocation sweep costs a query per live login, so it runs only when a
+    // commit could have ended one: messages and audit rows from this process do not
+    // count, a ban made with sqlite3 does.
+    let srv = start_unlimited(&[]);
+    let alice = new_user(&srv, "alice");
+    let bob = new_user(&srv, "bob");
+    let mut a = Ws::connect(&srv, &alice);
+    let mut b = Ws::connect(&srv, &bob);
+    a.join("general");
+    b.join("general");
+    let before = metric_now(&srv, "parley_login_sweeps_total");
+    // Commits over three sweep intervals: a message every 150 ms.
+    for i in 0..20 {
+        a.send_msg("general", &format!("m{i}"));
+        sleep(Duration::from_millis(150));
+    }
+    sleep(Duration::from_millis(1500));
+    assert_eq!(
+        metric_now(&srv, "parley_login_sweeps_total"),
+        before,
+        "messages started a login sweep"
+    );
+    let db = open_db(&srv.db_path());
+    db.execute(
+        "UPDATE users SET banned_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE username = 'bob'",
+        [],
+    )
+    .unwrap();
+    assert_eq!(wait_close(&mut b, Duration::from_secs(5)), Some(4003));
+    assert!(metric_now(&srv, "parley_login_sweeps_total") > before);
+    alive(&mut a);
+}
+
+#[test]
 fn sqlite_changes_reach_a_live_server() {
     // Changes made with sqlite3 while the server runs reach it within 5 s,
     // live sockets included.

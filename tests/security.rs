@@ -327,7 +327,18 @@ fn a_version_1_database_is_upgraded_in_place() {
         let v: i64 = c
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(v, 3, "upgraded to the current schema version");
+        assert_eq!(v, 4, "upgraded to the current schema version");
+        let triggers: i64 = c
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'login_epoch_%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            triggers, 4,
+            "the upgrade adds schema.sql's login_epoch triggers"
+        );
         let sql: String = c
             .query_row(
                 "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'users'",

@@ -29,7 +29,7 @@ use writer::Writer;
 pub const SCHEMA: &str = include_str!("../../schema.sql");
 /// The `PRAGMA user_version` this build writes and understands (older parley versions
 /// are upgraded on open).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 /// Read connections kept open for reuse.
 const READ_POOL: usize = 8;
 
@@ -337,11 +337,14 @@ fn create_or_upgrade(conn: &Connection) -> Result<()> {
             tx.execute_batch(SCHEMA)?;
             log::info!("created a new database (schema version {SCHEMA_VERSION})");
         }
-        v @ (1 | 2) => {
+        v @ 1..=3 => {
             if v == 1 {
                 migrate_v1(&tx)?;
             }
-            migrate_v2(&tx)?;
+            if v <= 2 {
+                migrate_v2(&tx)?;
+            }
+            migrate_v3(&tx)?;
             log::info!("upgraded the database from schema version {v} to {SCHEMA_VERSION}");
         }
         SCHEMA_VERSION => return Ok(()),
@@ -349,6 +352,25 @@ fn create_or_upgrade(conn: &Connection) -> Result<()> {
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     Ok(tx.commit()?)
+}
+
+/// Schema 3 to 4, inside the caller's transaction: the `login_epoch` count and its
+/// triggers, taken from `schema.sql` itself so that an upgraded file and a new one
+/// cannot differ.
+fn migrate_v3(c: &Connection) -> Result<()> {
+    Ok(c.execute_batch(schema_section("login_epoch")?)?)
+}
+
+/// The lines after the `-- begin: NAME` line of `schema.sql`, up to `-- end: NAME`.
+fn schema_section(name: &str) -> Result<&'static str> {
+    let begin = format!("-- begin: {name}");
+    let end = format!("-- end: {name}");
+    SCHEMA
+        .split_once(&begin)
+        .and_then(|(_, rest)| rest.split_once('\n'))
+        .and_then(|(_, rest)| rest.split_once(&end))
+        .map(|(section, _)| section)
+        .ok_or_else(|| StoreError::Sqlite(format!("schema.sql has no section {name}")))
 }
 
 /// Schema 2 to 3, inside the caller's transaction: once-only sends (`client_id` on
@@ -467,30 +489,55 @@ fn start_checkpointer(path: &Path) -> Result<Periodic> {
     .map_err(|e| StoreError::Sqlite(e.to_string()))
 }
 
-/// Notices commits made by any other connection — the CLI, `sqlite3`, or this
-/// process's own writer — through `PRAGMA data_version`, without reading any table.
+/// Notices changes that can end a login — a revoke, a ban, a deleted account — made
+/// by any connection: the CLI, `sqlite3`, or this process's own writer.
+///
+/// `PRAGMA data_version` says, without reading a table, that another connection
+/// committed; most commits are messages and audit rows, so the watcher then reads the
+/// `login_epoch` count that `schema.sql`'s triggers keep, and reports a change only
+/// when that moved. With the row gone (deleted by hand) every commit counts.
 pub struct ChangeWatcher {
     conn: Connection,
-    last: i64,
+    data_version: i64,
+    epoch: Option<i64>,
 }
 
 impl ChangeWatcher {
-    /// Whether the database changed since the last call.
-    pub fn changed(&mut self) -> bool {
-        let now: i64 = self
-            .conn
-            .query_row("PRAGMA data_version", [], |r| r.get(0))
-            .unwrap_or(self.last);
-        std::mem::replace(&mut self.last, now) != now
+    /// Whether a login may have ended since the last call.
+    pub fn logins_changed(&mut self) -> bool {
+        let Ok(now) = data_version(&self.conn) else {
+            return false;
+        };
+        if std::mem::replace(&mut self.data_version, now) == now {
+            return false;
+        }
+        let epoch = login_epoch(&self.conn);
+        std::mem::replace(&mut self.epoch, epoch) != epoch || epoch.is_none()
     }
+}
+
+fn data_version(c: &Connection) -> rusqlite::Result<i64> {
+    c.query_row("PRAGMA data_version", [], |r| r.get(0))
+}
+
+/// `None` when the row is missing or unreadable: the caller then assumes a change.
+fn login_epoch(c: &Connection) -> Option<i64> {
+    c.prepare_cached("SELECT value FROM settings WHERE key = 'login_epoch'")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .ok()
 }
 
 impl Store {
     /// A watcher on its own connection.
     pub fn watcher(&self) -> Result<ChangeWatcher> {
         let conn = open_connection(&self.path)?;
-        let last = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
-        Ok(ChangeWatcher { conn, last })
+        let data_version = data_version(&conn)?;
+        let epoch = login_epoch(&conn);
+        Ok(ChangeWatcher {
+            conn,
+            data_version,
+            epoch,
+        })
     }
 }
 
@@ -524,6 +571,40 @@ pub(crate) mod tests {
         c.execute_batch("CREATE TABLE t(x)").unwrap();
         drop(c);
         assert!(matches!(Store::open(&path), Err(StoreError::Conflict(_))));
+    }
+
+    /// The watcher reports commits that can end a login, from any connection (here
+    /// one like the sqlite3 shell's), and not the ones that cannot.
+    #[test]
+    fn watcher_sees_login_changes_only() {
+        let dir = tempdir();
+        let path = dir.join("w.db");
+        let store = Store::open(&path).unwrap();
+        let mut w = store.watcher().unwrap();
+        let shell = Connection::open(&path).unwrap();
+        let run = |sql: &str| shell.execute_batch(sql).unwrap();
+        run("INSERT INTO users(username, password_hash, created_at, stamp) VALUES ('a', 'x', 't', 's');
+             INSERT INTO sessions(id, user_id, created_at, user_stamp) VALUES ('s1', 1, 't', 's')");
+        assert!(!w.logins_changed(), "a new account and login end nothing");
+        assert!(!w.logins_changed(), "nothing committed since");
+        run("INSERT INTO messages(room_id, user_id, body, ts) VALUES (1, 1, 'hi', 't')");
+        assert!(!w.logins_changed(), "a message ends no login");
+        let ends = [
+            "UPDATE users SET banned_at = 't' WHERE id = 1",
+            "UPDATE users SET stamp = 's2' WHERE id = 1",
+            "UPDATE sessions SET revoked_at = 't' WHERE id = 's1'",
+            "DELETE FROM sessions",
+            "DELETE FROM users",
+        ];
+        for sql in ends {
+            run(sql);
+            assert!(w.logins_changed(), "{sql}");
+        }
+        run("DELETE FROM settings WHERE key = 'login_epoch'");
+        w.logins_changed();
+        run("INSERT INTO rooms(name, created_at) VALUES ('r', 't')");
+        assert!(w.logins_changed(), "without the count every commit counts");
+        store.close();
     }
 
     /// "An ack means on disk" holds only with `synchronous=FULL` on the connection that
