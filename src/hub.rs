@@ -13,6 +13,7 @@
 //! storm of n users the first way costs n²/2 frames, the second about n × (storm
 //! length / 250 ms).
 
+use crate::online::OnlineList;
 use crate::peer::{Peer, SocketKind};
 use crate::sync::lock;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -36,32 +37,16 @@ struct RoomMembers {
     each: Vec<Arc<Peer>>,
     /// The sockets that take batches.
     batch: Vec<Arc<Peer>>,
-    /// username → how many of the user's sockets are in the room; sorted, so the
-    /// online list needs no sort.
-    users: BTreeMap<String, usize>,
+    /// username → how many of the user's sockets are in the room.
+    users: HashMap<String, usize>,
+    /// The users in `users`, sorted and rendered for `joined` replies.
+    online: OnlineList,
     /// Changes not yet batched: username → online now (kept only while some socket
     /// takes batches).
     pending: BTreeMap<String, bool>,
 }
 
 impl RoomMembers {
-    /// The online list as a JSON array of strings, built in one buffer.
-    fn online_json(&self) -> String {
-        let mut out = String::with_capacity(2 + self.users.len() * 12);
-        out.push('[');
-        for (i, name) in self.users.keys().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            // Usernames are [A-Za-z0-9_.-]: nothing to escape.
-            out.push('"');
-            out.push_str(name);
-            out.push('"');
-        }
-        out.push(']');
-        out
-    }
-
     /// A user came online or went offline: tells the batch, returns who hears it now.
     fn changed(&mut self, user: &str, online: bool) -> Vec<Arc<Peer>> {
         if !self.batch.is_empty() {
@@ -262,6 +247,7 @@ impl Hub {
             let count = members.users.entry(peer.username.clone()).or_insert(0);
             *count += 1;
             if *count == 1 {
+                members.online.insert(&peer.username);
                 tell = Some(members.changed(&peer.username, true));
             }
             members.sockets.push(peer.clone());
@@ -270,7 +256,7 @@ impl Hub {
             PresenceMode::Each => members.each.push(peer.clone()),
             PresenceMode::Batch => members.batch.push(peer.clone()),
         }
-        let online_json = members.online_json();
+        let online_json = members.online.json().to_owned();
         if !members.pending.is_empty() {
             rooms.dirty.insert(room.to_owned());
         }
@@ -297,6 +283,7 @@ impl Hub {
         let mut tell = None;
         if last {
             members.users.remove(&peer.username);
+            members.online.remove(&peer.username);
             tell = Some(members.changed(&peer.username, false));
         }
         let (empty, pending) = (members.sockets.is_empty(), !members.pending.is_empty());

@@ -43,6 +43,7 @@ mod limits;
 mod logging;
 mod metrics;
 mod model;
+mod online;
 mod peer;
 mod presence;
 mod protocol;
