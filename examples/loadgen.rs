@@ -3395,14 +3395,22 @@ impl View {
     fn apply(&mut self, p: &[u8], key: &[u8], online: bool) {
         let Some(i) = find(p, key) else { return };
         let rest = &p[i + key.len()..];
-        let end = rest
-            .iter()
-            .position(|&b| b == b']' || b == b',' && !key.ends_with(b"["))
-            .unwrap_or(rest.len());
-        for name in rest[..end].split(|&b| b == b',') {
-            if let Some(idx) = user_index(name) {
-                self.set(idx, online);
+        let list = key.ends_with(b"[");
+        // One pass: each name ends at a `,`; the list at `]`, a single string at either.
+        let mut start = 0;
+        for (j, &b) in rest.iter().enumerate() {
+            if b == b',' || b == b']' {
+                if let Some(idx) = user_index(&rest[start..j]) {
+                    self.set(idx, online);
+                }
+                if b == b']' || !list {
+                    return;
+                }
+                start = j + 1;
             }
+        }
+        if let Some(idx) = user_index(&rest[start..]) {
+            self.set(idx, online);
         }
     }
 
