@@ -7,12 +7,11 @@
 //! [`crate::hub`] under its lock; it runs no threads.
 
 /// Distinct usernames, sorted, with their JSON array (`["a","b"]`) kept beside them.
-///
-/// Usernames are `[A-Za-z0-9_.-]` (checked at registration), so a name needs no
-/// escaping inside its quotes.
 #[derive(Debug)]
 pub struct OnlineList {
-    names: Vec<String>,
+    /// Each name, and how many bytes it takes in `json` (quoted and escaped: a name
+    /// written into the file by hand may hold anything).
+    names: Vec<(String, usize)>,
     json: String,
 }
 
@@ -33,10 +32,11 @@ impl OnlineList {
 
     /// Adds `name`; a name already there is left alone.
     pub fn insert(&mut self, name: &str) {
-        let Err(rank) = self.names.binary_search_by(|n| n.as_str().cmp(name)) else {
+        let Err(rank) = self.rank(name) else {
             return;
         };
-        let quoted = format!("\"{name}\"");
+        let quoted = serde_json::Value::from(name).to_string();
+        let width = quoted.len();
         let (at, text) = if self.names.is_empty() {
             (1, quoted)
         } else if rank < self.names.len() {
@@ -46,35 +46,36 @@ impl OnlineList {
             (self.json.len() - 1, format!(",{quoted}"))
         };
         self.json.insert_str(at, &text);
-        self.names.insert(rank, name.to_owned());
+        self.names.insert(rank, (name.to_owned(), width));
     }
 
     /// Removes `name`, if it is there.
     pub fn remove(&mut self, name: &str) {
-        let Ok(rank) = self.names.binary_search_by(|n| n.as_str().cmp(name)) else {
+        let Ok(rank) = self.rank(name) else {
             return;
         };
         let at = self.offset(rank);
-        let quoted = name.len() + 2;
+        let width = self.names[rank].1;
         let range = if self.names.len() == 1 {
-            at..at + quoted
+            at..at + width
         } else if rank + 1 < self.names.len() {
-            at..at + quoted + 1
+            at..at + width + 1
         } else {
             // The last name takes the comma before it along.
-            at - 1..at + quoted
+            at - 1..at + width
         };
         self.json.replace_range(range, "");
         self.names.remove(rank);
     }
 
+    fn rank(&self, name: &str) -> Result<usize, usize> {
+        self.names.binary_search_by(|(n, _)| n.as_str().cmp(name))
+    }
+
     /// Where the name of `rank` starts (its opening quote) in `json`: after the `[`,
-    /// each earlier name takes its length plus two quotes and a comma.
+    /// each earlier name takes its width plus a comma.
     fn offset(&self, rank: usize) -> usize {
-        1 + self.names[..rank]
-            .iter()
-            .map(|n| n.len() + 3)
-            .sum::<usize>()
+        1 + self.names[..rank].iter().map(|(_, w)| w + 1).sum::<usize>()
     }
 }
 
@@ -126,5 +127,17 @@ mod tests {
         list.insert("bob");
         list.remove("carol");
         assert_eq!(list.json(), r#"["alice","bob"]"#);
+    }
+
+    #[test]
+    fn a_name_written_by_hand_is_escaped() {
+        let mut list = OnlineList::default();
+        list.insert("b\"ob");
+        list.insert("a\nl");
+        list.insert("zed");
+        let parsed: Vec<String> = serde_json::from_str(list.json()).unwrap();
+        assert_eq!(parsed, ["a\nl", "b\"ob", "zed"]);
+        list.remove("b\"ob");
+        assert_eq!(list.json(), r#"["a\nl","zed"]"#);
     }
 }
