@@ -785,21 +785,10 @@ impl HttpResponse {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
+    if needle.is_empty() {
         return None;
     }
-    let first = needle[0];
-    let last_start = hay.len() - needle.len();
-    let mut i = 0;
-    while i <= last_start {
-        let p = hay[i..=last_start].iter().position(|&b| b == first)?;
-        i += p;
-        if &hay[i..i + needle.len()] == needle {
-            return Some(i);
-        }
-        i += 1;
-    }
-    None
+    memchr::memmem::find(hay, needle)
 }
 
 type Head = (u16, Vec<(String, String)>, usize);
@@ -3395,22 +3384,21 @@ impl View {
     fn apply(&mut self, p: &[u8], key: &[u8], online: bool) {
         let Some(i) = find(p, key) else { return };
         let rest = &p[i + key.len()..];
-        let list = key.ends_with(b"[");
-        // One pass: each name ends at a `,`; the list at `]`, a single string at either.
+        // A storm's lists carry millions of names in all, so each is cut out with
+        // memchr rather than a byte loop: one name ends at a `,`, a list at `]`, a
+        // single string at `,` or `}`.
+        let end = if key.ends_with(b"[") {
+            memchr::memchr(b']', rest)
+        } else {
+            memchr::memchr2(b',', b'}', rest)
+        };
+        let list = &rest[..end.unwrap_or(rest.len())];
         let mut start = 0;
-        for (j, &b) in rest.iter().enumerate() {
-            if b == b',' || b == b']' {
-                if let Some(idx) = user_index(&rest[start..j]) {
-                    self.set(idx, online);
-                }
-                if b == b']' || !list {
-                    return;
-                }
-                start = j + 1;
+        for comma in memchr::memchr_iter(b',', list).chain(std::iter::once(list.len())) {
+            if let Some(idx) = user_index(&list[start..comma]) {
+                self.set(idx, online);
             }
-        }
-        if let Some(idx) = user_index(&rest[start..]) {
-            self.set(idx, online);
+            start = comma + 1;
         }
     }
 
