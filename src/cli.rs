@@ -141,6 +141,15 @@ pub struct ServeArgs {
     /// (0 = off).
     #[arg(long, env = "PARLEY_WS_PING", default_value_t = 30, global = true)]
     pub ws_ping: u64,
+    /// Close a GraphQL socket (4408) that sends no `connection_init` within this many
+    /// seconds of its upgrade.
+    #[arg(
+        long,
+        env = "PARLEY_GRAPHQL_INIT_TIMEOUT",
+        default_value_t = 10,
+        global = true
+    )]
+    pub graphql_init_timeout: u64,
     /// Close plain HTTP connections idle this many seconds.
     #[arg(
         long,
@@ -280,6 +289,7 @@ impl Cli {
             send_queue_bytes: a.send_queue_bytes,
             max_db_bytes: (a.max_db_mb > 0).then(|| a.max_db_mb.saturating_mul(1 << 20)),
             ws_ping: std::time::Duration::from_secs(a.ws_ping),
+            graphql_init_timeout: std::time::Duration::from_secs(a.graphql_init_timeout),
             http_idle_timeout: std::time::Duration::from_secs(a.http_idle_timeout),
             http_io_timeout: std::time::Duration::from_secs(a.http_io_timeout),
             http_per_address: a.http_per_address,

@@ -108,6 +108,9 @@ pub struct Config {
     pub send_queue_bytes: usize,
     /// A socket silent this long is pinged; silent twice as long, closed (zero: off).
     pub ws_ping: std::time::Duration,
+    /// A GraphQL socket that sends no `connection_init` this long after its upgrade is
+    /// closed with 4408: it holds a thread and a socket slot while it waits.
+    pub graphql_init_timeout: std::time::Duration,
     /// Plain HTTP connections with no request for this long are closed.
     pub http_idle_timeout: std::time::Duration,
     /// A connection that has not sent a whole request head this long after it opened
@@ -175,6 +178,7 @@ impl Default for Config {
             send_queue_bytes: 4 << 20,
             max_db_bytes: None,
             ws_ping: std::time::Duration::from_secs(30),
+            graphql_init_timeout: std::time::Duration::from_secs(10),
             http_idle_timeout: std::time::Duration::from_secs(30),
             http_head_timeout: std::time::Duration::from_secs(10),
             http_io_timeout: std::time::Duration::from_secs(5),
@@ -214,6 +218,9 @@ impl Config {
         }
         if self.http_idle_timeout.is_zero() {
             return Err("--http-idle-timeout must be positive".into());
+        }
+        if self.graphql_init_timeout.is_zero() {
+            return Err("--graphql-init-timeout must be positive".into());
         }
         if self.http_io_timeout.is_zero() {
             return Err("--http-io-timeout must be positive".into());

@@ -1,7 +1,8 @@
 //! GraphQL subscriptions over `graphql-transport-ws` against the real server: the
 //! upgrade's checks (the same as `/ws`), the protocol's rules, every subscription,
 //! `since` replay across a reconnect with no gap or duplicate at the seam, traffic
-//! between `/ws` and GraphQL both ways, live enforcement (4401, 4403), renewal, and a
+//! between `/ws` and GraphQL both ways, live enforcement (4401, 4403), renewal, the
+//! `connection_init` deadline (4408), the cap on operations per socket, and a
 //! slow subscriber dropped rather than waited for.
 
 mod common;
@@ -508,4 +509,66 @@ fn a_slow_subscriber_is_dropped_not_waited_for() {
         "the slow subscriber was not dropped"
     );
     assert!(metric_now(&srv, "parley_slow_clients_dropped_total") >= 1.0);
+}
+
+#[test]
+fn a_socket_without_connection_init_is_closed_with_4408() {
+    let srv = start_unlimited(&["--graphql-init-timeout", "1"]);
+    let bob = new_user(&srv, "bob");
+    // One that initialises in time outlives the timeout and keeps working.
+    let mut kept = GqlWs::connect(&srv, &bob);
+    let started = std::time::Instant::now();
+    let mut silent = GqlWs::open(&srv, &bob);
+    assert_eq!(silent.close_code(Duration::from_secs(5)), Some(4408));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed after {waited:?}, before the 1 s timeout"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    kept.subscribe("q", "{ me { username } }", json!({}));
+    assert_eq!(kept.next_data("q")["me"]["username"], "bob");
+    kept.expect("q", "complete");
+}
+
+#[test]
+fn at_most_32_operations_run_at_once_on_one_socket() {
+    let srv = start_unlimited(&[]);
+    let bob = new_user(&srv, "bob");
+    let mut c = GqlWs::connect(&srv, &bob);
+    for i in 0..32 {
+        c.subscribe(&format!("s{i}"), ADDED, json!({"r": "general"}));
+    }
+    // The 33rd is refused with an `error`; the socket and the 32 stay.
+    c.subscribe("over", ADDED, json!({"r": "general"}));
+    let errors = c.expect("over", "error");
+    assert!(
+        errors[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("at most 32 operations")),
+        "{errors}"
+    );
+    // Completing two makes room for another, and for the query that waits until
+    // every subscription is live.
+    c.send(&json!({"type": "complete", "id": "s0"}));
+    c.send(&json!({"type": "complete", "id": "s1"}));
+    c.subscribe("again", ADDED, json!({"r": "general"}));
+    c.sync();
+    gql::data(
+        &srv,
+        &bob,
+        "mutation { sendMessage(room: \"general\", body: \"to all\") { id } }",
+        json!({}),
+    );
+    let mut heard = std::collections::BTreeSet::new();
+    while heard.len() < 31 {
+        let v = c.recv();
+        assert_eq!(v["type"], "next", "{v}");
+        assert_eq!(v["payload"]["data"]["messageAdded"]["body"], "to all");
+        let id = v["id"].as_str().unwrap_or_default().to_owned();
+        assert!(!["s0", "s1", "over"].contains(&id.as_str()), "{v}");
+        assert!(heard.insert(id), "{v} twice");
+    }
+    assert!(heard.contains("again"));
+    c.quiet_for(Duration::from_millis(300));
 }

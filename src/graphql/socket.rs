@@ -39,8 +39,6 @@ use tiny_http::Request;
 
 /// The subprotocol.
 pub const SUBPROTOCOL: &str = "graphql-transport-ws";
-/// How long a socket may take to send `connection_init`.
-const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most operations running at once on one socket.
 pub const MAX_OPERATIONS: usize = 32;
 /// Most responses one operation writes before the others get their turn.
@@ -321,7 +319,7 @@ struct Running {
 fn pump(app: &Arc<App>, peer: &Arc<Peer>, shared: &Shared) {
     let waker = Waker::from(shared.signal.clone());
     let mut cx = Context::from_waker(&waker);
-    let init_deadline = Instant::now() + INIT_TIMEOUT;
+    let init_deadline = Instant::now() + app.cfg.graphql_init_timeout;
     let mut running: Vec<Running> = Vec::new();
     loop {
         let (commands, acked) = {
