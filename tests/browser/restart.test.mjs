@@ -2,7 +2,7 @@
 // while two pages are open and one has a message pending: both reconnect by
 // themselves, the pending message arrives exactly once, and chatting goes on. Then a
 // lost ack: the page resends after a reconnect and the server's once-only rule keeps
-// the message single.
+// the message single. And a reload with a message pending keeps it and sends it once.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { Server, launch, newPage, signIn, connected, say, bodies, seesMessage, noProblems } from './harness.mjs';
@@ -95,4 +95,30 @@ test('the device goes offline and back: the page says so, reconnects and catches
   await connected(alice, 30000);
   await seesMessage(alice, 'while you were away');
   assert.equal((await bodies(alice)).filter((b) => b === 'while you were away').length, 1);
+});
+
+test('a reload with a message pending: it is kept, sent after the reload, and stored once', async () => {
+  // The page's sends of this message go nowhere, as if the connection died under it.
+  await alice.evaluate(() => {
+    const real = WebSocket.prototype.send;
+    WebSocket.prototype.send = function send(data) {
+      if (!String(data).includes('kept through a reload')) real.call(this, data);
+    };
+  });
+  await say(alice, 'kept through a reload');
+  await alice.locator('#pending-list .msg', { hasText: 'kept through a reload' }).waitFor();
+  await alice.waitForTimeout(500);
+  assert.ok(!(await stored('general')).includes('kept through a reload'), 'not sent before the reload');
+
+  await alice.reload();
+  await connected(alice, 30000);
+  await seesMessage(bob, 'kept through a reload', 15000);
+  await seesMessage(alice, 'kept through a reload');
+  await alice.locator('#pending-list .msg').waitFor({ state: 'detached' });
+  const count = (list) => list.filter((b) => b === 'kept through a reload').length;
+  assert.equal(count(await bodies(alice)), 1);
+  assert.equal(count(await bodies(bob)), 1);
+  assert.equal(count(await stored('general')), 1);
+  assert.equal(await alice.evaluate(() => sessionStorage.getItem('parley.outbox.alice')), '[]');
+  noProblems(alice, bob);
 });

@@ -375,7 +375,7 @@ function startSession(user) {
   for (const name of savedRooms(user.username)) state.rooms.set(name, new Conv('room', name));
   const [kind, rawId] = location.hash.slice(1).split('/');
   const id = rawId ? decodeURIComponent(rawId) : '';
-  socket.start();
+  socket.start(user.username);
   if (kind === 'admin' && can('admin')) openAdmin();
   else if (kind === 'dm' && id && id !== user.username) openConv('dm', id);
   else if (kind === 'room' && /^[a-z0-9_-]{1,64}$/.test(id)) joinRoom(id);

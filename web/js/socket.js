@@ -9,7 +9,9 @@
  * - Pending sends: each `send`/`dm` carries a random `client_id` (also its `ref`) and
  *   stays in the outbox until acked or until its own broadcast comes back; after a
  *   reconnect it is sent again, and the server answers a repeat with the first
- *   message's ack, so nothing is doubled.
+ *   message's ack, so nothing is doubled. The outbox is kept in the tab's
+ *   sessionStorage under the user's name, so a reload (or a crash of the tab's page)
+ *   while offline loses nothing; logging out drops it.
  * - Reconnects with exponential backoff and full jitter; a 4001 (expired) reconnects at
  *   once after a REST refresh; a 4003 asks the server (by refreshing) whether the user
  *   was banned or revoked, and a kick waits for the person to reconnect.
@@ -57,8 +59,12 @@ export class ChatSocket {
     });
   }
 
-  start() {
+  /** Connects as `username`, first taking back the messages a reload left pending. */
+  start(username) {
     this.stopped = false;
+    this.storeKey = `parley.outbox.${username}`;
+    this.outbox = new Map(loadOutbox(this.storeKey).map((p) => [p.clientId, p]));
+    if (this.outbox.size) this.h.onOutbox();
     this.connect();
   }
 
@@ -68,7 +74,17 @@ export class ChatSocket {
     clearTimeout(this.timer);
     this.drop();
     this.outbox.clear();
+    try { if (this.storeKey) sessionStorage.removeItem(this.storeKey); } catch { /* storage may be off */ }
+    this.storeKey = null;
     this.setState({ status: 'offline', reason: '' });
+  }
+
+  /** The outbox changed: keep it for a reload, and let the page show it. */
+  changed() {
+    try {
+      if (this.storeKey) sessionStorage.setItem(this.storeKey, JSON.stringify([...this.outbox.values()]));
+    } catch { /* storage may be off or full: the outbox still lives in memory */ }
+    this.h.onOutbox();
   }
 
   isOpen() { return this.ws?.readyState === WebSocket.OPEN; }
@@ -91,7 +107,7 @@ export class ChatSocket {
     const p = { clientId: newClientId(), kind, target, body, ts: new Date().toISOString(), failed: null };
     this.outbox.set(p.clientId, p);
     this.transmit(p);
-    this.h.onOutbox();
+    this.changed();
     return p;
   }
 
@@ -104,16 +120,16 @@ export class ChatSocket {
     if (!p) return;
     p.failed = null;
     this.transmit(p);
-    this.h.onOutbox();
+    this.changed();
   }
 
   discard(clientId) {
-    if (this.outbox.delete(clientId)) this.h.onOutbox();
+    if (this.outbox.delete(clientId)) this.changed();
   }
 
   /** A broadcast of our own message came back: it is stored, stop waiting. */
   settle(clientId) {
-    if (clientId && this.outbox.delete(clientId)) this.h.onOutbox();
+    if (clientId && this.outbox.delete(clientId)) this.changed();
   }
 
   /** Skips the wait (the "Reconnect now" button). */
@@ -201,7 +217,7 @@ export class ChatSocket {
       if (p) {
         this.outbox.delete(f.ref);
         this.h.onAck(p, f.id);
-        this.h.onOutbox();
+        this.changed();
       }
       return;
     }
@@ -214,7 +230,7 @@ export class ChatSocket {
       p.failed = f.code === 'too_large'
         ? 'too long (at most 4000 characters)'
         : f.message || f.code;
-      this.h.onOutbox();
+      this.changed();
       return;
     }
     this.h.onFrame(f);
@@ -295,4 +311,14 @@ export class ChatSocket {
     this.timer = setTimeout(() => this.connect(), delay);
     this.setState({ status: 'waiting', retryAt: Date.now() + delay });
   }
+}
+
+/** The pending messages saved under `key`, keeping only well-formed ones. */
+function loadOutbox(key) {
+  let v;
+  try { v = JSON.parse(sessionStorage.getItem(key)); } catch { return []; }
+  if (!Array.isArray(v)) return [];
+  const str = (x) => typeof x === 'string';
+  return v.filter((p) => p && str(p.clientId) && (p.kind === 'room' || p.kind === 'dm')
+    && str(p.target) && str(p.body) && str(p.ts) && (p.failed === null || str(p.failed)));
 }
