@@ -13,15 +13,15 @@
 pub mod audit;
 pub mod health;
 pub mod messages;
+mod pool;
 pub mod space;
 pub mod users;
 pub mod writer;
 
 use crate::service::Periodic;
-use crate::sync::lock;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use writer::Writer;
 
@@ -30,8 +30,6 @@ pub const SCHEMA: &str = include_str!("../../schema.sql");
 /// The `PRAGMA user_version` this build writes and understands (older parley versions
 /// are upgraded on open).
 pub const SCHEMA_VERSION: i64 = 4;
-/// Read connections kept open for reuse.
-const READ_POOL: usize = 8;
 
 /// What can go wrong in the store.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -80,7 +78,7 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 /// The open database: read pool, writer thread and checkpointer.
 pub struct Store {
     path: PathBuf,
-    readers: Mutex<Vec<Connection>>,
+    readers: pool::ReadPool,
     writer: Writer,
     checkpointer: Periodic,
     space: Arc<space::Space>,
@@ -112,7 +110,7 @@ impl Store {
         let checkpointer = start_checkpointer(path)?;
         Ok(Store {
             path: path.to_path_buf(),
-            readers: Mutex::new(Vec::new()),
+            readers: pool::ReadPool::new(path.to_path_buf()),
             writer,
             checkpointer,
             space,
@@ -137,17 +135,7 @@ impl Store {
 
     /// Runs `f` on a pooled read connection.
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
-        let pooled = lock(&self.readers).pop();
-        let conn = match pooled {
-            Some(c) => c,
-            None => open_connection(&self.path)?,
-        };
-        let result = f(&conn).map_err(StoreError::from);
-        let mut pool = lock(&self.readers);
-        if pool.len() < READ_POOL {
-            pool.push(conn);
-        }
-        result
+        self.readers.with(f)?.map_err(StoreError::from)
     }
 
     /// Queues a write; once it is durable, `done` runs on the completion thread, in
@@ -227,7 +215,7 @@ impl Store {
     pub fn close(&self) {
         self.writer.shutdown();
         self.checkpointer.stop();
-        lock(&self.readers).clear();
+        self.readers.close_idle();
         if let Ok(c) = open_connection(&self.path) {
             let _ = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
         }
