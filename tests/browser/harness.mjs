@@ -105,8 +105,11 @@ export async function newPage(context) {
   page.failedLoads = [];
   page.on('console', (m) => {
     if (m.type() !== 'error') return;
-    // A refused request (401 before login, 403 after a ban) is logged by the browser; it is expected.
-    if (m.text().startsWith('Failed to load resource')) page.failedLoads.push(m.text());
+    // A refused request (401 before login, 403 after a ban) is logged by the browser; it is
+    // expected. So is a reconnect attempt that finds the server down (the restart tests stop
+    // it on purpose): the browser logs it, not the page's code.
+    const t = m.text();
+    if (t.startsWith('Failed to load resource') || /^WebSocket connection to .* failed: .*ERR_CONNECTION_REFUSED/.test(t)) page.failedLoads.push(t);
     else page.problems.push(`console: ${m.text()}`);
   });
   page.on('pageerror', (e) => page.problems.push(`pageerror: ${e.message}`));
