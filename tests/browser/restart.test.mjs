@@ -120,5 +120,17 @@ test('a reload with a message pending: it is kept, sent after the reload, and st
   assert.equal(count(await bodies(bob)), 1);
   assert.equal(count(await stored('general')), 1);
   assert.equal(await alice.evaluate(() => sessionStorage.getItem('parley.outbox.alice')), '[]');
+
+  // A saved outbox that is not what the page wrote (garbage, or entries of the wrong
+  // shape) is ignored: the page loads, sends nothing, and keeps working.
+  for (const junk of ['{not json', JSON.stringify([{ clientId: 1, kind: 'room', target: 'general', body: 'odd' }, 'x', null])]) {
+    await alice.evaluate((v) => sessionStorage.setItem('parley.outbox.alice', v), junk);
+    await alice.reload();
+    await connected(alice, 30000);
+    assert.equal(await alice.locator('#pending-list .msg').count(), 0);
+  }
+  await say(alice, 'after the junk');
+  await seesMessage(bob, 'after the junk');
+  assert.ok(!(await stored('general')).includes('odd'));
   noProblems(alice, bob);
 });
