@@ -7,7 +7,7 @@
 use crate::config::{Config, Registration};
 use crate::store::audit::AuditEntry;
 use crate::store::users::{UserRecord, GUARD_PERMISSION};
-use crate::store::{Store, StoreError};
+use crate::store::{Location, Store, StoreError};
 use clap::{Args, Parser, Subcommand};
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -19,9 +19,10 @@ pub struct Cli {
     /// Print the version of parley and of its SQLite, and exit.
     #[arg(short = 'V', long)]
     pub version: bool,
-    /// The SQLite database file.
-    #[arg(long, env = "PARLEY_DB", default_value = "./chat.db", global = true)]
-    pub db: PathBuf,
+    /// The SQLite database file, or (in a build with `--features postgres`) a
+    /// `postgres://USER@HOST/DB` URL.
+    #[arg(long, env = "PARLEY_DB", default_value = "./chat.db", global = true, value_parser = parse_location)]
+    pub db: Location,
     /// Server settings (also accepted by subcommands that need them).
     #[command(flatten)]
     pub serve: ServeArgs,
@@ -325,6 +326,20 @@ fn failed(e: impl std::fmt::Display) -> CliError {
     CliError::Failed(e.to_string())
 }
 
+/// `--db` as clap reads it (never fails: anything but a `postgres://` URL is a path).
+fn parse_location(value: &str) -> Result<Location, String> {
+    Ok(Location::parse(value))
+}
+
+/// The SQLite file a file-only command works on; a PostgreSQL `--db` is bad usage.
+fn sqlite_only<'a>(db: &'a Location, command: &str) -> Result<&'a std::path::Path, CliError> {
+    db.file().ok_or_else(|| {
+        CliError::Usage(format!(
+            "`parley {command}` works on an SQLite file; use PostgreSQL's own tools for {db}"
+        ))
+    })
+}
+
 /// A role named on the command line that does not exist is bad usage (exit 2).
 fn unknown_is_usage(e: StoreError) -> CliError {
     match e {
@@ -350,13 +365,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             verify,
         }) => audit(&cfg, limit, json, verify),
         Some(Command::Backup { file }) => {
-            let store = Store::open(&cfg.db).map_err(failed)?;
+            let store = Store::open_at(&cfg.db).map_err(failed)?;
             store.backup(&file).map_err(failed)?;
             println!("backup written to {}", file.display());
             Ok(())
         }
         Some(Command::Check) => {
-            crate::check::run(&cfg.db, cfg.max_sockets).map_err(CliError::Failed)
+            let file = sqlite_only(&cfg.db, "check")?;
+            crate::check::run(file, cfg.max_sockets).map_err(CliError::Failed)
         }
         Some(Command::GraphqlSchema) => {
             print!("{}", crate::graphql::sdl());
@@ -369,7 +385,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 fn user(cfg: &Config, action: UserCommand) -> Result<(), CliError> {
-    let store = Store::open(&cfg.db).map_err(failed)?;
+    let store = Store::open_at(&cfg.db).map_err(failed)?;
     let result = user_on(&store, cfg, action);
     store.close();
     result
@@ -472,7 +488,7 @@ fn ban(store: &Store, name: &str, banned: bool) -> Result<(), CliError> {
 }
 
 fn audit(cfg: &Config, limit: u32, json: bool, verify: bool) -> Result<(), CliError> {
-    let store = Store::open(&cfg.db).map_err(failed)?;
+    let store = Store::open_at(&cfg.db).map_err(failed)?;
     if verify {
         return match store.verify_audit_chain().map_err(failed)? {
             None => {

@@ -4,6 +4,7 @@
 //! [`crate::cli`]; everything else reads it. Defaults are the safe ones documented in
 //! docs/cli.md, in the spirit of tungstenite's `WebSocketConfig`.
 
+use crate::store::Location;
 use std::path::PathBuf;
 
 /// An IP network, `address/prefix` (a bare address is the network of that one address).
@@ -70,8 +71,9 @@ pub enum Registration {
 pub struct Config {
     /// Address to listen on, `host:port` (port 0 picks a free one).
     pub addr: String,
-    /// The SQLite database file.
-    pub db: PathBuf,
+    /// Where the data lives: an SQLite file, or a PostgreSQL URL (with the `postgres`
+    /// feature).
+    pub db: Location,
     /// Access-token lifetime in seconds.
     pub access_ttl: u64,
     /// Refresh-token lifetime in seconds.
@@ -160,7 +162,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             addr: "127.0.0.1:8080".into(),
-            db: PathBuf::from("./chat.db"),
+            db: Location::File(PathBuf::from("./chat.db")),
             access_ttl: 900,
             refresh_ttl: 2_592_000,
             refresh_grace: 10,
@@ -204,6 +206,13 @@ impl Default for Config {
 impl Config {
     /// Checks that the values make sense together; the message names the bad setting.
     pub fn validate(&self) -> Result<(), String> {
+        if matches!(self.db, Location::Postgres(_)) && !cfg!(feature = "postgres") {
+            return Err(format!(
+                "--db {}: this build has no PostgreSQL engine; build parley with \
+                 `cargo build --release --features postgres`",
+                self.db
+            ));
+        }
         if !(4..=31).contains(&self.bcrypt_cost) {
             return Err(format!(
                 "--bcrypt-cost must be 4..=31, got {}",

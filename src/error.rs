@@ -183,7 +183,7 @@ impl From<StoreError> for ApiError {
                 log::error!("database write failed: {e}");
                 ApiError::internal()
             }
-            StoreError::Sqlite(msg) => {
+            StoreError::Sqlite(msg) | StoreError::Postgres(msg) => {
                 log::error!("database error: {msg}");
                 ApiError::internal()
             }

@@ -58,8 +58,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     let mut cfg = cfg;
     let fd_limit = crate::sys::raise_fd_limit();
     cfg.max_sockets = fit_socket_limit(cfg.max_sockets, fd_limit);
-    let store =
-        Arc::new(Store::open(&cfg.db).map_err(|e| format!("opening {}: {e}", cfg.db.display()))?);
+    let store = Arc::new(Store::open_at(&cfg.db).map_err(|e| format!("opening {}: {e}", cfg.db))?);
     if let Some(bytes) = cfg.max_db_bytes {
         store
             .cap_size(bytes)
@@ -79,7 +78,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     let background = start_background(&app, listener, flusher)?;
     log::info!(
         "listening on http://{local} (database {}, open-file limit {fd_limit})",
-        app.cfg.db.display()
+        app.cfg.db
     );
     println!("parley listening on http://{local}");
     let _ = std::io::stdout().flush();

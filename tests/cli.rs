@@ -330,6 +330,51 @@ fn bad_usage_exits_2() {
     assert!(!dir.path().join("chat.db").exists());
 }
 
+/// A `postgres://` `--db` picks the PostgreSQL engine: a build without it says how to
+/// get one, and a file-only command says it needs a file; neither creates anything,
+/// and no message repeats the URL's password.
+#[test]
+fn a_postgres_url_needs_the_feature_and_a_file_only_command_refuses_it() {
+    let dir = TempDir::new();
+    let url = "postgres://chat:hunter2-secret@127.0.0.1:1/chat";
+    let out = run_cli_in(Some(dir.path()), &["check", "--db", url], "", &[]);
+    assert_exit(&out, 2, "check on a PostgreSQL url");
+    let why = if cfg!(feature = "postgres") {
+        "SQLite file"
+    } else {
+        "--features postgres"
+    };
+    assert_stderr_says(&out, why, "check on a PostgreSQL url");
+    let serve = run_cli_in(
+        Some(dir.path()),
+        &["serve", "--addr", "127.0.0.1:0", "--db", url],
+        "",
+        &[],
+    );
+    if cfg!(feature = "postgres") {
+        assert_exit(&serve, 1, "serve on a PostgreSQL url that answers nothing");
+        assert!(
+            String::from_utf8_lossy(&serve.stderr).contains("parley: opening postgres://chat:***@")
+        );
+    } else {
+        assert_exit(&serve, 2, "serve without the engine");
+        assert_stderr_says(&serve, "--features postgres", "serve without the engine");
+    }
+    for out in [&out, &serve] {
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!all.contains("hunter2"), "the password was printed: {all}");
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing created"
+    );
+}
+
 #[test]
 fn serves_without_the_serve_subcommand() {
     let dir = TempDir::new();

@@ -1,7 +1,7 @@
 //! The audit trail: one row per security event, hash-chained so that a row changed,
 //! deleted or inserted behind the server's back is detectable.
 
-use super::{Result, Store};
+use super::{sqlite::Sqlite, Result};
 use rusqlite::{params, Connection};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -41,7 +41,7 @@ pub struct AuditEvent {
 }
 
 /// The hash of a row: SHA-256 (hex) over its content and the previous row's hash.
-fn row_hash(
+pub(super) fn row_hash(
     id: i64,
     ts: &str,
     e: (&Option<String>, &str, &Option<String>, &Option<String>),
@@ -88,7 +88,7 @@ pub fn append(c: &Connection, e: &AuditEntry) -> Result<()> {
     Ok(())
 }
 
-impl Store {
+impl Sqlite {
     /// Records an event through the batched writer without waiting for it.
     pub fn audit(&self, entry: AuditEntry) {
         // Nobody waits on an audit row: its batch may wait for company.

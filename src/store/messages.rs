@@ -1,6 +1,6 @@
 //! Rooms, room messages and direct messages.
 
-use super::{Result, Store, StoreError};
+use super::{sqlite::Sqlite, Result, StoreError};
 use crate::model::{DirectMessage, Message, Page, Room, Stored};
 use rusqlite::{params, OptionalExtension};
 
@@ -54,7 +54,7 @@ impl Sender {
 }
 
 /// The newest-first or oldest-first scan a [`Page`] needs, and its id bounds.
-fn page_plan(page: Page) -> (&'static str, i64, i64) {
+pub(super) fn page_plan(page: Page) -> (&'static str, i64, i64) {
     let lo = page.after.unwrap_or(0);
     let hi = page.before.unwrap_or(i64::MAX);
     // With `after`, the oldest `limit` above it; otherwise the newest below `before`.
@@ -62,7 +62,7 @@ fn page_plan(page: Page) -> (&'static str, i64, i64) {
     (order, lo, hi)
 }
 
-impl Store {
+impl Sqlite {
     /// Rooms by name: at most `limit`, only names after `after` if given.
     pub fn rooms(&self, after: Option<&str>, limit: u32) -> Result<Vec<Room>> {
         self.read(|c| {
@@ -246,7 +246,7 @@ impl Store {
     }
 }
 
-impl Store {
+impl Sqlite {
     /// Marks a room message deleted; `done` gets its room name once durable (the
     /// `deleted` event goes out from there, after every earlier message). Unknown or
     /// already deleted ids are not found.
@@ -279,7 +279,7 @@ impl Store {
     }
 }
 
-impl Store {
+impl Sqlite {
     /// The user's conversations: for each other user they exchanged DMs with, the
     /// latest one, most recent first (at most `limit`).
     pub fn conversations(&self, user_id: i64, limit: u32) -> Result<Vec<DirectMessage>> {
@@ -309,7 +309,7 @@ pub enum Sent {
     Dm(Option<DirectMessage>),
 }
 
-impl Store {
+impl Sqlite {
     /// What `user_id` first stored with `client_id`, if anything.
     pub fn sent_with(&self, user_id: i64, client_id: &str) -> Result<Option<Sent>> {
         self.read(|c| {

@@ -1,29 +1,35 @@
-//! Every SQL statement parley runs, behind typed functions.
+//! Every SQL statement parley runs, behind typed functions, and the one interface over
+//! the engines that run them.
 //!
-//! One [`Store`] owns the database file: a small pool of connections for reads (WAL lets
-//! them run beside the writer, on the caller's thread), the `db-writer` thread that
-//! batches every write into group commits and the `db-done` thread that runs their
-//! completions ([`writer`]), and the `db-checkpoint` thread so WAL checkpoints never
-//! stall a commit. [`Store::open`] starts the three and [`Store::close`] stops them.
-//! The layout comes from `schema.sql`, embedded and applied on first open.
-//! Submodules add the queries for one area each: [`users`] (accounts, roles,
-//! sessions, refresh tokens), [`messages`] (rooms, room and direct messages) and
-//! [`audit`] (the hash-chained security log).
+//! [`Store`] is what the rest of parley holds. It forwards each operation to the engine
+//! the `--db` value picked ([`Location`]): [`sqlite`] (a file; the default build's only
+//! engine) or, in a build with `--features postgres`, `pg` (a PostgreSQL database,
+//! shared by several nodes). `actions` and everything above it never learn which one
+//! runs; the list of operations in this file is the contract both engines keep, and a
+//! build with the feature fails if either one lacks an operation.
+//!
+//! The SQLite engine's queries live by area: [`users`] (accounts, roles, sessions,
+//! refresh tokens), [`messages`] (rooms, room and direct messages) and [`audit`] (the
+//! hash-chained security log), with [`writer`] (group commits), [`space`] (the size cap)
+//! and [`health`] (`parley check`) beside them.
 
 pub mod audit;
 pub mod health;
 pub mod messages;
+#[cfg(feature = "postgres")]
+pub mod pg;
 mod pool;
 pub mod space;
+pub mod sqlite;
 pub mod users;
 pub mod writer;
 
-use crate::service::Periodic;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
+use crate::model::{DirectMessage, Message, Page, Room, Stored, User};
+use audit::{AuditEntry, AuditEvent};
+use messages::{Sender, Sent};
+use sqlite::Sqlite;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
-use writer::Writer;
+use users::{Listed, RefreshOutcome, RoleChange, Rotation, TokenLogin, UserRecord};
 
 /// The database layout; see `schema.sql` at the top of the repository.
 pub const SCHEMA: &str = include_str!("../../schema.sql");
@@ -59,6 +65,10 @@ pub enum StoreError {
     /// Any other SQLite error.
     #[error("sqlite: {0}")]
     Sqlite(String),
+    /// Any other PostgreSQL error (or the server cannot be reached).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    #[error("postgres: {0}")]
+    Postgres(String),
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -75,544 +85,233 @@ impl From<rusqlite::Error> for StoreError {
 /// Result of store operations.
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// The open database: read pool, writer thread and checkpointer.
+/// Where the data lives, as `--db` names it: a file path, or a `postgres://` URL.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Location {
+    /// An SQLite database file.
+    File(PathBuf),
+    /// A PostgreSQL connection URL (it may hold a password: never log it whole; the
+    /// `Debug` and `Display` forms hide it).
+    Postgres(String),
+}
+
+impl Location {
+    /// Reads a `--db` value: a `postgres://` or `postgresql://` URL picks PostgreSQL,
+    /// anything else is a file path.
+    pub fn parse(value: &str) -> Location {
+        let lower = value.to_ascii_lowercase();
+        if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+            Location::Postgres(value.to_owned())
+        } else {
+            Location::File(PathBuf::from(value))
+        }
+    }
+
+    /// The file, for the commands that work on an SQLite file only.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            Location::File(p) => Some(p),
+            Location::Postgres(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::File(p) => write!(f, "{}", p.display()),
+            Location::Postgres(url) => f.write_str(&redact_password(url)),
+        }
+    }
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// `postgres://user:secret@host/db` as `postgres://user:***@host/db`.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// The engine behind a [`Store`].
+enum Engine {
+    Sqlite(Sqlite),
+    #[cfg(feature = "postgres")]
+    Postgres(pg::Postgres),
+}
+
+/// The open database, whichever engine holds it. Cheap to share behind an `Arc`.
 pub struct Store {
-    path: PathBuf,
-    readers: pool::ReadPool,
-    writer: Writer,
-    checkpointer: Periodic,
-    space: Arc<space::Space>,
+    engine: Engine,
 }
 
 impl Store {
-    /// Opens (creating from `schema.sql` if missing) the database at `path`. An
+    /// Opens (creating from `schema.sql` if missing) the SQLite database at `path`. An
     /// existing file (or its `-wal` / `-shm`) that other users may access is made
     /// private first, with a warning; one that cannot be is refused.
     pub fn open(path: &Path) -> Result<Store> {
-        // Checked even for a file just created: a stale -wal or -shm may sit beside it.
-        match create_private_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-                return Err(StoreError::Sqlite(format!(
-                    "cannot create {}: {e}",
-                    path.display()
-                )))
-            }
-            _ => make_private(path)?,
-        }
-        let conn = open_connection(path)?;
-        init_schema(&conn)?;
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        let space = Arc::new(space::Space::new(path));
-        let measure = space.clone();
-        let before_batch = Box::new(move |c: &Connection| measure.measure(c));
-        let writer =
-            Writer::start(conn, before_batch).map_err(|e| StoreError::Sqlite(e.to_string()))?;
-        let checkpointer = start_checkpointer(path)?;
         Ok(Store {
-            path: path.to_path_buf(),
-            readers: pool::ReadPool::new(path.to_path_buf()),
-            writer,
-            checkpointer,
-            space,
+            engine: Engine::Sqlite(Sqlite::open(path)?),
         })
     }
 
-    /// Caps the database at about `bytes` (`--max-db-mb`): it grows no further, and
-    /// new messages are refused a little before the cap (see [`space`]).
-    pub fn cap_size(&self, bytes: u64) -> Result<()> {
-        self.write(move |c| {
-            let page: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-            let pages = i64::try_from(bytes).unwrap_or(i64::MAX) / page.max(512);
-            c.pragma_update(None, "max_page_count", pages.max(1))?;
-            Ok(())
-        })
+    /// Opens the database `--db` named, with the engine its form picks.
+    pub fn open_at(location: &Location) -> Result<Store> {
+        match location {
+            Location::File(path) => Store::open(path),
+            #[cfg(feature = "postgres")]
+            Location::Postgres(url) => Ok(Store {
+                engine: Engine::Postgres(pg::Postgres::open(url)?),
+            }),
+            #[cfg(not(feature = "postgres"))]
+            Location::Postgres(_) => Err(StoreError::Conflict(
+                "this build has no PostgreSQL engine; build parley with --features postgres".into(),
+            )),
+        }
     }
+}
 
+/// Declares the operations every engine provides: each becomes a [`Store`] method
+/// that forwards to the open engine's method of the same name and signature.
+macro_rules! operations {
+    ($( $(#[$doc:meta])* fn $name:ident(&self $(, $arg:ident: $ty:ty)* $(,)?) $(-> $ret:ty)?; )*) => {
+        impl Store {
+            $(
+                $(#[$doc])*
+                pub fn $name(&self $(, $arg: $ty)*) $(-> $ret)? {
+                    match &self.engine {
+                        Engine::Sqlite(e) => e.$name($($arg),*),
+                        #[cfg(feature = "postgres")]
+                        Engine::Postgres(e) => e.$name($($arg),*),
+                    }
+                }
+            )*
+        }
+    };
+}
+
+operations! {
+    /// Caps the database at about `bytes` (`--max-db-mb`); new messages are refused a
+    /// little before the cap (see [`space`]).
+    fn cap_size(&self, bytes: u64) -> Result<()>;
     /// Statistics of the group-commit writer.
-    pub fn writer_stats(&self) -> &writer::WriterStats {
-        &self.writer.stats
-    }
-
-    /// Runs `f` on a pooled read connection.
-    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
-        self.readers.with(f)?.map_err(StoreError::from)
-    }
-
-    /// Queues a write; once it is durable, `done` runs on the completion thread, in
-    /// commit order.
-    fn submit<T, W, D>(&self, work: W, done: D)
-    where
-        T: Send + 'static,
-        W: FnOnce(&Connection) -> Result<T> + Send + 'static,
-        D: FnOnce(Result<T>) + Send + 'static,
-    {
-        self.writer.submit(work, done)
-    }
-
-    /// Runs a write and waits until it is durable.
-    fn write<T, W>(&self, work: W) -> Result<T>
-    where
-        T: Send + 'static,
-        W: FnOnce(&Connection) -> Result<T> + Send + 'static,
-    {
-        self.writer.write(work)
-    }
-
+    fn writer_stats(&self) -> &writer::WriterStats;
     /// A server-wide setting.
-    pub fn setting(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        self.read(|c| {
-            c.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
-                r.get(0)
-            })
-            .optional()
-        })
-    }
-
-    /// Stores `value` under `key` unless the key exists; returns the stored value
-    /// (so two processes racing to create a key agree on one).
-    pub fn setting_or_insert(&self, key: &str, value: Vec<u8>) -> Result<Vec<u8>> {
-        let key = key.to_owned();
-        self.write(move |c| {
-            c.execute(
-                "INSERT OR IGNORE INTO settings(key, value) VALUES (?1, ?2)",
-                rusqlite::params![key, value],
-            )?;
-            Ok(
-                c.query_row("SELECT value FROM settings WHERE key = ?1", [&key], |r| {
-                    r.get(0)
-                })?,
-            )
-        })
-    }
-
-    /// Writes a consistent copy of the live database to `dest` (`VACUUM INTO`), which
-    /// must not exist. The copy holds the signing key and every password hash, so it
-    /// is created empty with mode 0600 first, whatever the umask: SQLite accepts an
-    /// empty file as the target and keeps its mode.
-    pub fn backup(&self, dest: &Path) -> Result<()> {
-        create_private_file(dest).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => {
-                StoreError::Conflict(format!("{} exists", dest.display()))
-            }
-            _ => StoreError::Sqlite(format!("cannot create {}: {e}", dest.display())),
-        })?;
-        let target = dest.to_string_lossy().into_owned();
-        let result = self.read(move |c| c.execute("VACUUM INTO ?1", [target]).map(|_| ()));
-        if result.is_err() {
-            // Leave nothing half-written behind to be mistaken for a backup.
-            let _ = std::fs::remove_file(dest);
-        }
-        result
-    }
-
+    fn setting(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Stores `value` under `key` unless the key exists; returns the stored value (so
+    /// two processes racing to create a key agree on one).
+    fn setting_or_insert(&self, key: &str, value: Vec<u8>) -> Result<Vec<u8>>;
+    /// Writes a consistent copy of the live database to `dest`, created 0600.
+    fn backup(&self, dest: &Path) -> Result<()>;
     /// Waits until every write queued so far is committed and its completion has run.
-    pub fn sync(&self) {
-        self.writer.sync();
-    }
+    fn sync(&self);
+    /// Commits what is queued and stops the engine's threads.
+    fn close(&self);
+    /// A watcher on changes that can end a login, made by anyone.
+    fn watcher(&self) -> Result<ChangeWatcher>;
 
-    /// Commits what is queued, stops the writer and the checkpointer, and checkpoints
-    /// the WAL into the file.
-    pub fn close(&self) {
-        self.writer.shutdown();
-        self.checkpointer.stop();
-        self.readers.close_idle();
-        if let Ok(c) = open_connection(&self.path) {
-            let _ = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
-        }
-    }
+    /// The account named `username` (case-insensitive), with its login secrets.
+    fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>>;
+    /// The account with this id, with its login secrets.
+    fn user_by_id(&self, id: i64) -> Result<Option<UserRecord>>;
+    /// The public view of an account and its roles.
+    fn user(&self, id: i64) -> Result<User>;
+    /// Creates an account, with `role` or `member`.
+    fn create_user(&self, username: &str, password_hash: String, role: Option<String>, created_at: String) -> Result<User>;
+    /// Whether any of the user's roles grants `permission` (read from the database).
+    fn has_permission(&self, user_id: i64, permission: &str) -> Result<bool>;
+    /// Records a login and its first refresh token.
+    fn start_session(&self, user: &UserRecord, sid: String, ip: Option<String>, refresh_hash: String, refresh_expires_at: u64, now: String) -> Result<()>;
+    /// The login an access token names, if it still counts.
+    fn token_login(&self, user_id: i64, sid: &str) -> Result<Option<TokenLogin>>;
+    /// The login and user a refresh token belongs to.
+    fn refresh_token_session(&self, token_hash: &str) -> Result<Option<(String, i64)>>;
+    /// Retires a refresh token and issues its successor (or detects reuse).
+    fn rotate_refresh(&self, r: Rotation) -> Result<RefreshOutcome>;
+    /// Revokes a login; false if it was already revoked or unknown.
+    fn revoke_session(&self, sid: &str, reason: &'static str, now: String) -> Result<bool>;
+    /// Bans or unbans a user, never the last unbanned holder of `guard_permission`.
+    fn set_banned(&self, user_id: i64, banned: bool, guard_permission: &'static str, now: String) -> Result<bool>;
+    /// Replaces a user's roles, never leaving nobody with `guard_permission`.
+    fn set_roles(&self, user_id: i64, roles: Vec<String>, guard_permission: &'static str) -> Result<RoleChange>;
+    /// Replaces a password hash with a stronger one, if it is still `old_hash`.
+    fn rehash_password(&self, user_id: i64, old_hash: String, new_hash: String) -> Result<()>;
+    /// The distinct bcrypt prefixes (version and cost) of the stored hashes.
+    fn password_hash_prefixes(&self) -> Result<Vec<String>>;
+    /// Sets a new password and ends every login of the account.
+    fn set_password(&self, user_id: i64, password_hash: String, now: String) -> Result<()>;
+    /// The ids of the users holding any of `roles`.
+    fn users_with_roles(&self, roles: &[String]) -> Result<Vec<i64>>;
+    /// Whether the login still counts (not revoked, the user not banned or changed).
+    fn session_alive(&self, sid: &str, user_id: i64) -> Result<bool>;
+    /// One page of the user directory, by name.
+    fn list_users(&self, prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<Listed>>;
+
+    /// One page of rooms, by name.
+    fn rooms(&self, after: Option<&str>, limit: u32) -> Result<Vec<Room>>;
+    /// The room with this name.
+    fn room(&self, name: &str) -> Result<Option<Room>>;
+    /// Creates a room.
+    fn create_room(&self, name: &str, created_by: i64, now: String) -> Result<Room>;
+    /// One page of a room's history.
+    fn room_history(&self, room: &Room, page: Page) -> Result<Vec<Message>>;
+    /// Stores a room message; once it is durable, `done` runs on the completion thread.
+    fn insert_message(&self, room: Room, from: Sender, body: String, done: impl FnOnce(Result<Stored<Message>>) + Send + 'static);
+    /// Stores a direct message; once it is durable, `done` runs on the completion thread.
+    fn insert_dm(&self, from: Sender, to: (i64, String), body: String, done: impl FnOnce(Result<Stored<DirectMessage>>) + Send + 'static);
+    /// One page of the direct messages between `a` and `b`.
+    fn dm_history(&self, a: i64, b: i64, page: Page) -> Result<Vec<DirectMessage>>;
+    /// Marks a room message deleted; `done` gets its room's name once durable.
+    fn delete_message(&self, id: i64, by: i64, now: String, done: impl FnOnce(Result<String>) + Send + 'static);
+    /// The newest direct message of each of the user's conversations.
+    fn conversations(&self, user_id: i64, limit: u32) -> Result<Vec<DirectMessage>>;
+    /// What the user already sent with this once-only key, if anything.
+    fn sent_with(&self, user_id: i64, client_id: &str) -> Result<Option<Sent>>;
+
+    /// Appends a security event to the chain (queued; never waits for the disk).
+    fn audit(&self, entry: AuditEntry);
+    /// The newest audit events, before `before` if given.
+    fn audit_events(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEvent>>;
+    /// Checks the whole chain: the first broken row's id and why, or `None`.
+    fn verify_audit_chain(&self) -> Result<Option<(i64, String)>>;
 }
 
-/// Creates an empty file with mode 0600 (fails if it exists): a database or a copy of
-/// one holds the signing key, the password hashes and every private message.
-fn create_private_file(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map(|_| ())
-}
-
-/// Sets the database file and its `-wal` and `-shm` (when present) to mode 0600 if
-/// group or others may access them — say, after a restore with `cp` under a umask of
-/// 022 — and says so in the log. Fixing beats refusing to start; a file we cannot
-/// chmod (not ours) is refused, since serving it would keep the secrets readable.
-/// SQLite creates a missing `-wal` or `-shm` with the database file's mode.
-fn make_private(path: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let base = path.as_os_str();
-    for suffix in ["", "-wal", "-shm"] {
-        let mut name = base.to_os_string();
-        name.push(suffix);
-        let file = Path::new(&name);
-        let Ok(meta) = std::fs::metadata(file) else {
-            continue;
-        };
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 == 0 {
-            continue;
-        }
-        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
-            StoreError::Sqlite(format!(
-                "{} has mode {mode:04o} (other users may read it) and cannot be made 0600: {e}",
-                file.display()
-            ))
-        })?;
-        log::warn!(
-            "{} had mode {mode:04o}, so other users could read the signing key and password \
-             hashes in it; changed it to 0600",
-            file.display()
-        );
-    }
-    Ok(())
-}
-
-fn open_connection(path: &Path) -> Result<Connection> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    conn.execute_batch(
-        "PRAGMA journal_mode = WAL;
-         PRAGMA synchronous = FULL;
-         PRAGMA foreign_keys = ON;",
-    )?;
-    Ok(conn)
-}
-
-/// Applies `schema.sql` to an empty database, upgrades an older parley layout, or
-/// checks the version of a current one.
-fn init_schema(conn: &Connection) -> Result<()> {
-    match user_version(conn)? {
-        SCHEMA_VERSION => return Ok(()),
-        v if v > SCHEMA_VERSION => return Err(newer_version(v)),
-        _ => {}
-    }
-    // Rebuilding `users` needs foreign-key enforcement off (dropping the old table
-    // would otherwise cascade into every table that refers to it), and SQLite ignores
-    // this pragma inside a transaction. `migrate_v1` checks the keys itself.
-    conn.pragma_update(None, "foreign_keys", false)?;
-    let result = create_or_upgrade(conn);
-    conn.pragma_update(None, "foreign_keys", true)?;
-    result
-}
-
-fn user_version(conn: &Connection) -> Result<i64> {
-    Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
-}
-
-fn newer_version(v: i64) -> StoreError {
-    StoreError::Conflict(format!(
-        "database schema version {v} is newer than this build understands ({SCHEMA_VERSION})"
-    ))
-}
-
-/// Creates or upgrades the layout in one transaction. IMMEDIATE takes the write lock
-/// before the version is read again, so a second process opening the same file at
-/// the same moment (a CLI command beside a starting server) waits and then finds the
-/// work done instead of doing it twice.
-fn create_or_upgrade(conn: &Connection) -> Result<()> {
-    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
-    match user_version(&tx)? {
-        0 => {
-            let tables: i64 =
-                tx.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
-            if tables > 0 {
-                return Err(StoreError::Conflict(
-                    "the file is an SQLite database but not a parley one".into(),
-                ));
-            }
-            tx.execute_batch(SCHEMA)?;
-            log::info!("created a new database (schema version {SCHEMA_VERSION})");
-        }
-        v @ 1..=3 => {
-            if v == 1 {
-                migrate_v1(&tx)?;
-            }
-            if v <= 2 {
-                migrate_v2(&tx)?;
-            }
-            migrate_v3(&tx)?;
-            log::info!("upgraded the database from schema version {v} to {SCHEMA_VERSION}");
-        }
-        SCHEMA_VERSION => return Ok(()),
-        v => return Err(newer_version(v)),
-    }
-    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    Ok(tx.commit()?)
-}
-
-/// Schema 3 to 4, inside the caller's transaction: the `login_epoch` count and its
-/// triggers, taken from `schema.sql` itself so that an upgraded file and a new one
-/// cannot differ.
-fn migrate_v3(c: &Connection) -> Result<()> {
-    Ok(c.execute_batch(schema_section("login_epoch")?)?)
-}
-
-/// The lines after the `-- begin: NAME` line of `schema.sql`, up to `-- end: NAME`.
-fn schema_section(name: &str) -> Result<&'static str> {
-    let begin = format!("-- begin: {name}");
-    let end = format!("-- end: {name}");
-    SCHEMA
-        .split_once(&begin)
-        .and_then(|(_, rest)| rest.split_once('\n'))
-        .and_then(|(_, rest)| rest.split_once(&end))
-        .map(|(section, _)| section)
-        .ok_or_else(|| StoreError::Sqlite(format!("schema.sql has no section {name}")))
-}
-
-/// Schema 2 to 3, inside the caller's transaction: once-only sends (`client_id` on
-/// messages and DMs, and the `client_ids` table that makes them unique per sender).
-fn migrate_v2(c: &Connection) -> Result<()> {
-    c.execute_batch(
-        "ALTER TABLE messages ADD COLUMN client_id TEXT;
-         ALTER TABLE direct_messages ADD COLUMN client_id TEXT;
-         CREATE TABLE client_ids (
-             user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-             client_id  TEXT NOT NULL,
-             kind       TEXT NOT NULL,
-             message_id INTEGER NOT NULL,
-             PRIMARY KEY (user_id, client_id)
-         ) WITHOUT ROWID;",
-    )?;
-    Ok(())
-}
-
-/// Schema 1 to 2, inside the caller's transaction with foreign keys off: `users` gets
-/// AUTOINCREMENT (so an id is never given to a second account) and a random `stamp`
-/// per account, and `sessions` records the stamp of the account each login was made
-/// for. This is SQLite's documented way to change a table's definition: create the
-/// new table, copy, drop, rename, then check the foreign keys.
-fn migrate_v1(c: &Connection) -> Result<()> {
-    // Rows left behind by a user deleted in the sqlite3 shell already break foreign
-    // keys; the upgrade must not add to them, and it keeps them (they are data).
-    let broken_before = foreign_key_violations(c)?;
-    c.execute_batch(
-        "CREATE TABLE users_v2 (
-             id            INTEGER PRIMARY KEY AUTOINCREMENT,
-             username      TEXT NOT NULL UNIQUE COLLATE NOCASE,
-             password_hash TEXT NOT NULL,
-             created_at    TEXT NOT NULL,
-             banned_at     TEXT,
-             stamp         TEXT NOT NULL
-         );
-         INSERT INTO users_v2(id, username, password_hash, created_at, banned_at, stamp)
-             SELECT id, username, password_hash, created_at, banned_at, '' FROM users;
-         DROP TABLE users;
-         ALTER TABLE users_v2 RENAME TO users;
-         ALTER TABLE sessions ADD COLUMN user_stamp TEXT;",
-    )?;
-    let ids = c
-        .prepare("SELECT id FROM users")?
-        .query_map([], |r| r.get::<_, i64>(0))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    let mut set_stamp = c.prepare("UPDATE users SET stamp = ?2 WHERE id = ?1")?;
-    for id in ids {
-        set_stamp.execute(rusqlite::params![id, users::new_stamp()])?;
-    }
-    // Logins of existing accounts survive the upgrade; those of deleted ones get NULL,
-    // which never matches a stamp.
-    c.execute(
-        "UPDATE sessions SET user_stamp = (SELECT stamp FROM users WHERE id = sessions.user_id)",
-        [],
-    )?;
-    // The next id must be above every user id any row still mentions, not only the
-    // rows of `users`: the orphans of a deleted account must never find a new owner.
-    let highest: i64 = c.query_row(
-        "SELECT coalesce(max(id), 0) FROM (
-             SELECT max(id) AS id FROM users
-             UNION ALL SELECT max(user_id) FROM user_roles
-             UNION ALL SELECT max(user_id) FROM sessions
-             UNION ALL SELECT max(user_id) FROM messages
-             UNION ALL SELECT max(deleted_by) FROM messages
-             UNION ALL SELECT max(from_id) FROM direct_messages
-             UNION ALL SELECT max(to_id) FROM direct_messages
-             UNION ALL SELECT max(created_by) FROM rooms)",
-        [],
-        |r| r.get(0),
-    )?;
-    let seeded = c.execute(
-        "UPDATE sqlite_sequence SET seq = max(seq, ?1) WHERE name = 'users'",
-        [highest],
-    )?;
-    if seeded == 0 {
-        c.execute(
-            "INSERT INTO sqlite_sequence(name, seq) VALUES ('users', ?1)",
-            [highest],
-        )?;
-    }
-    let broken_after = foreign_key_violations(c)?;
-    if let Some(v) = broken_after.iter().find(|v| !broken_before.contains(v)) {
-        return Err(StoreError::Sqlite(format!(
-            "upgrade aborted: it would break a foreign key ({v:?})"
-        )));
-    }
-    if !broken_before.is_empty() {
-        log::warn!(
-            "{} rows refer to users deleted outside parley; they are kept, and their ids \
-             will never be given to a new account",
-            broken_before.len()
-        );
-    }
-    Ok(())
-}
-
-/// `PRAGMA foreign_key_check`: (table, rowid, parent table, key index) per broken row.
-type Violation = (String, Option<i64>, String, i64);
-
-fn foreign_key_violations(c: &Connection) -> Result<Vec<Violation>> {
-    let mut st = c.prepare("PRAGMA foreign_key_check")?;
-    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-}
-
-/// Checkpoints the WAL from its own thread, so no commit pays for a checkpoint.
-fn start_checkpointer(path: &Path) -> Result<Periodic> {
-    let conn = open_connection(path)?;
-    Periodic::start("db-checkpoint", Duration::from_millis(500), move || {
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            log::warn!("wal checkpoint: {e}");
-        }
-    })
-    .map_err(|e| StoreError::Sqlite(e.to_string()))
-}
-
-/// Notices changes that can end a login — a revoke, a ban, a deleted account — made
-/// by any connection: the CLI, `sqlite3`, or this process's own writer.
-///
-/// `PRAGMA data_version` says, without reading a table, that another connection
-/// committed; most commits are messages and audit rows, so the watcher then reads the
-/// `login_epoch` count that `schema.sql`'s triggers keep, and reports a change only
-/// when that moved. With the row gone (deleted by hand) every commit counts.
-pub struct ChangeWatcher {
-    conn: Connection,
-    data_version: i64,
-    epoch: Option<i64>,
+/// Notices changes that can end a login — a revoke, a ban, a deleted account — made by
+/// anyone (the CLI, a database shell, another node, this process's own writer).
+pub enum ChangeWatcher {
+    /// The SQLite engine's watcher.
+    Sqlite(sqlite::LoginWatcher),
+    /// The PostgreSQL engine's watcher.
+    #[cfg(feature = "postgres")]
+    Postgres(pg::LoginWatcher),
 }
 
 impl ChangeWatcher {
     /// Whether a login may have ended since the last call.
     pub fn logins_changed(&mut self) -> bool {
-        let Ok(now) = data_version(&self.conn) else {
-            return false;
-        };
-        if std::mem::replace(&mut self.data_version, now) == now {
-            return false;
+        match self {
+            ChangeWatcher::Sqlite(w) => w.logins_changed(),
+            #[cfg(feature = "postgres")]
+            ChangeWatcher::Postgres(w) => w.logins_changed(),
         }
-        let epoch = login_epoch(&self.conn);
-        std::mem::replace(&mut self.epoch, epoch) != epoch || epoch.is_none()
-    }
-}
-
-fn data_version(c: &Connection) -> rusqlite::Result<i64> {
-    c.query_row("PRAGMA data_version", [], |r| r.get(0))
-}
-
-/// `None` when the row is missing or unreadable: the caller then assumes a change.
-fn login_epoch(c: &Connection) -> Option<i64> {
-    c.prepare_cached("SELECT value FROM settings WHERE key = 'login_epoch'")
-        .and_then(|mut s| s.query_row([], |r| r.get(0)))
-        .ok()
-}
-
-impl Store {
-    /// A watcher on its own connection.
-    pub fn watcher(&self) -> Result<ChangeWatcher> {
-        let conn = open_connection(&self.path)?;
-        let data_version = data_version(&conn)?;
-        let epoch = login_epoch(&conn);
-        Ok(ChangeWatcher {
-            conn,
-            data_version,
-            epoch,
-        })
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-
-    #[test]
-    fn new_database_gets_schema_and_general() {
-        let dir = tempdir();
-        let path = dir.join("t.db");
-        let store = Store::open(&path).unwrap();
-        let rooms = store.rooms(None, 10).unwrap();
-        assert_eq!(rooms.len(), 1);
-        assert_eq!(rooms[0].name, "general");
-        store.close();
-        // Reopening neither re-seeds nor fails.
-        let store = Store::open(&path).unwrap();
-        assert_eq!(store.rooms(None, 10).unwrap().len(), 1);
-        store.close();
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-    }
-
-    #[test]
-    fn refuses_foreign_database() {
-        let dir = tempdir();
-        let path = dir.join("other.db");
-        let c = Connection::open(&path).unwrap();
-        c.execute_batch("CREATE TABLE t(x)").unwrap();
-        drop(c);
-        assert!(matches!(Store::open(&path), Err(StoreError::Conflict(_))));
-    }
-
-    /// The watcher reports commits that can end a login, from any connection (here
-    /// one like the sqlite3 shell's), and not the ones that cannot.
-    #[test]
-    fn watcher_sees_login_changes_only() {
-        let dir = tempdir();
-        let path = dir.join("w.db");
-        let store = Store::open(&path).unwrap();
-        let mut w = store.watcher().unwrap();
-        let shell = Connection::open(&path).unwrap();
-        let run = |sql: &str| shell.execute_batch(sql).unwrap();
-        run("INSERT INTO users(username, password_hash, created_at, stamp) VALUES ('a', 'x', 't', 's');
-             INSERT INTO sessions(id, user_id, created_at, user_stamp) VALUES ('s1', 1, 't', 's')");
-        assert!(!w.logins_changed(), "a new account and login end nothing");
-        assert!(!w.logins_changed(), "nothing committed since");
-        run("INSERT INTO messages(room_id, user_id, body, ts) VALUES (1, 1, 'hi', 't')");
-        assert!(!w.logins_changed(), "a message ends no login");
-        let ends = [
-            "UPDATE users SET banned_at = 't' WHERE id = 1",
-            "UPDATE users SET stamp = 's2' WHERE id = 1",
-            "UPDATE sessions SET revoked_at = 't' WHERE id = 's1'",
-            "DELETE FROM sessions",
-            "DELETE FROM users",
-        ];
-        for sql in ends {
-            run(sql);
-            assert!(w.logins_changed(), "{sql}");
-        }
-        run("DELETE FROM settings WHERE key = 'login_epoch'");
-        w.logins_changed();
-        run("INSERT INTO rooms(name, created_at) VALUES ('r', 't')");
-        assert!(w.logins_changed(), "without the count every commit counts");
-        store.close();
-    }
-
-    /// "An ack means on disk" holds only with `synchronous=FULL` on the connection that
-    /// commits (WAL with NORMAL can lose the last commits on power loss), and only with
-    /// WAL does a reader never block the writer.
-    #[test]
-    fn the_committing_connection_is_wal_and_synchronous_full() {
-        let dir = tempdir();
-        let store = Store::open(&dir.join("s.db")).unwrap();
-        let (journal, synchronous) = store
-            .write(|c| {
-                let j: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
-                let s: i64 = c.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
-                Ok((j, s))
-            })
-            .unwrap();
-        assert_eq!(journal, "wal");
-        assert_eq!(synchronous, 2, "2 is FULL");
-        store.close();
-    }
 
     pub(crate) fn tempdir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
@@ -622,5 +321,16 @@ pub(crate) mod tests {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn a_postgres_url_picks_postgres_and_its_password_is_hidden() {
+        let l = Location::parse("postgresql://chat:s3cret@db.lan:5432/chat");
+        assert!(matches!(l, Location::Postgres(_)));
+        assert_eq!(l.to_string(), "postgresql://chat:***@db.lan:5432/chat");
+        assert_eq!(format!("{l:?}"), "postgresql://chat:***@db.lan:5432/chat");
+        let f = Location::parse("./chat.db");
+        assert_eq!(f.file(), Some(Path::new("./chat.db")));
+        assert!(Location::parse("POSTGRES://u@h/d").file().is_none());
     }
 }

@@ -12,7 +12,7 @@
 //!
 //! No thread of its own: callers' threads take a connection and give it back.
 
-use super::{open_connection, Result};
+use super::{sqlite::open_connection, Result};
 use crate::sync::{lock, wait_timeout};
 use rusqlite::Connection;
 use std::path::PathBuf;

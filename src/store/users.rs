@@ -1,6 +1,6 @@
 //! Accounts, roles, permissions, sessions (logins) and refresh tokens.
 
-use super::{Result, Store, StoreError};
+use super::{sqlite::Sqlite, Result, StoreError};
 use crate::model::User;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
@@ -111,7 +111,7 @@ fn user_view(c: &Connection, user_id: i64) -> Result<User> {
     })
 }
 
-impl Store {
+impl Sqlite {
     /// Looks a user up by name, case-insensitively.
     pub fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>> {
         self.read(|c| {
@@ -345,7 +345,7 @@ pub struct Rotation {
 }
 
 /// Whether a token retired at `used_at` (RFC 3339) is still within the grace.
-fn within_grace(used_at: &str, now_unix: u64, grace_secs: u64) -> bool {
+pub(super) fn within_grace(used_at: &str, now_unix: u64, grace_secs: u64) -> bool {
     let Ok(at) = humantime::parse_rfc3339(used_at) else {
         return false;
     };
@@ -382,7 +382,7 @@ pub struct RoleChange {
     pub to: Vec<String>,
 }
 
-impl Store {
+impl Sqlite {
     /// Bans or unbans a user. Banning also revokes every login of the user, so tokens
     /// issued before the ban stay dead after an unban. A ban that would leave no
     /// unbanned holder of `guard_permission` (the permission to assign roles) is
@@ -564,7 +564,7 @@ pub struct Listed {
 }
 
 /// `prefix` as a LIKE pattern: its own `%`, `_` and `\` taken literally.
-fn like_prefix(prefix: &str) -> String {
+pub(super) fn like_prefix(prefix: &str) -> String {
     let mut p = String::with_capacity(prefix.len() + 1);
     for ch in prefix.chars() {
         if matches!(ch, '%' | '_' | '\\') {
@@ -576,7 +576,7 @@ fn like_prefix(prefix: &str) -> String {
     p
 }
 
-impl Store {
+impl Sqlite {
     /// Accounts whose name starts with `prefix` (case-insensitively), ordered by
     /// lower-cased name, after `after` (exclusive) if given: at most `limit`.
     pub fn list_users(&self, prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<Listed>> {
