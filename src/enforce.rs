@@ -3,7 +3,7 @@
 //! Two threads serve every socket, so no socket polls anything itself:
 //! - `expiry` ([`ExpiryTimer`]): one min-heap of token expiry times; a socket whose
 //!   token expires without a `refresh` is closed with 4001;
-//! - `revocation-sweep` ([`Sweeper`]): once a second asks the store whether a login
+//! - `revocation-sweep` ([`Sweeper`]): four times a second asks the store whether a login
 //!   may have ended (a revoke, a ban or a deleted account, by the CLI, `sqlite3`, or
 //!   this process: [`crate::store::ChangeWatcher`]), and if so checks each live login
 //!   once against the current sessions and bans, closing dead ones with 4003. Messages
@@ -24,8 +24,10 @@ use std::collections::{BinaryHeap, HashMap};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// How often the sweep looks for database changes.
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How often the sweep looks for database changes: a cheap read (SQLite's
+/// `data_version`, one row on PostgreSQL), often enough that a ban made on another
+/// node or from the CLI closes the user's sockets here within a second.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
 struct Entry {
     expires_at: u64,

@@ -12,7 +12,7 @@
 //! (delivery of committed events), [`peer`] (non-blocking writes to one socket),
 //! [`presence`] (batched presence), [`keepalive`] (pings for silent sockets), [`enforce`] (token expiry and revocation on live sockets), [`reaper`] (idle HTTP
 //! connections), [`limits`] (rate limits, the password threads), [`actions`] (what users
-//! can do, shared by every transport), [`auth`] (passwords and tokens), [`store`] (all
+//! can do, shared by every transport), [`cluster`] (other nodes' changes, on PostgreSQL), [`auth`] (passwords and tokens), [`store`] (all
 //! SQL), [`protocol`] and [`model`] (wire types), [`error`] (error codes), [`metrics`],
 //! [`clock`], [`logging`], [`random`] (OS randomness), [`service`] (background threads' lifecycle), [`sync`] (the
 //! lock policy), and [`sys`] (the one module allowed `unsafe`).
@@ -25,6 +25,7 @@ mod auth;
 mod check;
 mod cli;
 mod clock;
+mod cluster;
 mod config;
 mod conns;
 mod cookie;

@@ -1,7 +1,7 @@
 //! The wire objects (docs/reference.md) as Rust types, serialized with exactly those
 //! field names: clients rely on them.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// An account as clients see it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -17,7 +17,7 @@ pub struct User {
 }
 
 /// A room message.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Message {
     /// Row id; grows monotonically and is never reused.
     pub id: i64,
@@ -35,7 +35,7 @@ pub struct Message {
 }
 
 /// A direct message between two users.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DirectMessage {
     /// Row id (its own sequence, separate from room messages).
     pub id: i64,
@@ -53,7 +53,7 @@ pub struct DirectMessage {
 }
 
 /// A room message deleted by a moderator (the socket's `deleted` event).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Deleted {
     /// The message's id.
     pub id: i64,

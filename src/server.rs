@@ -146,6 +146,9 @@ fn start_background(
     flusher: Flusher,
 ) -> Result<Background, String> {
     let sweeper = Sweeper::start(app.hub.clone(), app.store.clone())?;
+    app.store
+        .listen(crate::cluster::sink(Arc::downgrade(app)))
+        .map_err(|e| format!("listening for other nodes: {e}"))?;
     let (folds, store) = (app.folds.clone(), app.store.clone());
     let folds = Periodic::start("audit-folds", MINUTE, move || write_folds(&folds, &store))
         .map_err(|e| e.to_string())?;

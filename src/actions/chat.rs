@@ -144,19 +144,25 @@ pub fn send_message(
         let res = res.map_err(ApiError::from).inspect(|stored| {
             if let Stored::New(msg) = stored {
                 inc(&METRICS.messages_stored);
-                let frame = crate::peer::text_frame(&crate::protocol::event("message", msg));
-                let to = Target::Room {
-                    name: msg.room.clone(),
-                    id: Some(msg.id),
-                };
-                app2.fanout.deliver(vec![(to, frame)]);
-                app2.fanout
-                    .publish(|| Event::Message(Arc::new(msg.clone())));
+                broadcast_message(&app2, msg);
             }
         });
         done(res)
     });
     Ok(())
+}
+
+/// Hands a stored room message to the room's sockets on this node and to its
+/// subscriptions, after everything handed over before it. Also how a message stored
+/// by another node arrives ([`crate::cluster`]).
+pub fn broadcast_message(app: &App, msg: &Message) {
+    let frame = crate::peer::text_frame(&crate::protocol::event("message", msg));
+    let to = Target::Room {
+        name: msg.room.clone(),
+        id: Some(msg.id),
+    };
+    app.fanout.deliver(vec![(to, frame)]);
+    app.fanout.publish(|| Event::Message(Arc::new(msg.clone())));
 }
 
 /// Stores a direct message; once durable it goes to every socket of both users, then
@@ -182,20 +188,27 @@ pub fn send_dm(
         let res = res.map_err(ApiError::from).inspect(|stored| {
             if let Stored::New(dm) = stored {
                 inc(&METRICS.messages_stored);
-                let frame = crate::peer::text_frame(&crate::protocol::event("dm", dm));
-                let mut delivery = vec![(Target::User(to_id), frame.clone())];
-                if from_id != to_id {
-                    delivery.push((Target::User(from_id), frame));
-                }
-                app2.fanout.deliver(delivery);
-                let users = [from_id, to_id];
-                app2.fanout
-                    .publish(|| Event::Dm(Arc::new(dm.clone()), users));
+                broadcast_dm(&app2, dm, [from_id, to_id]);
             }
         });
         done(res)
     });
     Ok(())
+}
+
+/// Hands a stored direct message to every socket here of both `users` (sender and
+/// recipient ids) and to their subscriptions. Also how one stored by another node
+/// arrives.
+pub fn broadcast_dm(app: &App, dm: &DirectMessage, users: [i64; 2]) {
+    let [from_id, to_id] = users;
+    let frame = crate::peer::text_frame(&crate::protocol::event("dm", dm));
+    let mut delivery = vec![(Target::User(to_id), frame.clone())];
+    if from_id != to_id {
+        delivery.push((Target::User(from_id), frame));
+    }
+    app.fanout.deliver(delivery);
+    app.fanout
+        .publish(|| Event::Dm(Arc::new(dm.clone()), users));
 }
 
 /// The room message the actor first sent with `client_id`, for a repeat that must be

@@ -8,6 +8,7 @@ use crate::error::ApiError;
 use crate::events::Event;
 use crate::fanout::Target;
 use crate::model::{Deleted, User};
+use crate::store::notice::Notice;
 use crate::store::users::GUARD_PERMISSION;
 use serde_json::json;
 
@@ -74,19 +75,14 @@ pub fn delete_message(
     app.store
         .delete_message(id, actor.user_id, clock::now_rfc3339(), move |res| {
             let res = res.map_err(ApiError::from).map(|room| {
-                let deleted = Deleted {
-                    id,
-                    room: room.clone(),
-                    by: actor2.username.clone(),
-                };
-                let frame = crate::peer::text_frame(&crate::protocol::event("deleted", &deleted));
-                let to = Target::Room {
-                    name: room.clone(),
-                    id: None,
-                };
-                app2.fanout.deliver(vec![(to, frame)]);
-                app2.fanout
-                    .publish(|| Event::Deleted(std::sync::Arc::new(deleted)));
+                broadcast_deleted(
+                    &app2,
+                    Deleted {
+                        id,
+                        room: room.clone(),
+                        by: actor2.username.clone(),
+                    },
+                );
                 audit_by(
                     &app2,
                     &actor2,
@@ -104,9 +100,8 @@ pub fn delete_message(
 pub fn kick(app: &App, actor: &Actor, username: &str) -> Result<usize, ApiError> {
     require(app, actor, "user.kick", Some(username))?;
     let user = find_user(app, username)?;
-    let sockets = app.hub.user_peers(user.id).len();
-    app.hub
-        .close_user(user.id, crate::peer::close::REVOKED, "kicked");
+    let sockets = close_kicked(app, user.id);
+    app.store.notify(Notice::Kick { user_id: user.id });
     audit_by(
         app,
         actor,
@@ -128,8 +123,52 @@ pub fn announce(
     require(app, actor, "announce", None)?;
     check_body(body, app.cfg.max_message_chars)?;
     let v = json!({"type": "announcement", "from": actor.username, "body": body, "ts": clock::now_rfc3339()});
-    let frame = crate::peer::text_frame(&v.to_string());
-    let mut peers = match &roles {
+    let frame = v.to_string();
+    let sockets = deliver_announcement(app, &frame, roles.as_deref())?;
+    app.store.notify(Notice::Announce {
+        frame,
+        roles: roles.clone(),
+    });
+    audit_by(
+        app,
+        actor,
+        "announce",
+        None,
+        json!({"roles": roles, "sockets": sockets}),
+    );
+    Ok(sockets)
+}
+
+/// Sends `deleted` to the room's sockets on this node and to its subscriptions. Also
+/// how a deletion made on another node arrives ([`crate::cluster`]).
+pub fn broadcast_deleted(app: &App, deleted: Deleted) {
+    let frame = crate::peer::text_frame(&crate::protocol::event("deleted", &deleted));
+    let to = Target::Room {
+        name: deleted.room.clone(),
+        id: None,
+    };
+    app.fanout.deliver(vec![(to, frame)]);
+    app.fanout
+        .publish(|| Event::Deleted(std::sync::Arc::new(deleted)));
+}
+
+/// Closes every socket of the user on this node with 4003; returns how many.
+pub fn close_kicked(app: &App, user_id: i64) -> usize {
+    let sockets = app.hub.user_peers(user_id).len();
+    app.hub
+        .close_user(user_id, crate::peer::close::REVOKED, "kicked");
+    sockets
+}
+
+/// Sends an announcement frame to the chat sockets on this node (of the holders of
+/// `roles`, if given); returns how many.
+pub fn deliver_announcement(
+    app: &App,
+    frame: &str,
+    roles: Option<&[String]>,
+) -> Result<usize, ApiError> {
+    let frame = crate::peer::text_frame(frame);
+    let mut peers = match roles {
         None => app.hub.all_peers(),
         Some(roles) => app
             .store
@@ -142,13 +181,6 @@ pub fn announce(
     for p in &peers {
         p.send(&frame);
     }
-    audit_by(
-        app,
-        actor,
-        "announce",
-        None,
-        json!({"roles": roles, "sockets": peers.len()}),
-    );
     Ok(peers.len())
 }
 

@@ -16,6 +16,7 @@
 pub mod audit;
 pub mod health;
 pub mod messages;
+pub mod notice;
 #[cfg(feature = "postgres")]
 pub mod pg;
 mod pool;
@@ -286,6 +287,13 @@ operations! {
     fn audit_events(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEvent>>;
     /// Checks the whole chain: the first broken row's id and why, or `None`.
     fn verify_audit_chain(&self) -> Result<Option<(i64, String)>>;
+
+    /// Tells the other nodes sharing the database (none on SQLite). Messages, direct
+    /// messages and deletions need no call: the engine sends those with the commit.
+    fn notify(&self, notice: notice::Notice);
+    /// Hands every notice another node sends to `sink`, from a thread of the engine's
+    /// that [`Store::close`] stops (on SQLite there is no other node: nothing runs).
+    fn listen(&self, sink: notice::Sink) -> Result<()>;
 }
 
 /// Notices changes that can end a login — a revoke, a ban, a deleted account — made by

@@ -457,6 +457,14 @@ fn login_epoch(c: &Connection) -> Option<i64> {
 }
 
 impl Sqlite {
+    /// Nobody else shares an SQLite file's sockets: nothing to tell.
+    pub fn notify(&self, _notice: super::notice::Notice) {}
+
+    /// One node, so no notices will come.
+    pub fn listen(&self, _sink: super::notice::Sink) -> Result<()> {
+        Ok(())
+    }
+
     /// A watcher on its own connection.
     pub fn watcher(&self) -> Result<ChangeWatcher> {
         let conn = open_connection(&self.path)?;
