@@ -612,6 +612,7 @@ fn tokens_survive_a_restart() {
     // The signing key is generated once and kept: a token issued before a restart
     // still verifies after it, and so does its refresh token. The key never appears in
     // the server's output, even at the most verbose log level, in any usual encoding.
+    // SQLite even under PARLEY_TEST_POSTGRES (`launch` on a dir): the key is searched for in the file.
     let dir = TempDir::new();
     let trace = [("RUST_LOG", "trace")];
     let mut first = Server::launch(dir.path(), &[], &trace);

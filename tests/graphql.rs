@@ -144,7 +144,8 @@ fn every_query() {
 
 #[test]
 fn permission_failures_are_errors_and_audited() {
-    let srv = start_unlimited(&[]);
+    // SQLite even under PARLEY_TEST_POSTGRES: it reads audit rows from the file.
+    let srv = start_unlimited_sqlite(&[]);
     let (admin, bob) = two_users(&srv);
     let (_, id) = {
         let mut ws = Ws::connect(&srv, &admin);
@@ -188,7 +189,8 @@ fn permission_failures_are_errors_and_audited() {
 
 #[test]
 fn mutations_act_like_the_socket() {
-    let srv = start_unlimited(&[]);
+    // SQLite even under PARLEY_TEST_POSTGRES: it counts messages and audit rows in the file.
+    let srv = start_unlimited_sqlite(&[]);
     let (admin, bob) = two_users(&srv);
     let carol = new_user(&srv, "carol");
     let mut watcher = Ws::connect(&srv, &carol);
@@ -372,7 +374,8 @@ fn mutations_act_like_the_socket() {
 
 #[test]
 fn refusals_before_execution_use_the_rest_shape() {
-    let srv = Server::start(&["--msg-rate", "3", "--login-rate", "0"]);
+    // SQLite even under PARLEY_TEST_POSTGRES: it counts the messages in the file.
+    let srv = Server::start_sqlite(&["--msg-rate", "3", "--login-rate", "0"]);
     let (_, bob) = two_users(&srv);
     let body = json!({"query": "{ me { id } }"});
     assert_error(&gql::post_with(&srv, None, &body, &[]), 401, "unauthorized");

@@ -421,7 +421,8 @@ fn expiry_closes_with_4401_unless_renewed() {
 
 #[test]
 fn kick_ban_and_revocation_close_with_4403() {
-    let srv = start_unlimited(&[]);
+    // SQLite even under PARLEY_TEST_POSTGRES: `parley user ban --db` is given the file.
+    let srv = start_unlimited_sqlite(&[]);
     let admin = new_user(&srv, "admin");
     register(&srv, "bob");
     let pair = login(&srv, "bob");

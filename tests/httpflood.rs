@@ -107,6 +107,8 @@ struct Limited {
     port: u16,
     stderr: Arc<Mutex<String>>,
     _dir: TempDir,
+    /// Its PostgreSQL database under PARLEY_TEST_POSTGRES (dropped after the kill).
+    _pg: Option<PgDb>,
 }
 
 /// Whether this process holds CAP_SYS_RESOURCE, with which the server would lift its
@@ -166,7 +168,12 @@ fn limited_command() -> Command {
 impl Limited {
     fn start() -> Limited {
         let dir = TempDir::new();
-        let db = dir.path().join("chat.db");
+        // A fresh PostgreSQL database under PARLEY_TEST_POSTGRES, as Server::start does.
+        let pg = PgDb::create_if_enabled();
+        let db = match &pg {
+            Some(pg) => pg.url.clone().into(),
+            None => dir.path().join("chat.db"),
+        };
         let mut cmd = limited_command();
         cmd.args(["serve", "--addr", "127.0.0.1:0", "--db"])
             .arg(&db)
@@ -200,6 +207,7 @@ impl Limited {
             port: 0,
             stderr,
             _dir: dir,
+            _pg: pg,
         };
         let line = rx
             .recv_timeout(Duration::from_secs(60))

@@ -99,7 +99,8 @@ fn room_create_follows_the_role_permissions_table() {
     // a fixed rule. With room.create taken from `member` (by hand, in the live file),
     // a member is refused 403, no room is made, and the refusal is audited with the
     // permission; an admin still creates rooms.
-    let srv = start_unlimited(&[]);
+    // SQLite even under PARLEY_TEST_POSTGRES: it edits role_permissions in the file.
+    let srv = start_unlimited_sqlite(&[]);
     let admin = new_user(&srv, "alice");
     let member = new_user(&srv, "bob");
     let removed = open_db(&srv.db_path())

@@ -433,7 +433,8 @@ fn rejects_other_algorithms_signed_with_the_real_key() {
     // which stored value reproduces the real token's signature. With it, a forged
     // HS256 token is accepted (control), while HS384 / HS512 made with the very same
     // key, alg none and an expired HS256 token are refused.
-    let srv = Server::start(&[]);
+    // SQLite even under PARLEY_TEST_POSTGRES: the key is searched for in the file.
+    let srv = Server::start_sqlite(&[]);
     let at = new_user(&srv, "alice");
     let key = find_signing_key(&srv.dir, &at)
         .expect("could not locate the HS256 signing key in the database or beside it");
@@ -613,7 +614,8 @@ fn join_and_history_errors() {
     // Claim: joining or reading an unknown room is not_found; sending to a room not
     // joined is bad_request and to an unknown room not_found (as docs/socket.md says),
     // the socket stays open, and none of the refused sends is ever stored.
-    let srv = Server::start(&[]);
+    // SQLite even under PARLEY_TEST_POSTGRES: it reads the stored bodies from the file.
+    let srv = Server::start_sqlite(&[]);
     let at = new_user(&srv, "alice");
     let mut ws = Ws::connect(&srv, &at);
     ws.send(&json!({"type": "join", "room": "nosuchroom", "ref": "j1"}));
@@ -991,7 +993,8 @@ fn since_replay_is_not_capped_at_a_page() {
 
 #[test]
 fn reconnect_with_since_loses_nothing_under_concurrent_sends() {
-    let srv = Server::start(&[]);
+    // SQLite even under PARLEY_TEST_POSTGRES: it polls the message count in the file.
+    let srv = Server::start_sqlite(&[]);
     let alice = new_user(&srv, "alice");
     let bob = new_user(&srv, "bob");
     let first = post_messages(&srv, &alice, "general", 3, "pre");

@@ -3,6 +3,12 @@
 //! Every test starts the real `parley` binary on an ephemeral loopback port with a
 //! fresh database in its own temporary directory, and talks to it over real sockets:
 //! a tiny HTTP/1.1 client written here, and tungstenite for WebSockets.
+//!
+//! With `PARLEY_TEST_POSTGRES` set to a PostgreSQL server URL without a database
+//! (`postgres://parley@127.0.0.1:55432`), `Server::start*` gives each server a fresh
+//! PostgreSQL database instead of an SQLite file (build with `--features postgres`);
+//! see `postgres_enabled`. Helpers that name a directory or file (`start_in`, `launch`,
+//! `db_arg`, `*_sqlite`) stay on SQLite.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -10,7 +16,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -116,16 +122,38 @@ pub struct Server {
     /// Set by each pipe's reader thread once that pipe reached end-of-file.
     stderr_eof: Arc<AtomicBool>,
     stdout_eof: Arc<AtomicBool>,
+    /// The server's PostgreSQL database (`PARLEY_TEST_POSTGRES`), dropped after the
+    /// process is killed; `None` on SQLite.
+    pg: Option<PgDb>,
 }
 
 impl Server {
-    /// Starts a server on a fresh database in its own temp dir.
+    /// Starts a server on a fresh database in its own temp dir: an SQLite file there,
+    /// or a fresh PostgreSQL database when `PARLEY_TEST_POSTGRES` is set.
     pub fn start(extra: &[&str]) -> Server {
         Self::start_env(extra, &[])
     }
 
     /// Like `start`, with extra environment variables.
     pub fn start_env(extra: &[&str], envs: &[(&str, &str)]) -> Server {
+        let Some(pg) = PgDb::create_if_enabled() else {
+            return Self::start_sqlite_env(extra, envs);
+        };
+        let tmp = TempDir::new();
+        let mut srv = Self::launch_db(tmp.path(), &pg.url, extra, envs);
+        srv.tmp = Some(tmp);
+        srv.pg = Some(pg);
+        srv
+    }
+
+    /// Like `start`, but always on an SQLite file in its own temp dir, whatever
+    /// `PARLEY_TEST_POSTGRES` says: for tests that open the file (`db_path`).
+    pub fn start_sqlite(extra: &[&str]) -> Server {
+        Self::start_sqlite_env(extra, &[])
+    }
+
+    /// Like `start_sqlite`, with extra environment variables.
+    pub fn start_sqlite_env(extra: &[&str], envs: &[(&str, &str)]) -> Server {
         let tmp = TempDir::new();
         let mut srv = Self::launch(tmp.path(), extra, envs);
         srv.tmp = Some(tmp);
@@ -133,19 +161,26 @@ impl Server {
     }
 
     /// Starts a server on `dir/chat.db` (the caller owns `dir`, so a test can restart a
-    /// server on the same database).
+    /// server on the same database). Always SQLite.
     pub fn start_in(dir: &Path, extra: &[&str]) -> Server {
         Self::launch(dir, extra, &[])
     }
 
+    /// Starts a server on `dir/chat.db`. Always SQLite.
     pub fn launch(dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
         let db = dir.join("chat.db");
+        Self::launch_db(dir, db.to_str().unwrap(), extra, envs)
+    }
+
+    /// Starts a server with `--db db` (a file path or a `postgres://` URL), recording
+    /// `dir` as its directory.
+    pub fn launch_db(dir: &Path, db: &str, extra: &[&str], envs: &[(&str, &str)]) -> Server {
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--addr".into(),
             "127.0.0.1:0".into(),
             "--db".into(),
-            db.to_str().unwrap().into(),
+            db.into(),
             "--bcrypt-cost".into(),
             "4".into(),
         ];
@@ -223,6 +258,7 @@ impl Server {
             stdout,
             stderr_eof,
             stdout_eof,
+            pg: None,
         };
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(line) => {
@@ -248,8 +284,23 @@ impl Server {
         srv
     }
 
+    /// The server's SQLite file, `dir/chat.db`. Panics on a PostgreSQL server: a test
+    /// that reads the file must start its server with `start_sqlite` (or `start_in`).
+    #[track_caller]
     pub fn db_path(&self) -> PathBuf {
+        if let Some(pg) = &self.pg {
+            panic!(
+                "this server runs on PostgreSQL ({}), not an SQLite file: start it with \
+                 Server::start_sqlite / start_unlimited_sqlite",
+                pg.url
+            );
+        }
         self.dir.join("chat.db")
+    }
+
+    /// The `postgres://` URL of the server's database, or `None` on SQLite.
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.pg.as_ref().map(|pg| pg.url.as_str())
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -417,6 +468,190 @@ pub fn start_unlimited(extra: &[&str]) -> Server {
     let mut args = vec!["--login-rate", "0", "--msg-rate", "0"];
     args.extend_from_slice(extra);
     Server::start(&args)
+}
+
+/// Like `start_unlimited`, but always on an SQLite file (see `Server::start_sqlite`).
+pub fn start_unlimited_sqlite(extra: &[&str]) -> Server {
+    let mut args = vec!["--login-rate", "0", "--msg-rate", "0"];
+    args.extend_from_slice(extra);
+    Server::start_sqlite(&args)
+}
+
+// ---------------------------------------------------------------------------------
+// PostgreSQL (PARLEY_TEST_POSTGRES)
+// ---------------------------------------------------------------------------------
+
+/// The variable that runs the servers on PostgreSQL: a server URL without a database,
+/// `postgres://USER[:PASSWORD]@HOST[:PORT]` (the `.ci/postgres` script prints one).
+pub const POSTGRES_ENV: &str = "PARLEY_TEST_POSTGRES";
+
+/// Whether `Server::start*` puts servers on PostgreSQL (`PARLEY_TEST_POSTGRES` is set).
+pub fn postgres_enabled() -> bool {
+    pg_server().is_some()
+}
+
+/// The PostgreSQL server `PARLEY_TEST_POSTGRES` names, parsed once.
+struct PgServer {
+    /// `postgres` or `postgresql`, as given.
+    scheme: String,
+    /// `USER[:PASSWORD]@HOST[:PORT]`, as given (the database URLs reuse it).
+    authority: String,
+    host: String,
+    port: String,
+    user: Option<String>,
+    password: Option<String>,
+}
+
+fn pg_server() -> Option<&'static PgServer> {
+    static SERVER: OnceLock<Option<PgServer>> = OnceLock::new();
+    SERVER
+        .get_or_init(|| {
+            let url = std::env::var(POSTGRES_ENV).ok()?;
+            let url = url.trim();
+            (!url.is_empty()).then(|| parse_pg_server(url))
+        })
+        .as_ref()
+}
+
+fn parse_pg_server(url: &str) -> PgServer {
+    let bad = |why: &str| -> ! {
+        panic!("{POSTGRES_ENV}={url:?}: {why}; expected postgres://USER@HOST:PORT (no database)")
+    };
+    let (scheme, rest) = url.split_once("://").unwrap_or_else(|| bad("no scheme"));
+    if !scheme.eq_ignore_ascii_case("postgres") && !scheme.eq_ignore_ascii_case("postgresql") {
+        bad("not a postgres:// URL");
+    }
+    let authority = match rest.split_once('/') {
+        Some((a, "")) => a,
+        Some(_) => bad("it names a database (each server gets its own)"),
+        None => rest,
+    };
+    if authority.contains('?') {
+        bad("query parameters are not supported");
+    }
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let (user, password) = match userinfo.map(|u| u.split_once(':').unwrap_or((u, ""))) {
+        Some((u, p)) => (
+            (!u.is_empty()).then(|| u.to_string()),
+            (!p.is_empty()).then(|| p.to_string()),
+        ),
+        None => (None, None),
+    };
+    // HOST, HOST:PORT, [V6], [V6]:PORT
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (h, after) = v6.split_once(']').unwrap_or_else(|| bad("unclosed ["));
+        (h, after.strip_prefix(':').unwrap_or("5432"))
+    } else {
+        hostport.split_once(':').unwrap_or((hostport, "5432"))
+    };
+    if host.is_empty() {
+        bad("no host");
+    }
+    if port.parse::<u16>().is_err() {
+        bad("bad port");
+    }
+    PgServer {
+        scheme: scheme.to_string(),
+        authority: authority.to_string(),
+        host: host.to_string(),
+        port: port.to_string(),
+        user,
+        password,
+    }
+}
+
+/// `psql` from PATH, or else from Debian's /usr/lib/postgresql/VERSION/bin (newest).
+fn psql_program() -> PathBuf {
+    static PSQL: OnceLock<PathBuf> = OnceLock::new();
+    PSQL.get_or_init(|| {
+        let on_path = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("psql").is_file()));
+        if on_path {
+            return PathBuf::from("psql");
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path().join("bin/psql"))
+                    .filter(|p| p.is_file())
+                    .collect()
+            })
+            .unwrap_or_default();
+        found.sort_by_key(|p| {
+            p.components()
+                .nth(4)
+                .and_then(|v| v.as_os_str().to_str()?.parse::<u32>().ok())
+        });
+        found.pop().unwrap_or_else(|| PathBuf::from("psql"))
+    })
+    .clone()
+}
+
+/// Runs one SQL statement with `psql` against the `postgres` database of `server`.
+fn psql(server: &PgServer, sql: &str) -> Result<(), String> {
+    let mut cmd = Command::new(psql_program());
+    cmd.args(["-X", "-q", "-w", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(&server.host)
+        .args(["-p", &server.port, "-d", "postgres", "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(Stdio::null());
+    if let Some(u) = &server.user {
+        cmd.args(["-U", u]);
+    }
+    if let Some(p) = &server.password {
+        cmd.env("PGPASSWORD", p);
+    }
+    match cmd.output() {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(format!(
+            "psql -c {sql:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => Err(format!("cannot run {:?}: {e}", psql_program())),
+    }
+}
+
+/// A fresh, uniquely named PostgreSQL database for one server; dropped (with
+/// `WITH (FORCE)`, best effort) on drop.
+pub struct PgDb {
+    name: String,
+    /// `postgres://USER@HOST:PORT/NAME`, the server's `--db`.
+    pub url: String,
+    server: &'static PgServer,
+}
+
+impl PgDb {
+    /// A new database when `PARLEY_TEST_POSTGRES` is set; `None` otherwise.
+    #[track_caller]
+    pub fn create_if_enabled() -> Option<PgDb> {
+        let server = pg_server()?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!("parley_t{}_{}_{}", std::process::id(), unique(), nanos);
+        if let Err(e) = psql(server, &format!("CREATE DATABASE \"{name}\"")) {
+            panic!("{POSTGRES_ENV}: cannot create a test database: {e}");
+        }
+        let url = format!("{}://{}/{name}", server.scheme, server.authority);
+        Some(PgDb { name, url, server })
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        if let Err(e) = psql(self.server, &sql) {
+            eprintln!(
+                "{POSTGRES_ENV}: could not drop test database {}: {e}",
+                self.name
+            );
+        }
+    }
 }
 
 /// Keeps the caller's PARLEY_* settings out of the tests.
