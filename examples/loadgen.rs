@@ -89,6 +89,10 @@ options:
   --addr HOST:PORT     use a running server instead of starting one (no RSS/CPU figures
                        unless --server-pid is given too)
   --server-pid PID     the running server's pid, for RSS/threads/CPU with --addr
+  --node HOST:PORT     fanout, burst, acks with --addr: another node of the same cluster
+                       (PostgreSQL, --db postgres://...), repeatable; socket i connects
+                       to node i mod N (the --addr one first), so senders and receivers
+                       sit on every node and most deliveries cross nodes
   --server-bin PATH    server binary to start [target/release/parley]
   --server-arg ARG     extra argument for the started server (repeatable). It runs with
                        --msg-rate 0 --login-rate 0, and --register-rate 0 when it knows
@@ -153,6 +157,8 @@ struct Opts {
     workers: usize,
     connectors: usize,
     addr: Option<String>,
+    /// Other nodes of the --addr server's cluster.
+    nodes: Vec<String>,
     server_pid: Option<u32>,
     server_bin: PathBuf,
     server_args: Vec<String>,
@@ -198,6 +204,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
     let mut workers = None;
     let mut connectors = None;
     let mut addr = None;
+    let mut nodes = Vec::new();
     let mut server_pid = None;
     let mut server_bin = PathBuf::from("target/release/parley");
     let mut server_args = Vec::new();
@@ -243,6 +250,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             "--workers" => workers = Some(num::<usize>(&flag, value()?)?),
             "--connectors" => connectors = Some(num::<usize>(&flag, value()?)?),
             "--addr" => addr = Some(value()?),
+            "--node" => nodes.push(value()?),
             "--server-pid" => server_pid = Some(num::<u32>(&flag, value()?)?),
             "--server-bin" => server_bin = PathBuf::from(value()?),
             "--server-arg" => server_args.push(value()?),
@@ -325,6 +333,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         // storm: the threads that create the accounts.
         connectors: connectors.unwrap_or(if scenario == Scenario::Storm { 16 } else { 4 }),
         addr,
+        nodes,
         server_pid,
         server_bin,
         server_args,
@@ -370,6 +379,17 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
     }
     if o.login_flood > 1000 {
         return Err("--login-flood must be at most 1000".into());
+    }
+    if !o.nodes.is_empty() {
+        if o.addr.is_none() {
+            return Err("--node needs --addr: start the cluster's nodes yourself".into());
+        }
+        if !matches!(
+            o.scenario,
+            Scenario::Fanout | Scenario::Burst | Scenario::Acks
+        ) {
+            return Err("--node works with fanout, burst and acks".into());
+        }
     }
     if o.scenario == Scenario::Storm {
         if o.rate <= 0.0 {
@@ -1557,7 +1577,7 @@ struct Opened {
 /// Opens `n` sockets with `threads` threads; socket i uses tokens[i / per_user] and
 /// joins rooms[i % rooms.len()]. Stops at the first failure.
 fn open_sockets(
-    addr: SocketAddr,
+    nodes: &[SocketAddr],
     tokens: &[String],
     per_user: usize,
     rooms: &[String],
@@ -1570,15 +1590,17 @@ fn open_sockets(
     let done = Arc::new(AtomicUsize::new(0));
     let tokens = Arc::new(tokens.to_vec());
     let rooms = Arc::new(rooms.to_vec());
+    let nodes = Arc::new(nodes.to_vec());
     type Part = (Vec<(usize, Ws, u32, u32)>, Option<(usize, String)>);
     let mut hs: Vec<thread::JoinHandle<Part>> = Vec::new();
     for _ in 0..threads.min(n) {
-        let (next, stop_c, done, tokens, rooms) = (
+        let (next, stop_c, done, tokens, rooms, nodes) = (
             next.clone(),
             stop.clone(),
             done.clone(),
             tokens.clone(),
             rooms.clone(),
+            nodes.clone(),
         );
         let h = thread::Builder::new()
             .name("connector".into())
@@ -1596,6 +1618,7 @@ fn open_sockets(
                     }
                     let token = &tokens[i / per_user];
                     let room = &rooms[i % rooms.len()];
+                    let addr = nodes[i % nodes.len()];
                     match ws_open(addr, token, room, Duration::from_secs(15)) {
                         Ok((ws, h, j)) => got.push((i, ws, h, j)),
                         Err(e) => {
@@ -2471,6 +2494,8 @@ fn cpu_report(a: &Cpu, b: &Cpu, per: Option<(u64, &str)>) {
 
 struct Target {
     addr: SocketAddr,
+    /// Every node sockets connect to, `addr` first.
+    nodes: Vec<SocketAddr>,
     pid: Option<String>,
     server: Option<Server>,
 }
@@ -2650,7 +2675,14 @@ fn traffic(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
         println!("          {} rooms created, one per sender", rooms.len());
     }
     // Socket i joins rooms[i % rooms.len()]; the senders are sockets 0..senders.
-    let opened = open_sockets(addr, &tokens, o.per_user, &rooms, o.sockets, o.connectors);
+    let opened = open_sockets(
+        &t.nodes,
+        &tokens,
+        o.per_user,
+        &rooms,
+        o.sockets,
+        o.connectors,
+    );
     let mut hs = opened.handshake_us.clone();
     let mut js = opened.join_us.clone();
     hs.sort_unstable();
@@ -2980,7 +3012,14 @@ fn idle(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
     let p = pid.as_deref();
     let (rss0, thr0, fd0) = (p.and_then(rss_kib), p.and_then(threads), p.and_then(fds));
     let rooms = vec![o.room.clone()];
-    let opened = open_sockets(addr, &tokens, o.per_user, &rooms, o.sockets, o.connectors);
+    let opened = open_sockets(
+        &t.nodes,
+        &tokens,
+        o.per_user,
+        &rooms,
+        o.sockets,
+        o.connectors,
+    );
     let n = opened.socks.len();
     let mut hs = opened.handshake_us.clone();
     let mut js = opened.join_us.clone();
@@ -5343,8 +5382,31 @@ fn main() {
             "server:   running server at {addr} (settings unknown to the loadgen; rate limits must be off){}",
             o.server_pid.map_or(String::new(), |p| format!(", pid {p}"))
         );
+        let mut nodes = vec![addr];
+        for n in &o.nodes {
+            match n.to_socket_addrs().ok().and_then(|mut i| i.next()) {
+                Some(a) if a.ip().is_loopback() => nodes.push(a),
+                _ => {
+                    eprintln!("loadgen: --node {n}: not a loopback address");
+                    std::process::exit(2);
+                }
+            }
+        }
+        if nodes.len() > 1 {
+            println!(
+                "          {} nodes of one cluster: {}; socket i connects to node i mod {}",
+                nodes.len(),
+                nodes
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                nodes.len()
+            );
+        }
         Target {
             addr,
+            nodes,
             pid: o.server_pid.map(|p| p.to_string()),
             server: None,
         }
@@ -5375,6 +5437,7 @@ fn main() {
                 );
                 Target {
                     addr: s.addr,
+                    nodes: vec![s.addr],
                     pid: Some(s.pid.to_string()),
                     server: Some(s),
                 }
