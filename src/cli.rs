@@ -210,6 +210,17 @@ pub enum Command {
         /// Destination; must not exist.
         file: PathBuf,
     },
+    /// Copy a whole community from an SQLite file into a new PostgreSQL database
+    /// (in a build with `--features postgres`).
+    Migrate {
+        /// The SQLite database to copy; opened read-only (a server may run on it).
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// The PostgreSQL database to fill, `postgres://USER@HOST/DB`: one with no
+        /// parley data yet.
+        #[arg(long, value_name = "URL", value_parser = parse_location)]
+        to: Location,
+    },
     /// Print the GraphQL schema (SDL).
     GraphqlSchema,
     /// Create FILE as a demo database (how chat.db.example is made).
@@ -374,6 +385,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             let file = sqlite_only(&cfg.db, "check")?;
             crate::check::run(file, cfg.max_sockets).map_err(CliError::Failed)
         }
+        Some(Command::Migrate { from, to }) => migrate(&from, &to),
         Some(Command::GraphqlSchema) => {
             print!("{}", crate::graphql::sdl());
             Ok(())
@@ -485,6 +497,52 @@ fn ban(store: &Store, name: &str, banned: bool) -> Result<(), CliError> {
     cli_audit(store, action, &user.username, serde_json::json!({}));
     println!("{action}ned {}", user.username);
     Ok(())
+}
+
+/// `parley migrate`: the copy ([`crate::store::pg::import`], one transaction), then
+/// the target's audit chain verified by the engine that will serve it.
+#[cfg(feature = "postgres")]
+fn migrate(from: &std::path::Path, to: &Location) -> Result<(), CliError> {
+    let Location::Postgres(url) = to else {
+        return Err(CliError::Usage(format!(
+            "--to must be a postgres://USER@HOST/DB URL, not {to}"
+        )));
+    };
+    let copied = crate::store::pg::import::from_sqlite(from, url).map_err(CliError::Failed)?;
+    println!(
+        "copied {} into {to}: {} rows in {:.1} s",
+        from.display(),
+        copied.rows(),
+        copied.elapsed.as_secs_f64()
+    );
+    for (table, rows) in &copied.tables {
+        println!("  {table:<16} {rows:>10}");
+    }
+    let committed = |e: StoreError| {
+        CliError::Failed(format!(
+            "the copy was committed, but its audit trail could not be verified: {e}"
+        ))
+    };
+    let store = Store::open_at(to).map_err(committed)?;
+    let verdict = store.verify_audit_chain();
+    store.close();
+    match verdict.map_err(committed)? {
+        None => {
+            println!("audit trail intact");
+            Ok(())
+        }
+        Some((id, why)) => Err(CliError::Failed(format!(
+            "the copy was committed, but its audit trail does not verify: audit row {id}: {why}"
+        ))),
+    }
+}
+
+/// `parley migrate` in a build without PostgreSQL: bad usage, naming the feature.
+#[cfg(not(feature = "postgres"))]
+fn migrate(_from: &std::path::Path, _to: &Location) -> Result<(), CliError> {
+    Err(CliError::Usage(
+        "`parley migrate` needs a build with PostgreSQL: cargo build --features postgres".into(),
+    ))
 }
 
 fn audit(cfg: &Config, limit: u32, json: bool, verify: bool) -> Result<(), CliError> {

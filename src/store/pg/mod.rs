@@ -47,6 +47,7 @@
 //! live by area in [`users`], [`messages`] and [`audit`], as for SQLite.
 
 mod audit;
+pub mod import;
 mod messages;
 mod notices;
 #[cfg(test)]
