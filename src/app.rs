@@ -5,6 +5,7 @@
 //! stopped by [`crate::server`], which also owns the services no request needs.
 
 use crate::auth::Auth;
+use crate::cluster::Nodes;
 use crate::config::Config;
 use crate::conns::Conns;
 use crate::enforce::ExpiryTimer;
@@ -33,6 +34,8 @@ pub struct App {
     pub hub: Arc<Hub>,
     /// Delivers committed events in commit order.
     pub fanout: Arc<Fanout>,
+    /// Other nodes' presence (empty on a lone node).
+    pub nodes: Nodes,
     /// Where sockets with a backlog register with the flusher.
     pub flush_queue: Arc<FlushQueue>,
     /// Login attempts per address, failures per name (`--login-rate`).

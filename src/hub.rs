@@ -12,13 +12,43 @@
 //! [`crate::presence`] sends them as one frame every 250 ms at most. In a reconnect
 //! storm of n users the first way costs n²/2 frames, the second about n × (storm
 //! length / 250 ms).
+//!
+//! Nodes sharing a database ([`crate::cluster`]) share presence: a user is online in a
+//! room while they have a socket in it on any node. Each room counts, beside its own
+//! sockets' users, how many other nodes have each user online there (fed by
+//! [`Hub::remote_changes`]), and its online list holds the users online anywhere; a
+//! `presence` frame or batch entry is made only when a user's presence changes
+//! cluster-wide. Once [`Hub::share`] was called, every change of a user's presence
+//! *on this node* is queued, under the room lock and so in the order it happened, as a
+//! notice for the other nodes; the socket thread that made it only wakes the
+//! `heartbeat` thread, which sends what is queued ([`Hub::flush`]) — a storm's changes
+//! leave in a few notices, and no socket thread waits on the store's queue for them.
+//! On a lone node nothing is shared or counted: the join and leave paths cost what
+//! they did.
+//!
+//! Threads: socket threads join and leave; the `fanout` and `presence` threads walk
+//! rooms; the `pg-listen` and `heartbeat` threads count other nodes' users.
 
 use crate::online::OnlineList;
 use crate::peer::{Peer, SocketKind};
+use crate::store::notice::{presence_digest, Notice, PresenceChange, RoomPresence};
 use crate::sync::lock;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Most changes, or names, in one presence notice: a storm's changes leave in a few
+/// notices of a size the transport carries easily (it splits what is long).
+const NOTICE_NAMES: usize = 2000;
+
+/// Where this node's presence notices go.
+pub struct Outlet {
+    /// Sends notices, in the order given (the store's `notify`).
+    pub send: Box<dyn Fn(Vec<Notice>) + Send + Sync>,
+    /// Called, with no lock held, when notices wait: whoever it wakes calls
+    /// [`Hub::flush`].
+    pub wake: Box<dyn Fn() + Send + Sync>,
+}
 
 /// How a socket in a room hears about presence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +69,11 @@ struct RoomMembers {
     batch: Vec<Arc<Peer>>,
     /// username → how many of the user's sockets are in the room.
     users: HashMap<String, usize>,
-    /// The users in `users`, sorted and rendered for `joined` replies.
+    /// username → how many other nodes have the user online in the room (empty on a
+    /// lone node).
+    remote: HashMap<String, usize>,
+    /// The users online anywhere (in `users` or `remote`), sorted and rendered for
+    /// `joined` replies.
     online: OnlineList,
     /// Changes not yet batched: username → online now (kept only while some socket
     /// takes batches).
@@ -54,6 +88,11 @@ impl RoomMembers {
         }
         self.each.clone()
     }
+
+    /// Whether nothing keeps the room: no socket here, nobody online elsewhere.
+    fn unused(&self) -> bool {
+        self.sockets.is_empty() && self.remote.is_empty()
+    }
 }
 
 /// Rooms by name, and those with presence changes waiting for a batch.
@@ -61,6 +100,47 @@ impl RoomMembers {
 struct Rooms {
     by_name: HashMap<String, RoomMembers>,
     dirty: HashSet<String>,
+    /// What the other nodes are to hear; `None` until [`Hub::share`] (and on a lone
+    /// node, for good).
+    shared: Option<Shared>,
+}
+
+/// This node's presence as the other nodes are told it.
+#[derive(Default)]
+struct Shared {
+    /// Notices not yet handed to the outlet, oldest first.
+    outbox: Vec<Notice>,
+    /// [`presence_digest`] of every (room, user) online on this node.
+    digest: u64,
+}
+
+impl Shared {
+    /// A user's presence on this node changed in `room`.
+    fn changed(&mut self, room: &str, user: &str, online: bool) {
+        self.digest ^= presence_digest(room, user);
+        let change = PresenceChange::new(room, user, online);
+        if let Some(Notice::Presence { changes }) = self.outbox.last_mut() {
+            if changes.len() < NOTICE_NAMES {
+                changes.push(change);
+                return;
+            }
+        }
+        self.outbox.push(Notice::Presence {
+            changes: vec![change],
+        });
+    }
+}
+
+/// A user came online or went offline cluster-wide because of another node.
+pub struct Transition {
+    /// The room.
+    pub room: String,
+    /// The username.
+    pub user: String,
+    /// Online now (else offline).
+    pub online: bool,
+    /// The sockets here that hear one `presence` frame about it.
+    pub tell: Vec<Arc<Peer>>,
 }
 
 /// One room's presence changes since its last batch.
@@ -112,15 +192,21 @@ pub struct Hub {
     /// `--max-sockets` in threads: a chat socket's one each.
     max_threads: usize,
     max_per_user: usize,
+    /// Where presence notices go, once [`share`](Self::share) was called.
+    outlet: OnceLock<Outlet>,
+    /// Held while notices are taken from the outbox and handed to the outlet, so they
+    /// leave in the order they were queued.
+    sending: Mutex<()>,
 }
 
 /// What joining a room changed.
 pub struct Joined {
-    /// Distinct usernames online in the room, the joiner included, sorted, as a JSON
-    /// array.
+    /// Distinct usernames online in the room (on any node), the joiner included,
+    /// sorted, as a JSON array.
     pub online_json: String,
-    /// If this was the user's first socket in the room: the sockets (there at that
-    /// moment) that hear one `presence` frame about it.
+    /// If the user was online nowhere before (this is their first socket in the room,
+    /// and no other node has them there): the sockets (there at that moment) that hear
+    /// one `presence` frame about it.
     pub tell: Option<Vec<Arc<Peer>>>,
 }
 
@@ -133,6 +219,8 @@ impl Hub {
             next_id: AtomicU64::new(1),
             max_threads: max_sockets.saturating_mul(SocketKind::Chat.threads()),
             max_per_user,
+            outlet: OnceLock::new(),
+            sending: Mutex::new(()),
         }
     }
 
@@ -196,7 +284,8 @@ impl Hub {
     }
 
     /// Removes a socket from its rooms and the registry; returns, for each room it was
-    /// the user's last socket in, who is left to hear `offline`.
+    /// the user's last socket in (and no other node has them there), who is left to
+    /// hear `offline`.
     pub fn unregister(&self, peer: &Arc<Peer>, rooms: &[String]) -> Vec<(String, Vec<Arc<Peer>>)> {
         let gone = rooms
             .iter()
@@ -237,9 +326,23 @@ impl Hub {
     /// Adds `peer` to `room`, hearing presence as `mode` says. Joining again is
     /// harmless (and may change the mode).
     pub fn join(&self, peer: &Arc<Peer>, room: &str, mode: PresenceMode) -> Joined {
-        let mut rooms = lock(&self.rooms);
-        let members = rooms.by_name.entry(room.to_owned()).or_default();
-        let mut tell = None;
+        let (joined, queued) = self.join_locked(peer, room, mode);
+        if queued {
+            self.wake();
+        }
+        joined
+    }
+
+    /// [`join`](Self::join) under the room lock; also says whether a notice was queued.
+    fn join_locked(&self, peer: &Arc<Peer>, room: &str, mode: PresenceMode) -> (Joined, bool) {
+        let mut guard = lock(&self.rooms);
+        let Rooms {
+            by_name,
+            dirty,
+            shared,
+        } = &mut *guard;
+        let members = by_name.entry(room.to_owned()).or_default();
+        let (mut tell, mut queued) = (None, false);
         if members.sockets.iter().any(|p| p.id == peer.id) {
             remove_peer(&mut members.each, peer.id);
             remove_peer(&mut members.batch, peer.id);
@@ -247,8 +350,15 @@ impl Hub {
             let count = members.users.entry(peer.username.clone()).or_insert(0);
             *count += 1;
             if *count == 1 {
-                members.online.insert(&peer.username);
-                tell = Some(members.changed(&peer.username, true));
+                if let Some(shared) = shared.as_mut() {
+                    shared.changed(room, &peer.username, true);
+                    queued = true;
+                }
+                // Online elsewhere already: nothing changes for anyone in the room.
+                if !members.remote.contains_key(&peer.username) {
+                    members.online.insert(&peer.username);
+                    tell = Some(members.changed(&peer.username, true));
+                }
             }
             members.sockets.push(peer.clone());
         }
@@ -258,16 +368,32 @@ impl Hub {
         }
         let online_json = members.online.json().to_owned();
         if !members.pending.is_empty() {
-            rooms.dirty.insert(room.to_owned());
+            dirty.insert(room.to_owned());
         }
-        Joined { online_json, tell }
+        (Joined { online_json, tell }, queued)
     }
 
     /// Removes `peer` from `room`. Returns `None` if it was not there; else, if it was
-    /// the user's last socket in the room, who is left to hear `offline` now.
+    /// the user's last socket in the room and no other node has them there, who is
+    /// left to hear `offline` now.
     pub fn leave(&self, peer: &Arc<Peer>, room: &str) -> Option<Option<Vec<Arc<Peer>>>> {
-        let mut rooms = lock(&self.rooms);
-        let members = rooms.by_name.get_mut(room)?;
+        let (tell, queued) = self.leave_locked(peer, room)?;
+        if queued {
+            self.wake();
+        }
+        Some(tell)
+    }
+
+    /// [`leave`](Self::leave) under the room lock; also says whether a notice was
+    /// queued.
+    fn leave_locked(&self, peer: &Arc<Peer>, room: &str) -> Option<(Option<Vec<Arc<Peer>>>, bool)> {
+        let mut guard = lock(&self.rooms);
+        let Rooms {
+            by_name,
+            dirty,
+            shared,
+        } = &mut *guard;
+        let members = by_name.get_mut(room)?;
         if !remove_peer(&mut members.sockets, peer.id) {
             return None;
         }
@@ -280,20 +406,101 @@ impl Hub {
             }
             None => false,
         };
-        let mut tell = None;
+        let (mut tell, mut queued) = (None, false);
         if last {
             members.users.remove(&peer.username);
-            members.online.remove(&peer.username);
-            tell = Some(members.changed(&peer.username, false));
+            if let Some(shared) = shared.as_mut() {
+                shared.changed(room, &peer.username, false);
+                queued = true;
+            }
+            if !members.remote.contains_key(&peer.username) {
+                members.online.remove(&peer.username);
+                tell = Some(members.changed(&peer.username, false));
+            }
         }
-        let (empty, pending) = (members.sockets.is_empty(), !members.pending.is_empty());
-        if empty {
-            rooms.by_name.remove(room);
-            rooms.dirty.remove(room);
+        let pending = !members.pending.is_empty();
+        if members.unused() {
+            by_name.remove(room);
+            dirty.remove(room);
         } else if pending {
-            rooms.dirty.insert(room.to_owned());
+            dirty.insert(room.to_owned());
         }
-        Some(tell)
+        Some((tell, queued))
+    }
+
+    /// Starts telling the other nodes about presence on this node: from now on every
+    /// change is queued for `outlet`, as are [`share_presence`](Self::share_presence)'s
+    /// state and heartbeats. Called once, before sockets come (a second call changes
+    /// nothing).
+    pub fn share(&self, outlet: Outlet) {
+        if self.outlet.set(outlet).is_err() {
+            return;
+        }
+        let mut rooms = lock(&self.rooms);
+        let digest = rooms
+            .by_name
+            .iter()
+            .flat_map(|(room, m)| m.users.keys().map(move |u| presence_digest(room, u)))
+            .fold(0, |all, d| all ^ d);
+        rooms.shared = Some(Shared {
+            outbox: Vec::new(),
+            digest,
+        });
+    }
+
+    /// Queues for the other nodes everything online here (if `state`), then a
+    /// heartbeat with its digest; both in order with the changes around them, and sent
+    /// by the next [`flush`](Self::flush). Nothing before [`share`](Self::share).
+    pub fn share_presence(&self, state: bool) {
+        let mut guard = lock(&self.rooms);
+        let Rooms {
+            by_name, shared, ..
+        } = &mut *guard;
+        let Some(shared) = shared.as_mut() else {
+            return;
+        };
+        if state {
+            shared.outbox.extend(state_notices(by_name));
+        }
+        shared.outbox.push(Notice::Heartbeat {
+            digest: shared.digest,
+        });
+    }
+
+    /// Hands what the outbox holds to the outlet, with no room lock held (the outlet
+    /// may wait for room in the store's queue).
+    pub fn flush(&self) {
+        let Some(outlet) = self.outlet.get() else {
+            return;
+        };
+        let _turn = lock(&self.sending);
+        let notices = lock(&self.rooms)
+            .shared
+            .as_mut()
+            .map(|s| std::mem::take(&mut s.outbox))
+            .unwrap_or_default();
+        if !notices.is_empty() {
+            (outlet.send)(notices);
+        }
+    }
+
+    /// Tells the outlet that notices wait.
+    fn wake(&self) {
+        if let Some(outlet) = self.outlet.get() {
+            (outlet.wake)();
+        }
+    }
+
+    /// Counts other nodes' presence: each change is one node more (`online`) or fewer
+    /// where the user is online in the room. Returns the changes that made a user
+    /// online or offline cluster-wide, in order, with who hears each (batches are
+    /// kept as for local changes).
+    pub fn remote_changes(&self, changes: Vec<PresenceChange>) -> Vec<Transition> {
+        let mut guard = lock(&self.rooms);
+        changes
+            .into_iter()
+            .filter_map(|c| count_remote(&mut guard, c))
+            .collect()
     }
 
     /// Takes every room's presence changes since the last call (rooms where nobody
@@ -316,12 +523,12 @@ impl Hub {
             .collect()
     }
 
-    /// Distinct users online in `room`.
+    /// Distinct users online in `room`, on any node.
     pub fn online_count(&self, room: &str) -> usize {
         lock(&self.rooms)
             .by_name
             .get(room)
-            .map_or(0, |m| m.users.len())
+            .map_or(0, |m| m.online.len())
     }
 
     /// Calls `f` on every socket in `room`, under the room lock: `f` must be quick
@@ -352,5 +559,152 @@ impl Hub {
         for p in self.all_peers().into_iter().filter(|p| p.sid() == sid) {
             p.close(code, reason);
         }
+    }
+}
+
+/// One remote change counted in `rooms` (see [`Hub::remote_changes`]).
+fn count_remote(rooms: &mut Rooms, c: PresenceChange) -> Option<Transition> {
+    let members = if c.online {
+        rooms.by_name.entry(c.room.clone()).or_default()
+    } else {
+        rooms.by_name.get_mut(&c.room)?
+    };
+    let transition = if c.online {
+        let n = members.remote.entry(c.user.clone()).or_insert(0);
+        *n += 1;
+        *n == 1 && !members.users.contains_key(&c.user)
+    } else {
+        let n = members.remote.get_mut(&c.user)?;
+        *n -= 1;
+        if *n == 0 {
+            members.remote.remove(&c.user);
+        }
+        !members.remote.contains_key(&c.user) && !members.users.contains_key(&c.user)
+    };
+    let tell = transition.then(|| {
+        if c.online {
+            members.online.insert(&c.user);
+        } else {
+            members.online.remove(&c.user);
+        }
+        members.changed(&c.user, c.online)
+    });
+    let pending = !members.pending.is_empty();
+    if members.unused() {
+        rooms.by_name.remove(&c.room);
+        rooms.dirty.remove(&c.room);
+    } else if pending {
+        rooms.dirty.insert(c.room.clone());
+    }
+    tell.map(|tell| Transition {
+        room: c.room,
+        user: c.user,
+        online: c.online,
+        tell,
+    })
+}
+
+/// Everything online on this node, as [`Notice::PresenceState`]s of about
+/// [`NOTICE_NAMES`] names each (a room is never split); the last says so.
+fn state_notices(by_name: &HashMap<String, RoomMembers>) -> Vec<Notice> {
+    let (mut notices, mut rooms, mut names) = (Vec::new(), Vec::new(), 0);
+    for (room, members) in by_name.iter().filter(|(_, m)| !m.users.is_empty()) {
+        names += members.users.len();
+        rooms.push(RoomPresence {
+            room: room.clone(),
+            users: members.users.keys().cloned().collect(),
+        });
+        if names >= NOTICE_NAMES {
+            let rooms = std::mem::take(&mut rooms);
+            notices.push(Notice::PresenceState { rooms, last: false });
+            names = 0;
+        }
+    }
+    notices.push(Notice::PresenceState { rooms, last: true });
+    notices
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(room: &str, user: &str, online: bool) -> PresenceChange {
+        PresenceChange::new(room, user, online)
+    }
+
+    /// A user online on two other nodes goes offline cluster-wide only when both let
+    /// go, and a room nobody is in is forgotten.
+    #[test]
+    fn remote_users_count_per_node_and_transitions_are_cluster_wide() {
+        let hub = Hub::new(10, 10);
+        let t = hub.remote_changes(vec![change("r", "ann", true), change("r", "ann", true)]);
+        assert_eq!(t.len(), 1);
+        assert!(t[0].online && t[0].user == "ann" && t[0].tell.is_empty());
+        assert_eq!(hub.online_count("r"), 1);
+        assert!(hub
+            .remote_changes(vec![change("r", "ann", false)])
+            .is_empty());
+        let t = hub.remote_changes(vec![change("r", "ann", false)]);
+        assert_eq!((t.len(), t[0].online), (1, false));
+        assert_eq!(hub.online_count("r"), 0);
+        assert!(
+            lock(&hub.rooms).by_name.is_empty(),
+            "an unused room is dropped"
+        );
+        // An offline for someone never counted changes nothing.
+        assert!(hub
+            .remote_changes(vec![change("q", "bob", false)])
+            .is_empty());
+        assert!(lock(&hub.rooms).by_name.is_empty());
+    }
+
+    /// Before `share` nothing is sent; after it, a state request yields the (empty)
+    /// state and a heartbeat with the digest of nothing.
+    #[test]
+    fn shared_presence_goes_out_in_order() {
+        let hub = Hub::new(10, 10);
+        hub.share_presence(true);
+        hub.flush();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let s = sent.clone();
+        hub.share(Outlet {
+            send: Box::new(move |n| lock(&s).extend(n)),
+            wake: Box::new(|| {}),
+        });
+        hub.share_presence(true);
+        assert!(lock(&sent).is_empty(), "sent at the next flush");
+        hub.flush();
+        assert_eq!(
+            *lock(&sent),
+            vec![
+                Notice::PresenceState {
+                    rooms: Vec::new(),
+                    last: true
+                },
+                Notice::Heartbeat { digest: 0 }
+            ]
+        );
+    }
+
+    /// A state longer than one notice's worth of names is split, between rooms.
+    #[test]
+    fn a_big_state_is_split_between_rooms() {
+        let mut by_name = HashMap::new();
+        for r in 0..3 {
+            let mut m = RoomMembers::default();
+            for u in 0..NOTICE_NAMES {
+                m.users.insert(format!("u{u}"), 1);
+            }
+            by_name.insert(format!("r{r}"), m);
+        }
+        let notices = state_notices(&by_name);
+        let lasts: Vec<bool> = notices
+            .iter()
+            .map(|n| match n {
+                Notice::PresenceState { last, .. } => *last,
+                _ => panic!("{n:?}"),
+            })
+            .collect();
+        assert_eq!(lasts, [false, false, false, true]);
     }
 }

@@ -36,6 +36,7 @@ mod exchange;
 mod fanout;
 mod front;
 mod graphql;
+mod heartbeat;
 mod http;
 mod hub;
 mod keepalive;

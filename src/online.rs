@@ -4,7 +4,8 @@
 //! name on each join made a reconnect storm quadratic in small copies (5,000 users
 //! joining one room rendered 12.5 million names); [`OnlineList`] keeps the JSON array
 //! up to date as users come and go, so a join copies it in one piece. Used by
-//! [`crate::hub`] under its lock; it runs no threads.
+//! [`crate::hub`] under its lock (where it holds the users online on any node); it runs
+//! no threads.
 
 /// Distinct usernames, sorted, with their JSON array (`["a","b"]`) kept beside them.
 #[derive(Debug)]
@@ -28,6 +29,11 @@ impl OnlineList {
     /// The list as a JSON array of strings, sorted.
     pub fn json(&self) -> &str {
         &self.json
+    }
+
+    /// How many names the list holds.
+    pub fn len(&self) -> usize {
+        self.names.len()
     }
 
     /// Adds `name`; a name already there is left alone.

@@ -5,10 +5,17 @@
 //! A reconnect storm of n users all joining one room costs n²/2 `presence` frames
 //! when every socket hears each change; with batches it costs about one frame per
 //! socket per 250 ms of storm. [`crate::server`] starts and stops the thread.
+//!
+//! [`announce`] sends one change the unbatched way; the socket threads (their own
+//! joins and leaves) and [`crate::cluster`] (other nodes' changes, on the `pg-listen`
+//! and `heartbeat` threads) call it. Batches need no call: the hub keeps every change,
+//! local or remote, for the next one.
 
+use crate::app::App;
 use crate::fanout::{Fanout, Target};
 use crate::hub::{Hub, PresenceBatch};
-use crate::peer::text_frame;
+use crate::peer::{text_frame, Peer};
+use crate::protocol::event;
 use crate::service::Periodic;
 use serde_json::json;
 use std::sync::Arc;
@@ -46,4 +53,21 @@ fn frame(b: PresenceBatch) -> (Target, crate::peer::Frame) {
     let v =
         json!({"type": "presence_batch", "room": b.room, "online": b.online, "offline": b.offline});
     (Target::BatchTakers(b.room), text_frame(&v.to_string()))
+}
+
+/// Tells `tell` (the room's sockets that hear each change, as the hub chose them) that
+/// `user` came online in `room` or went offline (`status`); GraphQL's `presence`
+/// subscribers hear it too.
+pub fn announce(app: &App, user: &str, room: &str, status: &'static str, tell: Vec<Arc<Peer>>) {
+    let change = || crate::model::Presence {
+        user: user.to_owned(),
+        room: room.to_owned(),
+        status,
+    };
+    if !tell.is_empty() {
+        let frame = text_frame(&event("presence", &change()));
+        app.fanout.deliver(vec![(Target::Peers(tell), frame)]);
+    }
+    app.fanout
+        .publish(|| crate::events::Event::Presence(Arc::new(change())));
 }

@@ -7,7 +7,8 @@
 //! finish what they write (for a bounded time), commits and delivers
 //! what is pending, closes every socket with 1001 and waits for their threads to write
 //! their disconnects, then stops the services in the reverse order of their
-//! dependencies: the sweep, keepalive, presence batches and the reaper (they look at sockets),
+//! dependencies: the sweep, keepalive, presence batches, the cluster heartbeat (it says
+//! goodbye to the other nodes) and the reaper (they look at sockets),
 //! the expiry timer, the
 //! tarpit (it answers what it held) and the password threads, fan-out, the flusher,
 //! and last the store (writer, completions, checkpointer, a final checkpoint).
@@ -18,6 +19,7 @@ use crate::config::Config;
 use crate::enforce::{ExpiryTimer, Sweeper};
 use crate::fanout::Fanout;
 use crate::front::Front;
+use crate::heartbeat::Heartbeat;
 use crate::hub::Hub;
 use crate::keepalive::Keepalive;
 use crate::lane::Lane;
@@ -48,6 +50,7 @@ struct Background {
     folds: Periodic,
     keepalive: Option<Keepalive>,
     presence: Batcher,
+    heartbeat: Option<Heartbeat>,
     sweeper: Sweeper,
     reaper: Reaper,
     front: Front,
@@ -103,6 +106,7 @@ fn start_app(
     Ok(App {
         fanout: Arc::new(Fanout::start(hub.clone()).map_err(io)?),
         hub,
+        nodes: Default::default(),
         flush_queue: flusher.queue(),
         login_limits: LoginLimits::new(cfg.login_rate),
         register_limiter: KeyedLimiter::new(cfg.register_rate, HOUR),
@@ -139,7 +143,8 @@ fn reserved_sockets() -> Arc<crate::sys::KnownSockets> {
 }
 
 /// Starts the services no request calls: the revocation sweep, presence batches, the
-/// HTTP reaper, and the front door (tiny_http on `listener`, its watch, the workers).
+/// cluster heartbeat (on a shared database), the HTTP reaper, and the front door
+/// (tiny_http on `listener`, its watch, the workers).
 fn start_background(
     app: &Arc<App>,
     listener: TcpListener,
@@ -156,6 +161,8 @@ fn start_background(
         Keepalive::start(app.hub.clone(), app.cfg.ws_ping).map_err(|e| e.to_string())?;
     let presence =
         Batcher::start(app.hub.clone(), app.fanout.clone()).map_err(|e| e.to_string())?;
+    // After `listen` (the other nodes' answers must be heard), before the front door.
+    let heartbeat = Heartbeat::start(app)?;
     let reaper = Reaper::start(Watched {
         hub: app.hub.clone(),
         sockets: app.known_sockets.clone(),
@@ -177,6 +184,7 @@ fn start_background(
         folds,
         keepalive,
         presence,
+        heartbeat,
         sweeper,
         reaper,
         front,
@@ -241,6 +249,9 @@ fn shutdown(app: &Arc<App>, background: Background) {
         k.stop();
     }
     background.presence.stop();
+    if let Some(h) = &background.heartbeat {
+        h.stop(&app.hub);
+    }
     background.reaper.stop();
     app.expiry.stop();
     app.tarpit.stop();

@@ -708,19 +708,8 @@ impl Conn {
 
 /// Tells `tell` (the room's other sockets at that moment) that `peer`'s user came
 /// online in `room` or went offline.
-/// GraphQL's `presence` subscribers hear it too.
 fn presence(app: &App, peer: &Peer, room: &str, status: &'static str, tell: Vec<Arc<Peer>>) {
-    let change = || crate::model::Presence {
-        user: peer.username.clone(),
-        room: room.to_owned(),
-        status,
-    };
-    if !tell.is_empty() {
-        let frame = text_frame(&event("presence", &change()));
-        app.fanout.deliver(vec![(Target::Peers(tell), frame)]);
-    }
-    app.fanout
-        .publish(|| crate::events::Event::Presence(Arc::new(change())));
+    crate::presence::announce(app, &peer.username, room, status, tell);
 }
 
 /// Acknowledges a stored message, or reports why it was not stored. Runs on the writer

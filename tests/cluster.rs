@@ -1,7 +1,8 @@
 //! Several nodes on one PostgreSQL database: what one node commits reaches the sockets
 //! of the others, once and in id order; a ban or a kick on one node closes the user's
 //! sockets on another; a node killed with `kill -9` costs its clients nothing once
-//! they reconnect to another node with `since`.
+//! they reconnect to another node with `since`; presence is the same from every node,
+//! a late node included, and a killed node's users go offline everywhere.
 //!
 //! Needs the PostgreSQL engine and a server to run on: `PARLEY_TEST_POSTGRES=URL cargo
 //! test --features postgres --test cluster` (`.ci/run` does this; see the README).
@@ -14,6 +15,7 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::thread;
 use std::time::{Duration, Instant};
+use tungstenite::Message;
 
 /// Three nodes on one fresh database, each in its own directory.
 struct Cluster {
@@ -28,19 +30,25 @@ impl Cluster {
         let db = PgDb::create_if_enabled().unwrap_or_else(|| {
             panic!("the cluster tests run on PostgreSQL: set {POSTGRES_ENV} (see the README)")
         });
-        let mut dirs = Vec::new();
-        let mut nodes = Vec::new();
-        for _ in 0..n {
-            let dir = TempDir::new();
-            let args = ["--login-rate", "0", "--msg-rate", "0"];
-            nodes.push(Server::launch_db(dir.path(), &db.url, &args, &[]));
-            dirs.push(dir);
-        }
-        Cluster {
-            nodes,
-            _dirs: dirs,
+        let mut c = Cluster {
+            nodes: Vec::new(),
+            _dirs: Vec::new(),
             _db: db,
+        };
+        for _ in 0..n {
+            c.add_node();
         }
+        c
+    }
+
+    /// Starts one more node on the cluster's database; returns its index.
+    fn add_node(&mut self) -> usize {
+        let dir = TempDir::new();
+        let args = ["--login-rate", "0", "--msg-rate", "0"];
+        let node = Server::launch_db(dir.path(), &self._db.url, &args, &[]);
+        self.nodes.push(node);
+        self._dirs.push(dir);
+        self.nodes.len() - 1
     }
 }
 
@@ -212,4 +220,184 @@ fn a_killed_nodes_clients_resume_on_another_and_lose_nothing() {
         got.push(v["id"].as_i64().unwrap());
     }
     assert_eq!(got, sent, "the resumed client missed or repeated messages");
+}
+
+/// The next `presence` frame on `ws` (other frames are passed over), within `within`.
+#[track_caller]
+fn next_presence(ws: &mut Ws, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no presence frame within {within:?}");
+        ws.stream()
+            .set_read_timeout(Some(left.max(Duration::from_millis(10))))
+            .unwrap();
+        match ws.next_message() {
+            Ok(Message::Text(t)) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["type"] == "presence" {
+                    return v;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => panic!("no presence frame within {within:?}: {e:?}"),
+        }
+    }
+}
+
+#[track_caller]
+fn assert_presence(v: &Value, user: &str, status: &str) {
+    assert_eq!(
+        (v["user"].as_str(), v["status"].as_str(), v["room"].as_str()),
+        (Some(user), Some(status), Some("general")),
+        "{v}"
+    );
+}
+
+/// `general`'s online count as `node` reports it (`GET /api/rooms`).
+fn online_count(node: &Server, token: &str) -> i64 {
+    let rooms = node.get("/api/rooms", Some(token)).json();
+    let rooms = rooms["rooms"].as_array().cloned().unwrap_or_default();
+    let general = rooms.iter().find(|r| r["name"] == "general");
+    general.and_then(|r| r["online"].as_i64()).unwrap_or(-1)
+}
+
+fn online_list(joined: &Value) -> Vec<String> {
+    let names = joined["online"].as_array().expect("online list");
+    names
+        .iter()
+        .map(|n| n.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A user online on node 1 is in the `joined` list of a socket on node 2, and in its
+/// online count; someone coming online or going offline on node 3 is announced on
+/// both; a second socket of an online user, on another node, announces nothing.
+#[test]
+fn presence_is_the_same_from_every_node() {
+    let c = Cluster::start(3);
+    let (_, mut x) = member(&c.nodes[0], "xena");
+    let ty = new_user(&c.nodes[1], "yuri");
+    wait_until(Duration::from_secs(5), "node 2 to count xena", || {
+        online_count(&c.nodes[1], &ty) == 1
+    });
+    let mut y = Ws::connect(&c.nodes[1], &ty);
+    let joined = y.join("general");
+    assert_eq!(online_list(&joined), ["xena", "yuri"], "{joined}");
+    assert_presence(&next_presence(&mut x, IO_TIMEOUT), "yuri", "online");
+
+    // xena's second socket, on node 2: online already, so nobody hears of it.
+    let tx2 = access(&login(&c.nodes[1], "xena"));
+    let mut x2 = Ws::connect(&c.nodes[1], &tx2);
+    let again = x2.join("general");
+    assert_eq!(online_list(&again), ["xena", "yuri"], "{again}");
+    x2.close_and_wait();
+    thread::sleep(Duration::from_millis(300));
+
+    let tz = new_user(&c.nodes[2], "zed");
+    let mut z = Ws::connect(&c.nodes[2], &tz);
+    let joined = z.join("general");
+    assert_eq!(online_list(&joined), ["xena", "yuri", "zed"], "{joined}");
+    for ws in [&mut x, &mut y] {
+        assert_presence(&next_presence(ws, IO_TIMEOUT), "zed", "online");
+    }
+    z.send(&json!({"type": "leave", "room": "general"}));
+    for ws in [&mut x, &mut y] {
+        assert_presence(&next_presence(ws, IO_TIMEOUT), "zed", "offline");
+    }
+    wait_until(Duration::from_secs(5), "every node to count 2", || {
+        c.nodes.iter().all(|n| online_count(n, &ty) == 2)
+    });
+}
+
+/// A socket that takes presence batches hears another node's changes in a
+/// `presence_batch`.
+#[test]
+fn batches_carry_other_nodes_presence() {
+    let c = Cluster::start(2);
+    let tb = new_user(&c.nodes[1], "bea");
+    let mut b = Ws::connect(&c.nodes[1], &tb);
+    b.send(&json!({"type": "join", "room": "general", "presence": "batch"}));
+    assert_eq!(b.recv()["type"], "joined");
+    let (_, w) = member(&c.nodes[0], "wes");
+    let v = b.recv_skipping(&[]);
+    assert_eq!(v["type"], "presence_batch", "{v}");
+    assert_eq!(v["online"], json!(["wes"]), "{v}");
+    w.close_and_wait();
+    let v = b.recv_skipping(&[]);
+    assert_eq!(v["type"], "presence_batch", "{v}");
+    assert_eq!(v["offline"], json!(["wes"]), "{v}");
+}
+
+/// `kill -9` of the node a user is on: the other nodes' sockets hear the user go
+/// offline once the node has been silent for three heartbeats (2 s each), plus a
+/// little; a node that stops cleanly takes its users offline at once.
+#[test]
+fn a_dead_nodes_users_go_offline_everywhere() {
+    let mut c = Cluster::start(3);
+    let (_, mut a) = member(&c.nodes[0], "ann");
+    let (_, _z) = member(&c.nodes[2], "zed");
+    assert_presence(&next_presence(&mut a, IO_TIMEOUT), "zed", "online");
+    let (_, _q) = member(&c.nodes[1], "quinn");
+    assert_presence(&next_presence(&mut a, IO_TIMEOUT), "quinn", "online");
+    let killed = Instant::now();
+    c.nodes[2].kill9();
+    assert_presence(
+        &next_presence(&mut a, Duration::from_secs(15)),
+        "zed",
+        "offline",
+    );
+    let took = killed.elapsed();
+    eprintln!("a killed node's user showed offline after {took:?}");
+    assert!(
+        took >= Duration::from_secs(3) && took <= Duration::from_secs(7),
+        "offline {took:?} after the kill (expected 6 s since last heard, plus a tick)"
+    );
+    let stopped = Instant::now();
+    c.nodes[1].sigterm();
+    assert_presence(&next_presence(&mut a, IO_TIMEOUT), "quinn", "offline");
+    let took = stopped.elapsed();
+    eprintln!("a stopped node's user showed offline after {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+/// A node started after the others lists their online users in its first `joined`.
+#[test]
+fn a_late_node_sees_who_is_online_already() {
+    let mut c = Cluster::start(2);
+    let (_, _x) = member(&c.nodes[0], "xena");
+    let (_, _y) = member(&c.nodes[1], "yuri");
+    let late = c.add_node();
+    let tz = new_user(&c.nodes[late], "zed");
+    let mut z = Ws::connect(&c.nodes[late], &tz);
+    let joined = z.join("general");
+    assert_eq!(online_list(&joined), ["xena", "yuri", "zed"], "{joined}");
+}
+
+/// A node taken for dead (silent too long: here, stopped with SIGSTOP) that comes back
+/// is asked for its state again, since its heartbeat's digest no longer matches what
+/// the others know of it: its users come back online everywhere.
+#[test]
+fn a_node_taken_for_dead_that_comes_back_is_heard_again() {
+    let c = Cluster::start(2);
+    let (_, mut a) = member(&c.nodes[0], "ann");
+    let (_, _b) = member(&c.nodes[1], "ben");
+    assert_presence(&next_presence(&mut a, IO_TIMEOUT), "ben", "online");
+    c.nodes[1].signal(rustix::process::Signal::STOP);
+    assert_presence(
+        &next_presence(&mut a, Duration::from_secs(15)),
+        "ben",
+        "offline",
+    );
+    c.nodes[1].signal(rustix::process::Signal::CONT);
+    let resumed = Instant::now();
+    assert_presence(
+        &next_presence(&mut a, Duration::from_secs(10)),
+        "ben",
+        "online",
+    );
+    eprintln!(
+        "a node back from the dead was heard again after {:?}",
+        resumed.elapsed()
+    );
 }

@@ -294,6 +294,11 @@ operations! {
     /// Hands every notice another node sends to `sink`, from a thread of the engine's
     /// that [`Store::close`] stops (on SQLite there is no other node: nothing runs).
     fn listen(&self, sink: notice::Sink) -> Result<()>;
+    /// This node's id among the nodes sharing the database (`None` on SQLite: a lone
+    /// node, which shares nothing).
+    fn node_id(&self) -> Option<String>;
+    /// How many other nodes listen on the database now (0 on SQLite).
+    fn other_nodes(&self) -> Result<usize>;
 }
 
 /// Notices changes that can end a login — a revoke, a ban, a deleted account — made by

@@ -465,6 +465,16 @@ impl Sqlite {
         Ok(())
     }
 
+    /// A lone node has no id among others.
+    pub fn node_id(&self) -> Option<String> {
+        None
+    }
+
+    /// Nobody else shares an SQLite file.
+    pub fn other_nodes(&self) -> Result<usize> {
+        Ok(0)
+    }
+
     /// A watcher on its own connection.
     pub fn watcher(&self) -> Result<ChangeWatcher> {
         let conn = open_connection(&self.path)?;

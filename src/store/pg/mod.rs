@@ -613,6 +613,27 @@ impl Postgres {
         Ok(())
     }
 
+    /// This node's id, as other nodes' sinks are told it.
+    pub fn node_id(&self) -> Option<String> {
+        Some(self.publisher.node().to_owned())
+    }
+
+    /// How many other nodes listen on the database now: sessions named
+    /// [`notices::LISTENER_NAME`], less this node's own once it listens.
+    pub fn other_nodes(&self) -> Result<usize> {
+        let listening = lock(&self.listener).is_some();
+        let sessions: i64 = self.read(|c| {
+            let row = c.query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND application_name = $1",
+                &[&notices::LISTENER_NAME],
+            )?;
+            col(&row, 0)
+        })?;
+        let sessions = usize::try_from(sessions).unwrap_or(0);
+        Ok(sessions.saturating_sub(usize::from(listening)))
+    }
+
     /// A watcher on its own client.
     pub fn watcher(&self) -> Result<ChangeWatcher> {
         let mut conn = Conn::connect(&self.config)?;

@@ -10,17 +10,19 @@
 //! (kicks, announcements) as jobs of their own, in commit order with the rest.
 //!
 //! The payload is the notice's JSON with one more field, `node` (a random id per open
-//! [`super::Postgres`]), so a node skips its own. PostgreSQL refuses payloads of 8000
-//! bytes or more; a longer notice (a long message) goes as several `part`s in the
-//! same transaction, each carrying a base64 slice of the JSON in `data`, and the
+//! [`super::Postgres`]), so a node skips its own; the sink gets the sender's id with
+//! every other node's notice (presence is kept per node). PostgreSQL refuses payloads
+//! of 8000 bytes or more; a longer notice (a long message) goes as several `part`s in
+//! the same transaction, each carrying a base64 slice of the JSON in `data`, and the
 //! listener joins them.
 //!
 //! Receiving: [`Listener`] runs the `pg-listen` thread, started by
 //! [`super::Postgres::listen`] and stopped (and joined) by [`super::Postgres::close`].
-//! It owns a client of its own, waits for notifications, and hands each other node's
-//! notice to the sink. When its connection is lost it reconnects (with a pause) and
-//! says in the log that notices may have been missed meanwhile: PostgreSQL keeps
-//! none for a session that is not listening.
+//! It owns a client of its own (named [`LISTENER_NAME`] in `pg_stat_activity`, so a
+//! starting node can count the nodes already listening), waits for notifications, and
+//! hands each other node's notice to the sink. When its connection is lost it
+//! reconnects (with a pause) and says in the log that notices may have been missed
+//! meanwhile: PostgreSQL keeps none for a session that is not listening.
 
 use super::turns::Turns;
 use super::{Conn, Tx};
@@ -40,6 +42,8 @@ use std::time::{Duration, Instant};
 
 /// The channel every node listens on (one per database).
 pub const CHANNEL: &str = "parley";
+/// The `application_name` of every node's listening session.
+pub(super) const LISTENER_NAME: &str = "parley-listen";
 /// Longest payload sent whole (PostgreSQL's limit is 7999 bytes).
 const MAX_PAYLOAD: usize = 7900;
 /// Bytes of notice JSON per part: 6668 in base64, plus the part's other fields.
@@ -192,8 +196,8 @@ struct Hear {
 impl Hear {
     fn payload(&self, parts: &mut Parts, payload: &str) {
         match parts.read(payload, &self.node) {
-            Some(Heard::Other(notice)) => {
-                if catch_unwind(AssertUnwindSafe(|| (self.sink)(notice))).is_err() {
+            Some(Heard::Other(node, notice)) => {
+                if catch_unwind(AssertUnwindSafe(|| (self.sink)(&node, notice))).is_err() {
                     log::error!("a notice's delivery panicked");
                 }
             }
@@ -206,6 +210,9 @@ impl Hear {
 /// A client that listens on [`CHANNEL`].
 fn listening(config: &Config) -> Result<Conn> {
     let mut conn = Conn::connect(config)?;
+    // Apart from LISTEN, which stays the session's last statement for whoever looks.
+    conn.client
+        .batch_execute(&format!("SET application_name = '{LISTENER_NAME}'"))?;
     conn.client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
     Ok(conn)
 }
@@ -276,8 +283,8 @@ fn run(conn: Conn, config: &Config, hear: &Hear, signal: &StopSignal) {
 enum Heard {
     /// This node's own notice, with its ticket.
     Own(Option<u64>),
-    /// Another node's.
-    Other(Notice),
+    /// Another node's, with that node's id.
+    Other(String, Notice),
 }
 
 /// The parts of multi-part notices received so far, by sender and number.
@@ -304,11 +311,13 @@ impl Parts {
                 .map_err(|e| log::warn!("ignored a notice that is not JSON: {e}"))
                 .ok()?;
         }
-        if value.get("node").and_then(Value::as_str) == Some(own) {
+        let node = value.get("node").and_then(Value::as_str).unwrap_or("");
+        if node == own {
             return Some(Heard::Own(value.get("ticket").and_then(Value::as_u64)));
         }
+        let node = node.to_owned();
         serde_json::from_value(value)
-            .map(Heard::Other)
+            .map(|notice| Heard::Other(node, notice))
             .map_err(|e| log::warn!("ignored a notice parley cannot read: {e}"))
             .ok()
     }
@@ -385,7 +394,7 @@ mod tests {
         assert_eq!(one.len(), 1);
         assert_eq!(
             parts.read(&one[0], b.node()),
-            Some(Heard::Other(short.clone()))
+            Some(Heard::Other(a.node().to_owned(), short.clone()))
         );
         assert_eq!(parts.read(&one[0], a.node()), Some(Heard::Own(Some(7))));
         let many = a.payloads(&long, Some(8)).unwrap();
@@ -396,7 +405,7 @@ mod tests {
             assert!(got.is_none(), "whole before its last part");
             got = parts.read(p, b.node());
         }
-        assert_eq!(got, Some(Heard::Other(long)));
+        assert_eq!(got, Some(Heard::Other(a.node().to_owned(), long)));
         let mut mine = None;
         for p in &many {
             mine = parts.read(p, a.node());

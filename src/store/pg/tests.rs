@@ -711,13 +711,13 @@ fn nodes_hear_each_others_notices() {
     let a = db.open();
     let b = db.open();
     let (tx, heard_by_b) = mpsc::channel();
-    b.listen(Box::new(move |n| tx.send(n).unwrap())).unwrap();
+    b.listen(Box::new(move |_, n| tx.send(n).unwrap())).unwrap();
     assert!(matches!(
-        b.listen(Box::new(|_| {})),
+        b.listen(Box::new(|_, _| {})),
         Err(StoreError::Conflict(_))
     ));
     let (tx, heard_by_a) = mpsc::channel();
-    a.listen(Box::new(move |n| tx.send(n).unwrap())).unwrap();
+    a.listen(Box::new(move |_, n| tx.send(n).unwrap())).unwrap();
     let alice = a.create_user("alice", "h".into(), None, now()).unwrap();
     let bob = a.create_user("bob", "h".into(), None, now()).unwrap();
     let room = general(&a);
