@@ -63,6 +63,7 @@ fn apply(app: &App, node: &str, notice: Notice) {
         Notice::Kick { user_id } => {
             close_kicked(app, user_id);
         }
+        Notice::Missed => resume_everyone(app),
         Notice::Announce { frame, roles } => {
             if let Err(e) = deliver_announcement(app, &frame, roles.as_deref()) {
                 log::warn!("an announcement from another node was not delivered: {e}");
@@ -331,6 +332,24 @@ impl Nodes {
         if let Some((_, nudger)) = self.me.get() {
             nudger.nudge();
         }
+    }
+}
+
+/// Other nodes' messages were lost on the way here: every socket is closed with 1012
+/// after what it already has, so its client reconnects and resumes with `since`, which
+/// reads the messages from the database. (Presence repairs itself: the next heartbeats'
+/// digests differ and the state is asked for again.)
+fn resume_everyone(app: &App) {
+    let peers = app.hub.all_peers();
+    log::warn!(
+        "closing {} sockets so that they resume: notices from other nodes were missed",
+        peers.len()
+    );
+    for p in peers {
+        p.close_after_pending(
+            crate::peer::close::RESUME,
+            "missed updates; resume with since",
+        );
     }
 }
 

@@ -42,6 +42,8 @@ pub mod close {
     pub const POLICY: u16 = 1008;
     /// A message over the size limit.
     pub const TOO_BIG: u16 = 1009;
+    /// Missed updates from other nodes: reconnect and resume with `since`.
+    pub const RESUME: u16 = 1012;
     /// The access token expired.
     pub const EXPIRED: u16 = 4001;
     /// Kicked, banned or login revoked.

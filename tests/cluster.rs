@@ -401,3 +401,35 @@ fn a_node_taken_for_dead_that_comes_back_is_heard_again() {
         resumed.elapsed()
     );
 }
+
+/// A node whose listening connection is cut (here: every node's, by the database)
+/// cannot know what it missed, so it closes its sockets with 1012 once it listens again;
+/// a client that then resumes with `since` gets what was sent meanwhile.
+#[test]
+fn a_node_that_missed_notices_asks_its_clients_to_resume() {
+    let c = Cluster::start(2);
+    let (ann, mut a) = member(&c.nodes[0], "ann");
+    let (bob, mut b) = member(&c.nodes[1], "bob");
+    let (_, first) = a.send_msg("general", "before the cut");
+    assert_eq!(b.recv_skipping(&["presence"])["id"], first);
+    // Only this test's nodes: other tests' databases share the server.
+    let cut = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'parley-listen' AND datname = '{}'",
+        c._db.name()
+    );
+    c._db.admin_sql(&cut).unwrap();
+    assert_eq!(wait_close(&mut b, Duration::from_secs(10)), Some(1012));
+    assert_eq!(wait_close(&mut a, Duration::from_secs(10)), Some(1012));
+    let mut a = Ws::connect(&c.nodes[0], &ann);
+    a.join("general");
+    let mut b = Ws::connect(&c.nodes[1], &bob);
+    let (_, later) = a.send_msg("general", "after the cut");
+    b.send(&json!({"type": "join", "room": "general", "since": first}));
+    let m = b.recv_skipping(&["presence", "presence_batch", "joined"]);
+    assert_eq!(
+        (m["type"].as_str(), m["id"].as_i64()),
+        (Some("message"), Some(later)),
+        "{m}"
+    );
+}

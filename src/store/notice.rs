@@ -25,6 +25,13 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Notice {
+    /// This node's listener was cut off from the database for a while, and notices
+    /// other nodes sent meanwhile are gone (PostgreSQL keeps none for a session that
+    /// is not listening). Never sent between nodes: the engine hands it to the sink
+    /// when it listens again.
+    #[serde(skip)]
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    Missed,
     /// A room message was stored.
     Message {
         /// The message, as the room's sockets get it.

@@ -625,6 +625,16 @@ pub struct PgDb {
 }
 
 impl PgDb {
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs one SQL statement as the test server's user (in its `postgres` database).
+    pub fn admin_sql(&self, sql: &str) -> Result<(), String> {
+        psql(self.server, sql)
+    }
+
     /// A new database when `PARLEY_TEST_POSTGRES` is set; `None` otherwise.
     #[track_caller]
     pub fn create_if_enabled() -> Option<PgDb> {

@@ -194,6 +194,13 @@ struct Hear {
 }
 
 impl Hear {
+    /// Tells the sink that notices were lost while the connection was down.
+    fn missed(&self) {
+        if catch_unwind(AssertUnwindSafe(|| (self.sink)(&self.node, Notice::Missed))).is_err() {
+            log::error!("handling missed notices panicked");
+        }
+    }
+
     fn payload(&self, parts: &mut Parts, payload: &str) {
         match parts.read(payload, &self.node) {
             Some(Heard::Other(node, notice)) => {
@@ -231,6 +238,7 @@ fn run(conn: Conn, config: &Config, hear: &Hear, signal: &StopSignal) {
                     log::info!("listening for other nodes' notices again");
                     hear.turns.set_listening(true);
                     conn = Some(c);
+                    hear.missed();
                 }
                 Err(e) => log::warn!("cannot listen for other nodes' notices: {e}"),
             }
@@ -268,8 +276,8 @@ fn run(conn: Conn, config: &Config, hear: &Hear, signal: &StopSignal) {
         }
         if lost || c.client.is_closed() {
             log::warn!(
-                "lost the connection that hears other nodes; notices sent until it is back \
-                 are missed (clients catch up from history)"
+                "lost the connection that hears other nodes; once it is back, this node's \
+                 sockets are closed (1012) so that their clients catch up with `since`"
             );
             hear.turns.set_listening(false);
             conn = None;
