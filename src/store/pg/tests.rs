@@ -776,7 +776,8 @@ fn nodes_hear_each_others_notices() {
         "B heard nothing of its own"
     );
 
-    // B's listening connection is lost: it listens again and hears what follows.
+    // B's listening connection is lost: it listens again, says that it missed notices,
+    // and hears what follows.
     let killed: i64 = db
         .shell()
         .query_one(
@@ -788,6 +789,7 @@ fn nodes_hear_each_others_notices() {
         .get(0);
     assert_eq!(killed, 2, "both listeners");
     std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(wait(&heard_by_b), Notice::Missed);
     a.notify(Notice::Kick { user_id: 42 });
     assert_eq!(wait(&heard_by_b), Notice::Kick { user_id: 42 });
     a.close();
