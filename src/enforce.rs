@@ -85,11 +85,22 @@ impl ExpiryTimer {
     /// Watches `peer` until its token's expiry (re-checked then, since a `refresh` may
     /// have moved it).
     pub fn watch(&self, peer: &Arc<Peer>) {
-        lock(&self.shared.heap).push(Reverse(Entry {
-            expires_at: peer.expires_at(),
+        let expires_at = peer.expires_at();
+        let mut heap = lock(&self.shared.heap);
+        // The thread sleeps until the earliest expiry; only an earlier one needs it
+        // awake. In a reconnect storm every socket expires after those before it, and
+        // waking the thread for each cost a context switch per upgrade.
+        let sooner = heap
+            .peek()
+            .is_none_or(|Reverse(e)| expires_at < e.expires_at);
+        heap.push(Reverse(Entry {
+            expires_at,
             peer: Arc::downgrade(peer),
         }));
-        self.shared.wake.notify_one();
+        drop(heap);
+        if sooner {
+            self.shared.wake.notify_one();
+        }
     }
 
     /// Stops the thread and joins it.

@@ -398,6 +398,31 @@ fn sockets_close_in_the_order_their_tokens_expire() {
 }
 
 #[test]
+fn a_socket_that_expires_sooner_than_those_before_it_closes_on_time() {
+    // Claim: the timer sleeps until the earliest expiry it knows, and a socket that
+    // expires sooner than every socket before it wakes it. The later token's socket
+    // opens first, then the earlier one's: the earlier closes within a second of its
+    // own expiry, not at the later one's. (A timer woken only when its heap was empty
+    // would close it two seconds late.)
+    let srv = start_unlimited(&["--access-ttl", "4"]);
+    register(&srv, "alice");
+    let early = access(&login(&srv, "alice"));
+    let exp1 = exp_of(&early);
+    sleep_until((exp1 - 4 + 2) as f64);
+    let late = access(&login(&srv, "alice"));
+    let exp2 = exp_of(&late);
+    assert!(exp2 >= exp1 + 2, "test premise: {exp1} vs {exp2}");
+    let mut b = Ws::connect(&srv, &late);
+    alive(&mut b);
+    let mut a = Ws::connect(&srv, &early);
+    alive(&mut a);
+    assert!(now_f64() < exp1 as f64, "test premise: both sockets opened in time");
+
+    assert_eq!(close_before(&mut a, exp1 as f64 + 1.0), Some(4001));
+    alive(&mut b);
+}
+
+#[test]
 fn refresh_on_a_live_socket_keeps_it_open_until_the_new_expiry() {
     let srv = start_unlimited(&["--access-ttl", "4"]);
     register(&srv, "alice");
