@@ -38,6 +38,9 @@ use std::time::{Duration, Instant};
 
 /// How often deadlines are checked.
 const TICK: Duration = Duration::from_millis(250);
+/// When new connections were seen with a request unread, how soon the next listing
+/// checks whether they got a thread.
+const RECHECK: Duration = Duration::from_secs(1);
 /// Most empty connections made per listing to get queued connections a thread.
 const MAX_NUDGES: usize = 64;
 
@@ -156,8 +159,8 @@ impl State {
         }
         let urgent = self.urgent.swap(false, Ordering::SeqCst);
         if urgent || self.pressed || now >= self.next_pass || short_of_descriptors(w) {
-            self.pass(w, now);
             self.next_pass = now + self.period;
+            self.pass(w, now);
         }
     }
 
@@ -245,8 +248,14 @@ impl State {
             crate::sys::nudge_pool(w.listening, unstarted.min(MAX_NUDGES));
         }
         // Look again at the next tick rather than at the next pass: whether the pool
-        // took them up.
-        self.pressed |= starving > 0 || unread_new;
+        // took them up. New connections with a request unread are normally just
+        // arriving (a reconnect storm has hundreds at any moment), so for them a
+        // second look comes after `RECHECK`: listing every descriptor every tick cost
+        // a storm about 5 % of the server's CPU.
+        self.pressed |= starving > 0;
+        if unread_new {
+            self.next_pass = self.next_pass.min(now + RECHECK);
+        }
         w.conns
             .forget(&open, listed_at, now.checked_sub(w.idle_timeout * 2));
         self.first_seen = seen;
