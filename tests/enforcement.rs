@@ -361,6 +361,23 @@ fn close_before(ws: &mut Ws, deadline: f64) -> Option<u16> {
     code
 }
 
+/// Two access tokens of a new user "alice", with their expiries, on a server started
+/// with `--access-ttl 4`: the second expires at least two seconds after the first.
+fn tokens_two_seconds_apart(srv: &Server) -> ((String, i64), (String, i64)) {
+    register(srv, "alice");
+    let early = access(&login(srv, "alice"));
+    let exp1 = exp_of(&early);
+    // Log in again once the clock is two whole seconds past the first token's iat.
+    sleep_until((exp1 - 4 + 2) as f64);
+    let late = access(&login(srv, "alice"));
+    let exp2 = exp_of(&late);
+    assert!(
+        exp2 >= exp1 + 2,
+        "test premise: the tokens expire two seconds apart ({exp1} vs {exp2})"
+    );
+    ((early, exp1), (late, exp2))
+}
+
 #[test]
 fn sockets_close_in_the_order_their_tokens_expire() {
     // Claim: the one expiry timer closes each socket at its own token's expiry, the
@@ -369,17 +386,7 @@ fn sockets_close_in_the_order_their_tokens_expire() {
     // open, and the second closes within a second of its own. (A timer that looked
     // at the latest expiry first would close both at the later one.)
     let srv = start_unlimited(&["--access-ttl", "4"]);
-    register(&srv, "alice");
-    let early = access(&login(&srv, "alice"));
-    let exp1 = exp_of(&early);
-    // Log in again once the clock is two whole seconds past the first token's iat.
-    sleep_until((exp1 - 4 + 2) as f64);
-    let late = access(&login(&srv, "alice"));
-    let exp2 = exp_of(&late);
-    assert!(
-        exp2 >= exp1 + 2,
-        "test premise: the tokens expire two seconds apart ({exp1} vs {exp2})"
-    );
+    let ((early, exp1), (late, exp2)) = tokens_two_seconds_apart(&srv);
     let mut a = Ws::connect(&srv, &early);
     let mut b = Ws::connect(&srv, &late);
     alive(&mut a);
@@ -405,18 +412,15 @@ fn a_socket_that_expires_sooner_than_those_before_it_closes_on_time() {
     // own expiry, not at the later one's. (A timer woken only when its heap was empty
     // would close it two seconds late.)
     let srv = start_unlimited(&["--access-ttl", "4"]);
-    register(&srv, "alice");
-    let early = access(&login(&srv, "alice"));
-    let exp1 = exp_of(&early);
-    sleep_until((exp1 - 4 + 2) as f64);
-    let late = access(&login(&srv, "alice"));
-    let exp2 = exp_of(&late);
-    assert!(exp2 >= exp1 + 2, "test premise: {exp1} vs {exp2}");
+    let ((early, exp1), (late, _)) = tokens_two_seconds_apart(&srv);
     let mut b = Ws::connect(&srv, &late);
     alive(&mut b);
     let mut a = Ws::connect(&srv, &early);
     alive(&mut a);
-    assert!(now_f64() < exp1 as f64, "test premise: both sockets opened in time");
+    assert!(
+        now_f64() < exp1 as f64,
+        "test premise: both sockets opened in time"
+    );
 
     assert_eq!(close_before(&mut a, exp1 as f64 + 1.0), Some(4001));
     alive(&mut b);
