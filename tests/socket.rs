@@ -1217,6 +1217,46 @@ fn body_length_is_counted_in_unicode_characters() {
 }
 
 #[test]
+fn a_body_with_a_nul_character_is_refused_and_nothing_is_stored() {
+    // Claim: a body holding U+0000 is refused with bad_request on every door (socket
+    // send, DM, GraphQL) and nothing is stored, while other control characters (a tab,
+    // a newline, U+0001) are kept as sent. Both engines then hold the same messages.
+    let srv = Server::start(&[]);
+    let at = new_user(&srv, "alice");
+    new_user(&srv, "bob");
+    let mut ws = Ws::connect(&srv, &at);
+    ws.join("general");
+    ws.send(&json!({"type": "send", "room": "general", "body": "a\u{0}b", "ref": "n1"}));
+    assert_ws_error(&ws.recv(), "bad_request", Some("n1"));
+    ws.send(&json!({"type": "dm", "to": "bob", "body": "\u{0}", "ref": "n2"}));
+    assert_ws_error(&ws.recv(), "bad_request", Some("n2"));
+    let q = "mutation($b: String!) { sendMessage(room: \"general\", body: $b) { id } }";
+    let r = srv.post(
+        "/graphql",
+        Some(&at),
+        &json!({"query": q, "variables": {"b": "x\u{0}"}}),
+    );
+    let code = &r.json()["errors"][0]["extensions"]["code"];
+    assert_eq!(code, "bad_request", "{}", r.text());
+    ws.ping();
+    let kept = "tab\tnewline\n\u{1}end";
+    let (m, _) = ws.send_msg("general", kept);
+    assert_eq!(m["body"], kept);
+    let r = srv.get("/api/rooms/general/messages", Some(&at));
+    let bodies: Vec<Value> = r.json()["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].clone())
+        .collect();
+    assert_eq!(
+        bodies,
+        vec![json!(kept)],
+        "only the message without NUL is stored"
+    );
+}
+
+#[test]
 fn binary_frames_get_bad_request() {
     let srv = Server::start(&[]);
     let at = new_user(&srv, "alice");

@@ -119,6 +119,13 @@ pub fn check_body(body: &str, max: usize) -> Result<(), ApiError> {
             "body is over {max} characters"
         )));
     }
+    // SQLite would store it, PostgreSQL refuses it in text: refused here, a body
+    // means the same on either engine (and `parley migrate` never meets one).
+    if body.contains('\0') {
+        return Err(ApiError::bad_request(
+            "body must not contain the NUL character (U+0000)",
+        ));
+    }
     Ok(())
 }
 
