@@ -20,7 +20,7 @@ use crate::hub::PresenceMode;
 use crate::limits::{Noted, TokenBucket};
 use crate::metrics::{inc, METRICS};
 use crate::model::Page;
-use crate::peer::{close, text_frame, Frame, Peer, QueueLimits, SocketKind};
+use crate::peer::{close, text_frame, text_frame_of, Frame, Peer, QueueLimits, SocketKind};
 use crate::protocol::{self, error_event, event, ClientMsg, PresenceChoice};
 use crate::request::{
     bearer_token, client_ip, header_value, origin_allowed, query_param, with_header, Reply,
@@ -604,13 +604,17 @@ impl Conn {
         }
         // Built by hand around the pre-rendered online list: in a busy room it is the
         // biggest part of the reply, and a storm of joins builds it once per join.
-        let joined = format!(
-            r#"{{"type":"joined","room":{},"online":{},"ref":{}}}"#,
-            Value::from(name),
-            joined.online_json,
-            reference
-        );
-        self.peer.send_direct(&text_frame(&joined));
+        let (room_json, ref_json) = (Value::from(name).to_string(), reference.to_string());
+        let joined = text_frame_of(&[
+            r#"{"type":"joined","room":"#,
+            &room_json,
+            r#","online":"#,
+            &joined.online_json,
+            r#","ref":"#,
+            &ref_json,
+            "}",
+        ]);
+        self.peer.send_direct(&joined);
         let replayed_up_to = match since {
             Some(since) => self.replay(&room, since),
             None => i64::MIN,
