@@ -3425,9 +3425,8 @@ impl View {
     fn apply(&mut self, p: &[u8], key: &[u8], online: bool) {
         let Some(i) = find(p, key) else { return };
         let rest = &p[i + key.len()..];
-        // A storm's lists carry millions of names in all, so each is cut out with
-        // memchr rather than a byte loop: one name ends at a `,`, a list at `]`, a
-        // single string at `,` or `}`.
+        // A list ends at `]`, a single string at `,` or `}`; inside a list, names are
+        // read by `quick_name`, or cut at commas when they do not fit it.
         let end = if key.ends_with(b"[") {
             memchr::memchr(b']', rest)
         } else {
