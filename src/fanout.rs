@@ -36,6 +36,8 @@ pub enum Target {
     User(i64),
     /// The sockets of a room that take presence batches.
     BatchTakers(String),
+    /// The sockets of a room that take presence counts.
+    CountTakers(String),
     /// One socket.
     Peer(Arc<Peer>),
 }
@@ -176,7 +178,8 @@ fn queue(hub: &Hub, target: &Target, frame: &Frame, touched: &mut Touched) {
         Target::Room { name, id } => {
             hub.for_each_in_room(name, |p| put(p, id.map(|id| (name.as_str(), id))));
         }
-        Target::BatchTakers(name) => hub.for_each_batch_taker(name, |p| put(p, None)),
+        Target::BatchTakers(name) => hub.for_each_taker(name, false, |p| put(p, None)),
+        Target::CountTakers(name) => hub.for_each_taker(name, true, |p| put(p, None)),
         Target::Peers(peers) => peers.iter().for_each(|p| put(p, None)),
         Target::User(user_id) => {
             for p in hub.user_peers(*user_id).iter().filter(|p| p.speaks_chat()) {

@@ -96,6 +96,13 @@ fn route(app: &Arc<App>, rq: &mut Request, path: &str) -> Result<Reply, ApiError
                 json!({"messages": actions::room_history(app, room, page)?}),
             ))
         }
+        (["api", "rooms", room, "online"], Get) => {
+            authenticate(app, rq)?;
+            let after = query_param(rq.url(), "after");
+            let limit = int_param(rq.url(), "limit")?;
+            let online = actions::room_online(app, room, after.as_deref(), limit)?;
+            Ok(Reply::json(200, json!({ "online": online })))
+        }
         (["api", "users"], Get) => {
             authenticate(app, rq)?;
             let q = query_param(rq.url(), "q");
@@ -184,7 +191,7 @@ fn known_path(segs: &[&str]) -> bool {
                 "register" | "login" | "refresh" | "logout" | "me" | "rooms" | "users" | "dms"
             ]
             | ["api", "admin", "users"]
-            | ["api", "rooms", _, "messages"]
+            | ["api", "rooms", _, "messages" | "online"]
             | ["api", "dms", _]
             | ["api", "messages", _]
             | [

@@ -6,12 +6,15 @@
 //! microseconds. Presence is per user: a user is online in a room while at least one of
 //! their sockets is in it.
 //!
-//! A socket hears presence one of two ways, chosen when it joins ([`PresenceMode`]):
-//! one `presence` frame per change, sent to the sockets in the room at that moment; or
+//! A socket hears presence one of three ways, chosen when it joins ([`PresenceMode`]):
+//! one `presence` frame per change, sent to the sockets in the room at that moment;
 //! batched — the hub keeps each room's changes since the last batch, and
-//! [`crate::presence`] sends them as one frame every 250 ms at most. In a reconnect
-//! storm of n users the first way costs n²/2 frames, the second about n × (storm
-//! length / 250 ms).
+//! [`crate::presence`] sends them as one frame every 250 ms at most; or counted — the
+//! socket hears only how many are online, at most once a second, and pages the names
+//! when it wants them ([`Hub::online_page`]). In a reconnect storm of n users the
+//! first way costs n²/2 frames; the second about n × (storm length / 250 ms) frames,
+//! but they and the `joined` replies still carry n²/2 names; the third carries no
+//! names at all, so a storm costs the same per client however big the room.
 //!
 //! Nodes sharing a database ([`crate::cluster`]) share presence: a user is online in a
 //! room while they have a socket in it on any node. Each room counts, beside its own
@@ -57,6 +60,8 @@ pub enum PresenceMode {
     Each,
     /// `presence_batch` frames, coalesced per room.
     Batch,
+    /// `presence_count` frames, coalesced per room; `joined` carries no names.
+    Count,
 }
 
 #[derive(Default)]
@@ -67,6 +72,11 @@ struct RoomMembers {
     each: Vec<Arc<Peer>>,
     /// The sockets that take batches.
     batch: Vec<Arc<Peer>>,
+    /// The sockets that take counts.
+    count: Vec<Arc<Peer>>,
+    /// Whether the count changed since the last one sent (kept only while some
+    /// socket takes counts).
+    recount: bool,
     /// username → how many of the user's sockets are in the room.
     users: HashMap<String, usize>,
     /// username → how many other nodes have the user online in the room (empty on a
@@ -86,7 +96,20 @@ impl RoomMembers {
         if !self.batch.is_empty() {
             self.pending.insert(user.to_owned(), online);
         }
+        self.recount |= !self.count.is_empty();
         self.each.clone()
+    }
+
+    /// Whether a batch or a count waits to be sent.
+    fn waiting(&self) -> bool {
+        !self.pending.is_empty() || self.recount
+    }
+
+    /// Takes `peer` out of the presence lists (not out of the room).
+    fn unlist(&mut self, id: u64) {
+        remove_peer(&mut self.each, id);
+        remove_peer(&mut self.batch, id);
+        remove_peer(&mut self.count, id);
     }
 
     /// Whether nothing keeps the room: no socket here, nobody online elsewhere.
@@ -148,10 +171,12 @@ pub struct Transition {
 pub struct PresenceBatch {
     /// The room.
     pub room: String,
-    /// Users who came online, sorted.
+    /// Users who came online, sorted (empty when nobody takes batches).
     pub online: Vec<String>,
     /// Users who went offline, sorted.
     pub offline: Vec<String>,
+    /// The room's online count, if it changed and some socket takes counts.
+    pub count: Option<usize>,
 }
 
 /// Removes the socket with `id` from `list`; whether it was there.
@@ -202,8 +227,10 @@ pub struct Hub {
 /// What joining a room changed.
 pub struct Joined {
     /// Distinct usernames online in the room (on any node), the joiner included,
-    /// sorted, as a JSON array.
-    pub online_json: String,
+    /// sorted, as a JSON array; `None` for a socket that takes counts.
+    pub online_json: Option<String>,
+    /// How many those are.
+    pub online_count: usize,
     /// If the user was online nowhere before (this is their first socket in the room,
     /// and no other node has them there): the sockets (there at that moment) that hear
     /// one `presence` frame about it.
@@ -344,8 +371,7 @@ impl Hub {
         let members = by_name.entry(room.to_owned()).or_default();
         let (mut tell, mut queued) = (None, false);
         if members.sockets.iter().any(|p| p.id == peer.id) {
-            remove_peer(&mut members.each, peer.id);
-            remove_peer(&mut members.batch, peer.id);
+            members.unlist(peer.id);
         } else {
             let count = members.users.entry(peer.username.clone()).or_insert(0);
             *count += 1;
@@ -365,12 +391,21 @@ impl Hub {
         match mode {
             PresenceMode::Each => members.each.push(peer.clone()),
             PresenceMode::Batch => members.batch.push(peer.clone()),
+            PresenceMode::Count => members.count.push(peer.clone()),
         }
-        let online_json = members.online.json().to_owned();
-        if !members.pending.is_empty() {
+        // A big room's list is most of the join's cost: copied only for those who
+        // want it.
+        let online_json = (mode != PresenceMode::Count).then(|| members.online.json().to_owned());
+        let online_count = members.online.len();
+        if members.waiting() {
             dirty.insert(room.to_owned());
         }
-        (Joined { online_json, tell }, queued)
+        let joined = Joined {
+            online_json,
+            online_count,
+            tell,
+        };
+        (joined, queued)
     }
 
     /// Removes `peer` from `room`. Returns `None` if it was not there; else, if it was
@@ -397,8 +432,7 @@ impl Hub {
         if !remove_peer(&mut members.sockets, peer.id) {
             return None;
         }
-        remove_peer(&mut members.each, peer.id);
-        remove_peer(&mut members.batch, peer.id);
+        members.unlist(peer.id);
         let last = match members.users.get_mut(&peer.username) {
             Some(n) => {
                 *n -= 1;
@@ -418,7 +452,7 @@ impl Hub {
                 tell = Some(members.changed(&peer.username, false));
             }
         }
-        let pending = !members.pending.is_empty();
+        let pending = members.waiting();
         if members.unused() {
             by_name.remove(room);
             dirty.remove(room);
@@ -503,24 +537,33 @@ impl Hub {
             .collect()
     }
 
-    /// Takes every room's presence changes since the last call (rooms where nobody
-    /// takes batches keep none).
-    pub fn take_presence_batches(&self) -> Vec<PresenceBatch> {
-        let mut rooms = lock(&self.rooms);
-        let dirty = std::mem::take(&mut rooms.dirty);
-        dirty
-            .into_iter()
-            .filter_map(|room| {
-                let members = rooms.by_name.get_mut(&room)?;
-                let pending = std::mem::take(&mut members.pending);
+    /// Takes every room's presence changes since the last call, and, if `counts`,
+    /// the new online count of every room whose count changed (rooms where nobody
+    /// takes batches or counts keep none; a count not taken waits for a call that
+    /// takes counts).
+    pub fn take_presence_batches(&self, counts: bool) -> Vec<PresenceBatch> {
+        let mut guard = lock(&self.rooms);
+        let Rooms { by_name, dirty, .. } = &mut *guard;
+        let mut batches = Vec::new();
+        dirty.retain(|room| {
+            let Some(members) = by_name.get_mut(room) else {
+                return false;
+            };
+            let pending = std::mem::take(&mut members.pending);
+            let count =
+                (counts && std::mem::take(&mut members.recount)).then(|| members.online.len());
+            if !pending.is_empty() || count.is_some() {
                 let (online, offline): (Vec<_>, Vec<_>) = pending.into_iter().partition(|c| c.1);
-                Some(PresenceBatch {
-                    room,
+                batches.push(PresenceBatch {
+                    room: room.clone(),
                     online: online.into_iter().map(|c| c.0).collect(),
                     offline: offline.into_iter().map(|c| c.0).collect(),
-                })
-            })
-            .collect()
+                    count,
+                });
+            }
+            members.recount
+        });
+        batches
     }
 
     /// Distinct users online in `room`, on any node.
@@ -529,6 +572,15 @@ impl Hub {
             .by_name
             .get(room)
             .map_or(0, |m| m.online.len())
+    }
+
+    /// Up to `limit` of the users online in `room` (on any node), in name order,
+    /// starting after `after`.
+    pub fn online_page(&self, room: &str, after: Option<&str>, limit: usize) -> Vec<String> {
+        lock(&self.rooms)
+            .by_name
+            .get(room)
+            .map_or_else(Vec::new, |m| m.online.page(after, limit))
     }
 
     /// Calls `f` on every socket in `room`, under the room lock: `f` must be quick
@@ -540,10 +592,15 @@ impl Hub {
     }
 
     /// Like [`for_each_in_room`](Self::for_each_in_room), for the sockets of `room`
-    /// that take presence batches.
-    pub fn for_each_batch_taker(&self, room: &str, f: impl FnMut(&Arc<Peer>)) {
+    /// that take presence batches (or, with `counts`, presence counts).
+    pub fn for_each_taker(&self, room: &str, counts: bool, f: impl FnMut(&Arc<Peer>)) {
         if let Some(members) = lock(&self.rooms).by_name.get(room) {
-            members.batch.iter().for_each(f);
+            let takers = if counts {
+                &members.count
+            } else {
+                &members.batch
+            };
+            takers.iter().for_each(f);
         }
     }
 
@@ -589,7 +646,7 @@ fn count_remote(rooms: &mut Rooms, c: PresenceChange) -> Option<Transition> {
         }
         members.changed(&c.user, c.online)
     });
-    let pending = !members.pending.is_empty();
+    let pending = members.waiting();
     if members.unused() {
         rooms.by_name.remove(&c.room);
         rooms.dirty.remove(&c.room);

@@ -1,6 +1,7 @@
 //! A room's online list, kept rendered.
 //!
-//! Every `joined` reply carries the room's whole online list. Rendering it name by
+//! Every `joined` reply (but those of sockets that take counts) carries the room's
+//! whole online list, and clients page it with `online` requests. Rendering it name by
 //! name on each join made a reconnect storm quadratic in small copies (5,000 users
 //! joining one room rendered 12.5 million names); [`OnlineList`] keeps the JSON array
 //! up to date as users come and go, so a join copies it in one piece. Used by
@@ -74,6 +75,21 @@ impl OnlineList {
         self.names.remove(rank);
     }
 
+    /// Up to `limit` names in order, starting after `after` (from the first without).
+    pub fn page(&self, after: Option<&str>, limit: usize) -> Vec<String> {
+        let from = match after.map(|a| self.rank(a)) {
+            None => 0,
+            Some(Ok(at)) => at + 1,
+            Some(Err(at)) => at,
+        };
+        self.names
+            .iter()
+            .skip(from)
+            .take(limit)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     fn rank(&self, name: &str) -> Result<usize, usize> {
         self.names.binary_search_by(|(n, _)| n.as_str().cmp(name))
     }
@@ -122,6 +138,19 @@ mod tests {
             assert_eq!(list.json(), rendered(&set));
         }
         assert_eq!(list.json(), "[]");
+    }
+
+    #[test]
+    fn pages_continue_after_a_name_present_or_not() {
+        let mut list = OnlineList::default();
+        for n in ["dan", "bob", "eve", "ann", "cat"] {
+            list.insert(n);
+        }
+        assert_eq!(list.page(None, 2), ["ann", "bob"]);
+        assert_eq!(list.page(Some("bob"), 2), ["cat", "dan"]);
+        assert_eq!(list.page(Some("bz"), 10), ["cat", "dan", "eve"]);
+        assert_eq!(list.page(Some("eve"), 10), Vec::<String>::new());
+        assert_eq!(list.page(Some(""), 1), ["ann"]);
     }
 
     #[test]

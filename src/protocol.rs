@@ -15,8 +15,8 @@ pub enum ClientMsg {
         room: String,
         /// Last message id the client saw.
         since: Option<i64>,
-        /// `"batch"` for `presence_batch` frames; absent (or `"each"`) for one
-        /// `presence` frame per change.
+        /// `"batch"` for `presence_batch` frames, `"count"` for `presence_count`
+        /// frames; absent (or `"each"`) for one `presence` frame per change.
         presence: Option<PresenceChoice>,
     },
     /// Leave a room.
@@ -51,6 +51,15 @@ pub enum ClientMsg {
         /// Only ids above.
         after: Option<i64>,
         /// Page size (1–200).
+        limit: Option<i64>,
+    },
+    /// A page of the users online in a room.
+    Online {
+        /// Room name.
+        room: String,
+        /// Only names after this one.
+        after: Option<String>,
+        /// Page size (1–1000).
         limit: Option<i64>,
     },
     /// Delete a message (`message.delete`).
@@ -88,6 +97,8 @@ pub enum PresenceChoice {
     Each,
     /// Coalesced `presence_batch` frames.
     Batch,
+    /// Coalesced `presence_count` frames, and no names in `joined`.
+    Count,
 }
 
 /// Parses a text frame; on failure returns the error to send, with the echoed `ref`.

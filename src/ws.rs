@@ -16,7 +16,7 @@ use crate::app::App;
 use crate::auth::{AuthError, Identity};
 use crate::error::ApiError;
 use crate::fanout::Target;
-use crate::hub::PresenceMode;
+use crate::hub::{Joined, PresenceMode};
 use crate::limits::{Noted, TokenBucket};
 use crate::metrics::{inc, METRICS};
 use crate::model::Page;
@@ -537,6 +537,7 @@ impl Conn {
                 let mode = match presence.unwrap_or_default() {
                     PresenceChoice::Each => PresenceMode::Each,
                     PresenceChoice::Batch => PresenceMode::Batch,
+                    PresenceChoice::Count => PresenceMode::Count,
                 };
                 self.join(&room, since, mode, reference)
             }
@@ -560,6 +561,12 @@ impl Conn {
                 let messages =
                     actions::room_history(&self.app, &room, Page::new(before, after, limit))?;
                 let v = json!({"type": "history", "room": room, "messages": messages, "ref": reference});
+                self.send_json(&v.to_string());
+                Ok(())
+            }
+            ClientMsg::Online { room, after, limit } => {
+                let online = actions::room_online(&self.app, &room, after.as_deref(), limit)?;
+                let v = json!({"type": "online", "room": room, "online": online, "ref": reference});
                 self.send_json(&v.to_string());
                 Ok(())
             }
@@ -595,26 +602,15 @@ impl Conn {
         // Live frames wait until `joined` (and any replay) is out: a message fanned out
         // the moment the socket enters the room must not overtake the reply.
         self.peer.hold();
-        let joined = self.app.hub.join(&self.peer, name, mode);
-        if let Some(tell) = joined.tell {
+        let mut joined = self.app.hub.join(&self.peer, name, mode);
+        if let Some(tell) = joined.tell.take() {
             presence(&self.app, &self.peer, name, "online", tell);
         }
         if !already {
             self.rooms.push(room.clone());
         }
-        // Built by hand around the pre-rendered online list: in a busy room it is the
-        // biggest part of the reply, and a storm of joins builds it once per join.
-        let (room_json, ref_json) = (Value::from(name).to_string(), reference.to_string());
-        let joined = text_frame_of(&[
-            r#"{"type":"joined","room":"#,
-            &room_json,
-            r#","online":"#,
-            &joined.online_json,
-            r#","ref":"#,
-            &ref_json,
-            "}",
-        ]);
-        self.peer.send_direct(&joined);
+        self.peer
+            .send_direct(&joined_frame(name, &joined, reference));
         let replayed_up_to = match since {
             Some(since) => self.replay(&room, since),
             None => i64::MIN,
@@ -712,6 +708,26 @@ impl Conn {
 
 /// Tells `tell` (the room's other sockets at that moment) that `peer`'s user came
 /// online in `room` or went offline.
+/// The `joined` reply, built by hand around the pre-rendered online list: in a busy
+/// room it is the biggest part of the reply, and a storm of joins builds it once per
+/// join.
+fn joined_frame(room: &str, joined: &Joined, reference: &Value) -> Frame {
+    let (room_json, ref_json) = (Value::from(room).to_string(), reference.to_string());
+    let count = joined.online_count.to_string();
+    let list = joined.online_json.as_deref();
+    text_frame_of(&[
+        r#"{"type":"joined","room":"#,
+        &room_json,
+        if list.is_some() { r#","online":"# } else { "" },
+        list.unwrap_or(""),
+        r#","online_count":"#,
+        &count,
+        r#","ref":"#,
+        &ref_json,
+        "}",
+    ])
+}
+
 fn presence(app: &App, peer: &Peer, room: &str, status: &'static str, tell: Vec<Arc<Peer>>) {
     crate::presence::announce(app, &peer.username, room, status, tell);
 }

@@ -329,6 +329,33 @@ fn batches_carry_other_nodes_presence() {
     assert_eq!(v["offline"], json!(["wes"]), "{v}");
 }
 
+/// A socket that takes counts hears another node's changes in a `presence_count`, and
+/// pages the other node's users with `online`.
+#[test]
+fn counts_and_online_pages_include_other_nodes() {
+    let c = Cluster::start(2);
+    let tb = new_user(&c.nodes[1], "bea");
+    let mut b = Ws::connect(&c.nodes[1], &tb);
+    b.send(&json!({"type": "join", "room": "general", "presence": "count"}));
+    assert_eq!(b.recv()["online_count"], 1);
+    let (_, w) = member(&c.nodes[0], "wes");
+    let v = b.recv_skipping(&[]);
+    assert_eq!(
+        (v["type"].as_str(), v["online_count"].as_u64()),
+        (Some("presence_count"), Some(2)),
+        "{v}"
+    );
+    b.send(&json!({"type": "online", "room": "general"}));
+    assert_eq!(b.recv_skipping(&[])["online"], json!(["bea", "wes"]));
+    w.close_and_wait();
+    let v = b.recv_skipping(&[]);
+    assert_eq!(
+        (v["type"].as_str(), v["online_count"].as_u64()),
+        (Some("presence_count"), Some(1)),
+        "{v}"
+    );
+}
+
 /// `kill -9` of the node a user is on: the other nodes' sockets hear the user go
 /// offline once the node has been silent for three heartbeats (2 s each), plus a
 /// little; a node that stops cleanly takes its users offline at once.

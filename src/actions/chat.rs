@@ -68,6 +68,22 @@ pub fn create_room(app: &App, actor: &Actor, name: &str) -> Result<RoomView, Api
     })
 }
 
+/// `GET /api/rooms/{name}/online`: a page of the users online in a room, by name.
+///
+/// `limit` defaults to 200 and is clamped to 1–1000; `after` continues a listing. A
+/// client that joined with counts (or any client of a big room) pages the names here
+/// instead of receiving them all with `joined`.
+pub fn room_online(
+    app: &App,
+    room: &str,
+    after: Option<&str>,
+    limit: Option<i64>,
+) -> Result<Vec<String>, ApiError> {
+    let room = find_room(app, room)?;
+    let limit = limit.unwrap_or(200).clamp(1, 1000) as usize;
+    Ok(app.hub.online_page(&room.name, after, limit))
+}
+
 /// A page of a room's history.
 pub fn room_history(app: &App, room: &str, page: Page) -> Result<Vec<Message>, ApiError> {
     let room = find_room(app, room)?;

@@ -238,6 +238,21 @@ impl Query {
         })
     }
 
+    /// A page of the users online in a room, by name (`limit` 1–1000, default 200;
+    /// `after` continues a listing).
+    #[graphql(complexity = "list_cost(limit, 200, 1000, 1)")]
+    async fn room_online(
+        &self,
+        ctx: &Context<'_>,
+        room: String,
+        after: Option<String>,
+        limit: Option<i64>,
+    ) -> Result<Vec<String>> {
+        with(ctx, |g| {
+            actions::room_online(&g.app, &room, after.as_deref(), limit)
+        })
+    }
+
     /// A page of the caller's conversation with `user`, oldest first.
     #[graphql(complexity = "list_cost(limit, 50, 200, child_complexity)")]
     async fn dms(
