@@ -48,8 +48,8 @@ scenarios (defaults in brackets):
            user each, opened with up to --inflight handshakes at a time [256] by the epoll
            workers; each authenticates, upgrades and joins --room. Figures: wall time from
            the first connect to the last `joined`, upgrades+joins/s, per-socket connect /
-           upgrade / join latency, frames received by type (presence, presence_batch,
-           other) until the clients go quiet, server CPU and RSS.
+           upgrade / join latency, frames received by type (presence, presence_batch or
+           presence_count, other) until the clients go quiet, server CPU and RSS.
                                                 target: >= 5,000 upgrades+joins/s
            Then (unless --no-restart) S senders [10] send at a paced [50 msg/s] for [2 s],
            the server is killed with SIGKILL while they send and started again at once on
@@ -100,7 +100,8 @@ options:
   --password PW        password for the load-generator accounts [loadgen-password-1]
   --keep               keep the temporary database directory and server log
   --presence MODE      storm: batch (each join asks for \"presence\": \"batch\", i.e.
-                       presence_batch frames) or each (plain joins) [batch]
+                       presence_batch frames), count (\"presence\": \"count\": no names,
+                       presence_count frames) or each (plain joins) [batch]
   --restart            storm: kill -9 and restart after the storm (the default)
   --no-restart         storm: stop after the storm
   --inflight N         storm: handshakes in flight at once, over all workers [256]
@@ -164,8 +165,8 @@ struct Opts {
     server_args: Vec<String>,
     password: String,
     keep: bool,
-    /// storm: joins ask for `presence_batch` frames.
-    batch: bool,
+    /// storm: the joins' presence mode (`each`, `batch` or `count`).
+    presence: &'static str,
     /// storm: kill -9 and restart after the storm.
     restart: bool,
     /// storm: handshakes in flight at once.
@@ -210,7 +211,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
     let mut server_args = Vec::new();
     let mut password = "loadgen-password-1".to_string();
     let mut keep = false;
-    let mut batch = true;
+    let mut presence = "batch";
     let mut restart = true;
     let mut inflight = 256usize;
     let mut jitter = Duration::from_millis(500);
@@ -257,10 +258,11 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             "--password" => password = value()?,
             "--keep" => keep = true,
             "--presence" => {
-                batch = match value()?.as_str() {
-                    "batch" => true,
-                    "each" => false,
-                    v => return Err(format!("--presence: batch or each, not {v:?}")),
+                presence = match value()?.as_str() {
+                    "batch" => "batch",
+                    "count" => "count",
+                    "each" => "each",
+                    v => return Err(format!("--presence: batch, count or each, not {v:?}")),
                 }
             }
             "--restart" => restart = true,
@@ -339,7 +341,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         server_args,
         password,
         keep,
-        batch,
+        presence,
         restart,
         inflight,
         jitter,
@@ -3208,7 +3210,7 @@ struct StormShared {
     base: Instant,
     addr: SocketAddr,
     room_json: String,
-    batch: bool,
+    presence: &'static str,
     resend_room: bool,
     jitter: Duration,
     rate: f64,
@@ -3789,8 +3791,8 @@ impl StormWorker {
     fn send_join(&mut self, i: usize) {
         let c = &self.cl[i];
         let mut j = format!("{{\"type\":\"join\",\"room\":{}", self.sh.room_json);
-        if self.sh.batch {
-            j.push_str(",\"presence\":\"batch\"");
+        if self.sh.presence != "each" {
+            j.push_str(&format!(",\"presence\":\"{}\"", self.sh.presence));
         }
         if c.joined[0] {
             // A rejoin: everything after the last message seen.
@@ -3879,7 +3881,10 @@ impl StormWorker {
         c.state = Cs::Live;
         c.fails = 0;
         c.view = View::default();
-        c.view.apply(p, b"\"online\":[", true);
+        match int_after(p, b"\"online_count\":") {
+            Some(n) if self.sh.presence == "count" => c.view.count = n,
+            _ => c.view.apply(p, b"\"online\":[", true),
+        }
         let r = c.round;
         c.times[r] = (c.attempt_us, c.conn_us, c.up_us, now_us);
         let first = !c.joined[r];
@@ -3980,6 +3985,12 @@ impl StormWorker {
                 self.bump(C_PRESENCE);
                 let online = find(p, b"\"status\":\"online\"").is_some();
                 self.cl[i].view.apply(p, b"\"user\":", online);
+            }
+            b"presence_count" => {
+                self.bump(C_PBATCH);
+                if let Some(n) = int_after(p, b"\"online_count\":") {
+                    self.cl[i].view.count = n;
+                }
             }
             b"presence_batch" => {
                 self.bump(C_PBATCH);
@@ -4542,11 +4553,11 @@ fn millions(n: u64) -> String {
     }
 }
 
-/// "total (presence a, presence_batch b, other c)" from two `StormShared::frames` snapshots.
+/// "total (presence a, presence_batch or presence_count b, other c)" from two `StormShared::frames` snapshots.
 fn frames_line(a: [u64; 4], b: [u64; 4]) -> String {
     let d: Vec<u64> = (0..4).map(|k| b[k] - a[k]).collect();
     format!(
-        "{} (presence {}, presence_batch {}, message {}, other {})",
+        "{} (presence {}, presence_batch/count {}, message {}, other {})",
         thousands(d[0]),
         thousands(d[1]),
         thousands(d[2]),
@@ -4575,10 +4586,10 @@ fn presence_check(sh: &StormShared, o: &Opts, names: &[String]) -> (String, Opti
         "{} of {} joined clients count all {n} users online from `joined` + {} frames",
         thousands(ok),
         thousands(ok + wrong.len() as u64),
-        if o.batch {
-            "presence_batch (or presence)"
-        } else {
-            "presence"
+        match o.presence {
+            "batch" => "presence_batch (or presence)",
+            "count" => "presence_count",
+            _ => "presence",
         }
     );
     let problem = (!wrong.is_empty()).then(|| {
@@ -4614,7 +4625,7 @@ fn storm(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
         base: Instant::now(),
         addr,
         room_json: serde_json::to_string(&o.room).unwrap_or_default(),
-        batch: o.batch,
+        presence: o.presence,
         resend_room: o.resend_room,
         jitter: o.jitter,
         rate: o.rate,
@@ -4646,7 +4657,7 @@ fn storm(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
     let cpu0 = cpu_now(p);
     let f0 = sh.frames();
     let lo0 = listen_overflows();
-    let mode = if o.batch { "batch" } else { "each" };
+    let mode = o.presence;
     println!(
         "storm:    {n} sockets connect at once, at most {} handshakes in flight ({} epoll workers), joins with presence {mode}",
         sh.inflight * o.workers,
@@ -4807,9 +4818,10 @@ fn storm(o: &Opts, t: &mut Target, rid: &str) -> Result<bool, String> {
         println!("  presence:     {line}");
         problems.extend(problem);
     }
-    if o.batch && f2[2] == f0[2] && f2[1] > f0[1] {
+    if o.presence != "each" && f2[2] == f0[2] && f2[1] > f0[1] {
         println!(
-            "                (the server sent plain presence frames: it does not implement \"presence\": \"batch\" yet)"
+            "                (the server sent plain presence frames: it does not implement \"presence\": \"{}\" yet)",
+            o.presence
         );
     }
     let storm_frames = f2[0] - f0[0];
@@ -5561,7 +5573,7 @@ fn main() {
             "sockets={} (one user each) room={} presence={} inflight={} workers={}{}",
             o.sockets,
             o.room,
-            if o.batch { "batch" } else { "each" },
+            o.presence,
             o.inflight,
             o.workers,
             if o.restart {
