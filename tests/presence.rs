@@ -236,6 +236,8 @@ fn the_online_list_pages_on_the_socket_rest_and_graphql() {
         srv.get("/api/rooms/nowhere/online", Some(&alice)).status,
         404
     );
+    let r = srv.get("/api/rooms/general/online?limit=x", Some(&alice));
+    assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(srv.get("/api/rooms/general/online", None).status, 401);
 
     let q = "query($a: String) { roomOnline(room: \"general\", after: $a, limit: 3) }";
