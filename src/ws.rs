@@ -706,8 +706,6 @@ impl Conn {
     }
 }
 
-/// Tells `tell` (the room's other sockets at that moment) that `peer`'s user came
-/// online in `room` or went offline.
 /// The `joined` reply, built by hand around the pre-rendered online list: in a busy
 /// room it is the biggest part of the reply, and a storm of joins builds it once per
 /// join.
@@ -728,6 +726,8 @@ fn joined_frame(room: &str, joined: &Joined, reference: &Value) -> Frame {
     ])
 }
 
+/// Tells `tell` (the room's other sockets at that moment) that `peer`'s user came
+/// online in `room` or went offline.
 fn presence(app: &App, peer: &Peer, room: &str, status: &'static str, tell: Vec<Arc<Peer>>) {
     crate::presence::announce(app, &peer.username, room, status, tell);
 }
