@@ -73,13 +73,16 @@ impl FdSet {
     }
 
     /// The numbers from 0 up to [`GAP_MARGIN`] words past the highest member of
-    /// either set that are in neither, lowest first.
-    fn gaps<'a>(&'a self, also: &'a FdSet) -> impl Iterator<Item = i32> + 'a {
-        let len = self.words.len().max(also.words.len()) + GAP_MARGIN;
+    /// any of the sets that are in none, lowest first.
+    fn gaps<'a>(&'a self, also: [&'a FdSet; 2]) -> impl Iterator<Item = i32> + 'a {
+        let len = also
+            .iter()
+            .fold(self.words.len(), |n, s| n.max(s.words.len()))
+            + GAP_MARGIN;
         (0..len)
-            .map(|i| {
+            .map(move |i| {
                 let w = |s: &FdSet| s.words.get(i).copied().unwrap_or(0);
-                (i, w(self) | w(also))
+                (i, w(self) | w(also[0]) | w(also[1]))
             })
             .filter(|(_, w)| *w != u64::MAX)
             .flat_map(|(i, w)| {
@@ -104,6 +107,10 @@ impl FdSet {
 /// once instead of once per upgrade accepted before it.
 const SEEN_MAX: usize = 8192;
 
+/// How long a search trusts that a descriptor it found open and not on our port (a
+/// database file, a pipe, another port's socket) is still that.
+const OTHERS_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Default)]
 struct Fds {
     /// Descriptors of live WebSockets: searches skip them.
@@ -113,12 +120,33 @@ struct Fds {
     /// The descriptors in `seen`: a search looks at them only if it found nothing
     /// elsewhere (one may since have closed and been reused by the new connection).
     seen_fds: FdSet,
+    /// Descriptors a search found open and not on our port, and since when it has
+    /// kept them. The lowest numbers are the database's files and the like, which
+    /// every walk up from 0 would otherwise ask again (in a reconnect storm some
+    /// twenty system calls per upgrade, under this lock). Forgotten after
+    /// [`OTHERS_FOR`]: a number that closed and went to a new connection meanwhile is
+    /// still found, by the full scan, only later. Sockets on our port with no peer
+    /// (the listener, a reset connection about to close) are not kept.
+    others: FdSet,
+    others_since: Option<std::time::Instant>,
 }
 
 impl Fds {
     fn forget_seen(&mut self) {
         self.seen.clear();
         self.seen_fds = FdSet::default();
+    }
+
+    /// Forgets `others` once it is older than [`OTHERS_FOR`].
+    fn age_others(&mut self) {
+        let now = std::time::Instant::now();
+        match self.others_since {
+            Some(t) if now.duration_since(t) < OTHERS_FOR => {}
+            _ => {
+                self.others = FdSet::default();
+                self.others_since = Some(now);
+            }
+        }
     }
 }
 
@@ -180,6 +208,7 @@ impl KnownSockets {
     /// duplicates it, and records its descriptor numbers.
     pub fn claim(&self, local_port: u16, peer: SocketAddr) -> std::io::Result<Option<Claimed>> {
         let mut fds = self.fds();
+        fds.age_others();
         let dup_of = |fd: BorrowedFd<'_>| verified_dup(fd, |d| is_connection(d, local_port, peer));
         let mut found = fds.seen.remove(&peer).and_then(|n| {
             fds.seen_fds.remove(n);
@@ -216,6 +245,7 @@ impl KnownSockets {
         for n in &numbers {
             fds.known.insert(*n);
             fds.seen_fds.remove(*n);
+            fds.others.remove(*n);
         }
         Ok(Some(Claimed { fd, numbers }))
     }
@@ -344,26 +374,31 @@ fn search_gaps(fds: &mut Fds, local_port: u16, peer: SocketAddr) -> Option<(i32,
         known,
         seen,
         seen_fds,
+        others,
+        ..
     } = fds;
     let mut passed = Vec::new();
     let mut found = None;
-    for n in known.gaps(seen_fds) {
-        match peer_of(borrow(n), local_port) {
-            Some(p) if p == peer => {
+    let mut not_ours = Vec::new();
+    for n in known.gaps([seen_fds, others]) {
+        match look_at(borrow(n), local_port) {
+            Looked::Connection(p) if p == peer => {
                 found = verified_dup(borrow(n), |d| is_connection(d, local_port, peer))
                     .map(|dup| (n, dup));
                 if found.is_some() {
                     break;
                 }
             }
-            Some(other) => passed.push((other, n)),
-            None => {}
+            Looked::Connection(other) => passed.push((other, n)),
+            Looked::Elsewhere => not_ours.push(n),
+            Looked::OurPort | Looked::Free => {}
         }
     }
     for (other, n) in passed {
         seen.insert(other, n);
         seen_fds.insert(n);
     }
+    not_ours.into_iter().for_each(|n| others.insert(n));
     found
 }
 
@@ -462,11 +497,44 @@ fn verified_dup(fd: BorrowedFd<'_>, check: impl Fn(BorrowedFd<'_>) -> bool) -> O
 
 /// The peer of a TCP connection accepted on `local_port`, if `fd` is one.
 fn peer_of(fd: BorrowedFd<'_>, local_port: u16) -> Option<SocketAddr> {
-    let local = SocketAddr::try_from(rustix::net::getsockname(fd).ok()?).ok()?;
-    if local.port() != local_port {
-        return None;
+    match look_at(fd, local_port) {
+        Looked::Connection(peer) => Some(peer),
+        Looked::OurPort | Looked::Elsewhere | Looked::Free => None,
     }
-    SocketAddr::try_from(rustix::net::getpeername(fd).ok()??).ok()
+}
+
+/// What a descriptor number holds, as far as finding connections goes.
+enum Looked {
+    /// A connection to our port, from this peer.
+    Connection(SocketAddr),
+    /// A socket on our port with no peer: the listener, or a connection already
+    /// reset (whose number will soon be free).
+    OurPort,
+    /// Open, and nothing on our port: a file, a pipe, another port's socket.
+    Elsewhere,
+    /// Not open.
+    Free,
+}
+
+fn look_at(fd: BorrowedFd<'_>, local_port: u16) -> Looked {
+    use rustix::io::Errno;
+    let local = match rustix::net::getsockname(fd) {
+        Ok(a) => a,
+        Err(Errno::BADF) => return Looked::Free,
+        Err(_) => return Looked::Elsewhere,
+    };
+    match SocketAddr::try_from(local) {
+        Ok(l) if l.port() == local_port => {}
+        _ => return Looked::Elsewhere,
+    }
+    match rustix::net::getpeername(fd)
+        .ok()
+        .flatten()
+        .map(SocketAddr::try_from)
+    {
+        Some(Ok(peer)) => Looked::Connection(peer),
+        _ => Looked::OurPort,
+    }
 }
 
 fn is_connection(fd: BorrowedFd<'_>, local_port: u16, peer: SocketAddr) -> bool {
@@ -648,6 +716,37 @@ mod tests {
         );
     }
 
+    /// A number a search found open but not ours is skipped by later walks; if it
+    /// changes hands to a new connection, the claim still finds it.
+    #[test]
+    fn a_number_that_was_not_ours_is_found_once_it_is() {
+        let (port, clients, mut accepted) = connections(2);
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let number = file.as_raw_fd();
+        let known = KnownSockets::default();
+        let first = known.claim(port, clients[0].local_addr().unwrap()).unwrap();
+        assert!(first.is_some());
+        assert!(
+            number > accepted[0].as_raw_fd() || known.fds().others.contains(number),
+            "the walk up to the connection passed the file"
+        );
+        known.fds().others.insert(number);
+        // The second connection now lives only under the file's number.
+        let mut slot = OwnedFd::from(file);
+        rustix::io::dup2(&accepted[1], &mut slot).unwrap();
+        drop(accepted.remove(1));
+        let claim = known.claim(port, clients[1].local_addr().unwrap()).unwrap();
+        let claim = claim.expect("found by the full scan");
+        assert!(claim.numbers.contains(&number), "{:?}", claim.numbers);
+        assert!(!known.fds().others.contains(number));
+        let mut dup = TcpStream::from(claim.fd);
+        dup.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        clients[1].try_clone().unwrap().read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"x");
+        drop(slot);
+    }
+
     #[test]
     fn fd_sets_walk_their_gaps() {
         let mut s = FdSet::default();
@@ -657,19 +756,30 @@ mod tests {
         s.remove(1);
         assert!(s.contains(130) && !s.contains(1) && !s.contains(-1));
         let none = FdSet::default();
-        let gaps: Vec<i32> = s.gaps(&none).take(5).collect();
+        let gaps: Vec<i32> = s.gaps([&none, &none]).take(5).collect();
         assert_eq!(gaps, vec![1, 4, 6, 7, 8]);
         assert_eq!(
-            s.gaps(&none).last(),
+            s.gaps([&none, &none]).last(),
             Some(64 * (3 + GAP_MARGIN as i32) - 1),
             "up to the margin past the highest word"
         );
         assert!(!s
-            .gaps(&none)
+            .gaps([&none, &none])
             .any(|n| [0, 2, 3, 5, 64, 65, 130].contains(&n)));
         let mut also = FdSet::default();
         also.insert(4);
-        assert_eq!(s.gaps(&also).take(2).collect::<Vec<_>>(), vec![1, 6]);
+        assert_eq!(
+            s.gaps([&also, &none]).take(2).collect::<Vec<_>>(),
+            vec![1, 6]
+        );
+        let mut third = FdSet::default();
+        third.insert(6);
+        assert_eq!(s.gaps([&none, &also]).next(), Some(1));
+        assert_eq!(
+            s.gaps([&third, &also]).nth(1),
+            Some(7),
+            "both sets are skipped"
+        );
         assert_eq!(also.members().collect::<Vec<_>>(), vec![4]);
     }
 
