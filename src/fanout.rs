@@ -13,7 +13,7 @@
 //! queue and joins the thread.
 
 use crate::events::{Event, Listeners, Listening, Topic};
-use crate::hub::Hub;
+use crate::hub::{Hub, PresenceMode};
 use crate::peer::{Frame, Handed, Peer};
 use crate::service::{Worker, SERVICE_STACK};
 use crate::sync::lock;
@@ -34,10 +34,13 @@ pub enum Target {
     Peers(Vec<Arc<Peer>>),
     /// Every chat socket of a user.
     User(i64),
-    /// The sockets of a room that take presence batches.
-    BatchTakers(String),
-    /// The sockets of a room that take presence counts.
-    CountTakers(String),
+    /// The sockets of a room that hear presence in one way (batches, counts).
+    Takers {
+        /// Room name.
+        room: String,
+        /// Which way.
+        mode: PresenceMode,
+    },
     /// One socket.
     Peer(Arc<Peer>),
 }
@@ -178,8 +181,7 @@ fn queue(hub: &Hub, target: &Target, frame: &Frame, touched: &mut Touched) {
         Target::Room { name, id } => {
             hub.for_each_in_room(name, |p| put(p, id.map(|id| (name.as_str(), id))));
         }
-        Target::BatchTakers(name) => hub.for_each_taker(name, false, |p| put(p, None)),
-        Target::CountTakers(name) => hub.for_each_taker(name, true, |p| put(p, None)),
+        Target::Takers { room, mode } => hub.for_each_taker(room, *mode, |p| put(p, None)),
         Target::Peers(peers) => peers.iter().for_each(|p| put(p, None)),
         Target::User(user_id) => {
             for p in hub.user_peers(*user_id).iter().filter(|p| p.speaks_chat()) {

@@ -592,13 +592,13 @@ impl Hub {
     }
 
     /// Like [`for_each_in_room`](Self::for_each_in_room), for the sockets of `room`
-    /// that take presence batches (or, with `counts`, presence counts).
-    pub fn for_each_taker(&self, room: &str, counts: bool, f: impl FnMut(&Arc<Peer>)) {
+    /// that hear presence as `mode` says.
+    pub fn for_each_taker(&self, room: &str, mode: PresenceMode, f: impl FnMut(&Arc<Peer>)) {
         if let Some(members) = lock(&self.rooms).by_name.get(room) {
-            let takers = if counts {
-                &members.count
-            } else {
-                &members.batch
+            let takers = match mode {
+                PresenceMode::Each => &members.each,
+                PresenceMode::Batch => &members.batch,
+                PresenceMode::Count => &members.count,
             };
             takers.iter().for_each(f);
         }

@@ -16,7 +16,7 @@
 
 use crate::app::App;
 use crate::fanout::{Fanout, Target};
-use crate::hub::{Hub, PresenceBatch};
+use crate::hub::{Hub, PresenceBatch, PresenceMode};
 use crate::peer::{text_frame, Peer};
 use crate::protocol::event;
 use crate::service::Periodic;
@@ -65,13 +65,20 @@ fn frames(b: PresenceBatch) -> Vec<(Target, crate::peer::Frame)> {
     if let Some(n) = b.count {
         let v = json!({"type": "presence_count", "room": b.room, "online_count": n});
         out.push((
-            Target::CountTakers(b.room.clone()),
+            Target::Takers {
+                room: b.room.clone(),
+                mode: PresenceMode::Count,
+            },
             text_frame(&v.to_string()),
         ));
     }
     if !b.online.is_empty() || !b.offline.is_empty() {
         let v = json!({"type": "presence_batch", "room": b.room, "online": b.online, "offline": b.offline});
-        out.push((Target::BatchTakers(b.room), text_frame(&v.to_string())));
+        let to = Target::Takers {
+            room: b.room,
+            mode: PresenceMode::Batch,
+        };
+        out.push((to, text_frame(&v.to_string())));
     }
     out
 }
