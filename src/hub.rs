@@ -36,6 +36,7 @@ use crate::online::OnlineList;
 use crate::peer::{Peer, SocketKind};
 use crate::store::notice::{presence_digest, Notice, PresenceChange, RoomPresence};
 use crate::sync::lock;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -67,13 +68,13 @@ pub enum PresenceMode {
 #[derive(Default)]
 struct RoomMembers {
     /// Every socket in the room (messages go to all).
-    sockets: Vec<Arc<Peer>>,
+    sockets: PeerSet,
     /// The sockets that want one frame per presence change.
-    each: Vec<Arc<Peer>>,
+    each: PeerSet,
     /// The sockets that take batches.
-    batch: Vec<Arc<Peer>>,
+    batch: PeerSet,
     /// The sockets that take counts.
-    count: Vec<Arc<Peer>>,
+    count: PeerSet,
     /// Whether the count changed since the last one sent (kept only while some
     /// socket takes counts).
     recount: bool,
@@ -97,7 +98,7 @@ impl RoomMembers {
             self.pending.insert(user.to_owned(), online);
         }
         self.recount |= !self.count.is_empty();
-        self.each.clone()
+        self.each.to_vec()
     }
 
     /// Whether a batch or a count waits to be sent.
@@ -107,9 +108,9 @@ impl RoomMembers {
 
     /// Takes `peer` out of the presence lists (not out of the room).
     fn unlist(&mut self, id: u64) {
-        remove_peer(&mut self.each, id);
-        remove_peer(&mut self.batch, id);
-        remove_peer(&mut self.count, id);
+        self.each.remove(id);
+        self.batch.remove(id);
+        self.count.remove(id);
     }
 
     /// Whether nothing keeps the room: no socket here, nobody online elsewhere.
@@ -180,13 +181,52 @@ pub struct PresenceBatch {
 }
 
 /// Removes the socket with `id` from `list`; whether it was there.
-fn remove_peer(list: &mut Vec<Arc<Peer>>, id: u64) -> bool {
-    match list.iter().position(|p| p.id == id) {
-        Some(at) => {
-            list.swap_remove(at);
-            true
+/// Sockets in the order fan-out walks them, with each one's place by id, so that
+/// joining, leaving and "already here?" cost the same in a room of 5 or of 5,000 (a
+/// scan of the list made every join of a storm look at half the room).
+#[derive(Default)]
+struct PeerSet {
+    peers: Vec<Arc<Peer>>,
+    /// peer id → its index in `peers`.
+    at: HashMap<u64, usize>,
+}
+
+impl PeerSet {
+    fn contains(&self, id: u64) -> bool {
+        self.at.contains_key(&id)
+    }
+
+    /// Adds `peer` unless a peer with its id is there.
+    fn insert(&mut self, peer: &Arc<Peer>) {
+        if let Entry::Vacant(slot) = self.at.entry(peer.id) {
+            slot.insert(self.peers.len());
+            self.peers.push(peer.clone());
         }
-        None => false,
+    }
+
+    /// Removes the peer with `id`; false if it was not there.
+    fn remove(&mut self, id: u64) -> bool {
+        let Some(index) = self.at.remove(&id) else {
+            return false;
+        };
+        self.peers.swap_remove(index);
+        // The last peer took the removed one's place.
+        if let Some(moved) = self.peers.get(index) {
+            self.at.insert(moved.id, index);
+        }
+        true
+    }
+
+    fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, Arc<Peer>> {
+        self.peers.iter()
+    }
+
+    fn to_vec(&self) -> Vec<Arc<Peer>> {
+        self.peers.clone()
     }
 }
 
@@ -370,7 +410,7 @@ impl Hub {
         } = &mut *guard;
         let members = by_name.entry(room.to_owned()).or_default();
         let (mut tell, mut queued) = (None, false);
-        if members.sockets.iter().any(|p| p.id == peer.id) {
+        if members.sockets.contains(peer.id) {
             members.unlist(peer.id);
         } else {
             let count = members.users.entry(peer.username.clone()).or_insert(0);
@@ -386,12 +426,12 @@ impl Hub {
                     tell = Some(members.changed(&peer.username, true));
                 }
             }
-            members.sockets.push(peer.clone());
+            members.sockets.insert(peer);
         }
         match mode {
-            PresenceMode::Each => members.each.push(peer.clone()),
-            PresenceMode::Batch => members.batch.push(peer.clone()),
-            PresenceMode::Count => members.count.push(peer.clone()),
+            PresenceMode::Each => members.each.insert(peer),
+            PresenceMode::Batch => members.batch.insert(peer),
+            PresenceMode::Count => members.count.insert(peer),
         }
         // A big room's list is most of the join's cost: copied only for those who
         // want it.
@@ -429,7 +469,7 @@ impl Hub {
             shared,
         } = &mut *guard;
         let members = by_name.get_mut(room)?;
-        if !remove_peer(&mut members.sockets, peer.id) {
+        if !members.sockets.remove(peer.id) {
             return None;
         }
         members.unlist(peer.id);
@@ -713,6 +753,30 @@ mod tests {
             .remote_changes(vec![change("q", "bob", false)])
             .is_empty());
         assert!(lock(&hub.rooms).by_name.is_empty());
+    }
+
+    /// Removing a peer moves the last one into its place; every peer is still found,
+    /// and removed, by its id afterwards.
+    #[test]
+    fn a_peer_set_keeps_each_peer_findable_after_removals() {
+        let flusher = crate::peer::Flusher::start().unwrap();
+        let peers: Vec<_> = (1..=4)
+            .map(|id| crate::peer::tests::peer_pair(id, &flusher, 8))
+            .collect();
+        let mut set = PeerSet::default();
+        for (p, _) in &peers {
+            set.insert(p);
+        }
+        set.insert(&peers[0].0);
+        assert_eq!(set.iter().count(), 4, "a second insert adds nothing");
+        assert!(set.remove(1));
+        assert!(!set.remove(1) && !set.contains(1));
+        assert!(set.remove(4), "the peer moved into the freed place");
+        assert!(set.contains(2) && set.contains(3));
+        let ids: Vec<u64> = set.iter().map(|p| p.id).collect();
+        assert_eq!(ids.len(), 2);
+        assert!(set.remove(2) && set.remove(3) && set.is_empty());
+        flusher.stop();
     }
 
     /// Before `share` nothing is sent; after it, a state request yields the (empty)

@@ -865,7 +865,7 @@ impl AsFd for Peer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Read;
     use std::net::{TcpListener, TcpStream};
@@ -889,7 +889,7 @@ mod tests {
     /// A peer on one end of a real loopback TCP connection with small kernel buffers,
     /// so most frames go through the backlog and the flusher; the other end is returned
     /// for reading.
-    fn peer_pair(id: u64, flusher: &Flusher, frames: usize) -> (Arc<Peer>, TcpStream) {
+    pub(crate) fn peer_pair(id: u64, flusher: &Flusher, frames: usize) -> (Arc<Peer>, TcpStream) {
         use rustix::net::{sockopt, AddressFamily, SocketType};
         // Buffer sizes are set before the connection exists, or TCP has already
         // advertised a large window.
