@@ -8,28 +8,31 @@
 //! [`crate::hub`] under its lock (where it holds the users online on any node); it runs
 //! no threads.
 
-/// Distinct usernames, sorted, with their JSON array (`["a","b"]`) kept beside them.
-#[derive(Debug)]
-pub struct OnlineList {
-    /// Each name, and how many bytes it takes in `json` (quoted and escaped: a name
-    /// written into the file by hand may hold anything).
-    names: Vec<(String, usize)>,
-    json: String,
-}
+use std::collections::BTreeMap;
+use std::ops::Bound::{Excluded, Unbounded};
 
-impl Default for OnlineList {
-    fn default() -> Self {
-        OnlineList {
-            names: Vec::new(),
-            json: "[]".to_owned(),
-        }
-    }
+/// Distinct usernames, sorted, with their JSON array (`["a","b"]`) rendered the first
+/// time someone asks for it and kept up to date from then on.
+///
+/// Until then a change costs a tree insert: sockets that take counts never ask for the
+/// array, so a storm of them into one room does not copy it on every join.
+#[derive(Debug, Default)]
+pub struct OnlineList {
+    /// Each name, and how many bytes it takes in the array (quoted and escaped: a
+    /// name written into the file by hand may hold anything).
+    names: BTreeMap<String, usize>,
+    /// The array, once asked for.
+    json: Option<String>,
 }
 
 impl OnlineList {
     /// The list as a JSON array of strings, sorted.
-    pub fn json(&self) -> &str {
-        &self.json
+    pub fn json(&mut self) -> &str {
+        let names = &self.names;
+        self.json.get_or_insert_with(|| {
+            let quoted: Vec<String> = names.keys().map(|n| quote(n)).collect();
+            format!("[{}]", quoted.join(","))
+        })
     }
 
     /// How many names the list holds.
@@ -39,66 +42,72 @@ impl OnlineList {
 
     /// Adds `name`; a name already there is left alone.
     pub fn insert(&mut self, name: &str) {
-        let Err(rank) = self.rank(name) else {
+        if self.names.contains_key(name) {
             return;
-        };
-        let quoted = serde_json::Value::from(name).to_string();
+        }
+        let quoted = quote(name);
         let width = quoted.len();
-        let (at, text) = if self.names.is_empty() {
-            (1, quoted)
-        } else if rank < self.names.len() {
-            (self.offset(rank), quoted + ",")
-        } else {
-            // After the last name: the comma goes first, where the `]` is.
-            (self.json.len() - 1, format!(",{quoted}"))
-        };
-        self.json.insert_str(at, &text);
-        self.names.insert(rank, (name.to_owned(), width));
+        if let Some(json) = &mut self.json {
+            let (at, text) = if self.names.is_empty() {
+                (1, quoted)
+            } else if self
+                .names
+                .range::<str, _>((Excluded(name), Unbounded))
+                .next()
+                .is_some()
+            {
+                (offset(&self.names, name), quoted + ",")
+            } else {
+                // After the last name: the comma goes first, where the `]` is.
+                (json.len() - 1, format!(",{quoted}"))
+            };
+            json.insert_str(at, &text);
+        }
+        self.names.insert(name.to_owned(), width);
     }
 
     /// Removes `name`, if it is there.
     pub fn remove(&mut self, name: &str) {
-        let Ok(rank) = self.rank(name) else {
+        let Some(width) = self.names.remove(name) else {
             return;
         };
-        let at = self.offset(rank);
-        let width = self.names[rank].1;
-        let range = if self.names.len() == 1 {
+        let Some(json) = &mut self.json else {
+            return;
+        };
+        let at = offset(&self.names, name);
+        let range = if self.names.is_empty() {
             at..at + width
-        } else if rank + 1 < self.names.len() {
+        } else if at + width < json.len() - 1 {
             at..at + width + 1
         } else {
             // The last name takes the comma before it along.
             at - 1..at + width
         };
-        self.json.replace_range(range, "");
-        self.names.remove(rank);
+        json.replace_range(range, "");
     }
 
     /// Up to `limit` names in order, starting after `after` (from the first without).
     pub fn page(&self, after: Option<&str>, limit: usize) -> Vec<String> {
-        let from = match after.map(|a| self.rank(a)) {
-            None => 0,
-            Some(Ok(at)) => at + 1,
-            Some(Err(at)) => at,
-        };
+        let from = after.map_or(Unbounded, Excluded);
         self.names
-            .iter()
-            .skip(from)
+            .range::<str, _>((from, Unbounded))
             .take(limit)
             .map(|(n, _)| n.clone())
             .collect()
     }
+}
 
-    fn rank(&self, name: &str) -> Result<usize, usize> {
-        self.names.binary_search_by(|(n, _)| n.as_str().cmp(name))
-    }
+fn quote(name: &str) -> String {
+    serde_json::Value::from(name).to_string()
+}
 
-    /// Where the name of `rank` starts (its opening quote) in `json`: after the `[`,
-    /// each earlier name takes its width plus a comma.
-    fn offset(&self, rank: usize) -> usize {
-        1 + self.names[..rank].iter().map(|(_, w)| w + 1).sum::<usize>()
-    }
+/// Where `name` starts (its opening quote) in the array of `names` (which does not
+/// hold it): after the `[`, each name before it takes its width plus a comma.
+fn offset(names: &BTreeMap<String, usize>, name: &str) -> usize {
+    1 + names
+        .range::<str, _>((Unbounded, Excluded(name)))
+        .map(|(_, w)| w + 1)
+        .sum::<usize>()
 }
 
 #[cfg(test)]
@@ -138,6 +147,19 @@ mod tests {
             assert_eq!(list.json(), rendered(&set));
         }
         assert_eq!(list.json(), "[]");
+    }
+
+    #[test]
+    fn a_list_first_asked_for_late_renders_what_it_holds() {
+        let mut list = OnlineList::default();
+        for n in ["dan", "bob", "eve", "ann", "cat"] {
+            list.insert(n);
+        }
+        list.remove("eve");
+        assert_eq!(list.json(), r#"["ann","bob","cat","dan"]"#);
+        list.insert("eve");
+        list.remove("ann");
+        assert_eq!(list.json(), r#"["bob","cat","dan","eve"]"#);
     }
 
     #[test]
