@@ -4,7 +4,8 @@
 //! whole online list, and clients page it with `online` requests. Rendering it name by
 //! name on each join made a reconnect storm quadratic in small copies (5,000 users
 //! joining one room rendered 12.5 million names); [`OnlineList`] keeps the JSON array
-//! up to date as users come and go, so a join copies it in one piece. Used by
+//! up to date as users come and go, so a join copies it in one piece. A room whose
+//! sockets all take counts never asks for the array, and never pays for it. Used by
 //! [`crate::hub`] under its lock (where it holds the users online on any node); it runs
 //! no threads.
 
