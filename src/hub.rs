@@ -180,7 +180,6 @@ pub struct PresenceBatch {
     pub count: Option<usize>,
 }
 
-/// Removes the socket with `id` from `list`; whether it was there.
 /// Sockets in the order fan-out walks them, with each one's place by id, so that
 /// joining, leaving and "already here?" cost the same in a room of 5 or of 5,000 (a
 /// scan of the list made every join of a storm look at half the room).
