@@ -161,7 +161,7 @@ pub fn take(app: &Arc<App>, rq: Request, handler: Handler) -> Taken {
         return Taken::Nothing;
     };
     match app.conns.begin(addr, rq, app.cfg.http_pipeline) {
-        Begin::Go(rq) => Taken::Turn(Exchange::new(app, addr, rq, handler)),
+        Begin::Go(rq) => Taken::Turn(Box::new(Exchange::new(app, addr, rq, handler))),
         Begin::Queued => Taken::Nothing,
         Begin::Overflow => Taken::Overflow(addr),
     }
@@ -170,7 +170,7 @@ pub fn take(app: &Arc<App>, rq: Request, handler: Handler) -> Taken {
 /// What [`take`] made of a request.
 pub enum Taken {
     /// Its turn: run it with [`start`].
-    Turn(Exchange),
+    Turn(Box<Exchange>),
     /// Nothing to do now: it waits in line.
     Nothing,
     /// Too many requests wait on this connection: [`Taken::finish`] cuts it.
@@ -181,7 +181,7 @@ impl Taken {
     /// Does what is left to do, out of the workers' lock.
     pub fn finish(self, app: &Arc<App>) {
         match self {
-            Taken::Turn(ex) => start(app, ex),
+            Taken::Turn(ex) => start(app, *ex),
             Taken::Nothing => {}
             Taken::Overflow(addr) => cut(app, addr, Cut::Pipeline),
         }

@@ -143,10 +143,10 @@ fn attach(
     kind: SocketKind,
 ) -> Option<Arc<Peer>> {
     let peer_addr = request.remote_addr().copied()?;
-    let sock = match app.known_sockets.claim(app.local_addr.port(), peer_addr) {
-        Ok(Some(claimed)) => claimed,
-        other => {
-            log::error!("socket of the connection from {peer_addr} not found: {other:?}");
+    let sock = match app.known_sockets.adopt(request.socket_fds()) {
+        Ok(adopted) => adopted,
+        Err(e) => {
+            log::error!("socket of the connection from {peer_addr} not taken: {e}");
             return None;
         }
     };

@@ -34,6 +34,10 @@ pub struct ClientConnection {
 
     // true if the connection goes through SSL
     secure: bool,
+
+    // parley: the descriptor numbers of the connection's write and read streams, for
+    // `Request::socket_fds`
+    socket_fds: [Option<i32>; 2],
 }
 
 /// Error that can happen when reading a request.
@@ -54,6 +58,7 @@ impl ClientConnection {
     ) -> ClientConnection {
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
+        let socket_fds = [write_socket.raw_fd(), read_socket.raw_fd()];
 
         let mut source = SequentialReaderBuilder::new(BufReader::with_capacity(1024, read_socket));
         let first_header = source.next().unwrap();
@@ -65,6 +70,7 @@ impl ClientConnection {
             next_header_source: first_header,
             no_more_requests: false,
             secure,
+            socket_fds,
         }
     }
 
@@ -165,6 +171,13 @@ impl ClientConnection {
         })?;
 
         // return the request
+        let mut request = request;
+        let [write_fd, read_fd] = self.socket_fds;
+        request.socket_fds = if request.holds_reader {
+            [write_fd, read_fd].iter().flatten().copied().collect()
+        } else {
+            write_fd.into_iter().collect()
+        };
         Ok(request)
     }
 }

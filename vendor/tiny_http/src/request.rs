@@ -74,6 +74,12 @@ pub struct Request {
 
     // If Some, a message must be sent after responding
     notify_when_responded: Option<Sender<()>>,
+
+    // parley: see `socket_fds()`
+    pub(crate) socket_fds: Vec<i32>,
+
+    // parley: whether `data_reader` holds the connection's read stream
+    pub(crate) holds_reader: bool,
 }
 
 struct NotifyOnDrop<R> {
@@ -185,11 +191,14 @@ where
 
     // we wrap `source_data` around a reading whose nature depends on the transfer-encoding and
     // content-length headers
+    // parley: whether the request keeps the connection's read stream
+    let mut holds_reader = true;
     let reader = if connection_upgrade {
         // if we have a `Connection: upgrade`, always keeping the whole reader
         Box::new(source_data) as Box<dyn Read + Send + 'static>
     } else if let Some(content_length) = content_length {
         if content_length == 0 {
+            holds_reader = false;
             Box::new(io::empty()) as Box<dyn Read + Send + 'static>
         } else if content_length <= 1024 && !expects_continue {
             // if the content-length is small enough, we just read everything into a buffer
@@ -210,6 +219,7 @@ where
                 offset += read;
             }
 
+            holds_reader = false;
             Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
         } else {
             let (data_reader, _) = EqualReader::new(source_data, content_length); // TODO:
@@ -223,6 +233,7 @@ where
         // if we have neither a Content-Length nor a Transfer-Encoding,
         // assuming that we have no data
         // TODO: could also be multipart/byteranges
+        holds_reader = false;
         Box::new(io::empty()) as Box<dyn Read + Send + 'static>
     };
 
@@ -238,6 +249,8 @@ where
         body_length: content_length,
         must_send_continue: expects_continue,
         notify_when_responded: None,
+        socket_fds: Vec::new(),
+        holds_reader,
     })
 }
 
@@ -291,6 +304,16 @@ impl Request {
     #[inline]
     pub fn remote_addr(&self) -> Option<&SocketAddr> {
         self.remote_addr.as_ref()
+    }
+
+    /// parley: the descriptor numbers of the connection this request came on that the
+    /// request holds: its write stream's, then its read stream's if the request kept
+    /// it (an upgrade, a body read as it is asked for). Empty for TLS and for test
+    /// requests. They stay this connection's while the request, or the stream
+    /// `upgrade` returns, is alive.
+    #[inline]
+    pub fn socket_fds(&self) -> &[i32] {
+        &self.socket_fds
     }
 
     /// Sends a response with a `Connection: upgrade` header, then turns the `Request` into a `Stream`.

@@ -118,6 +118,16 @@ impl RefinedTcpStream {
         self.stream.secure()
     }
 
+    /// parley: the descriptor number of a plain connection (see `Request::socket_fds`).
+    pub(crate) fn raw_fd(&self) -> Option<i32> {
+        match &self.stream {
+            #[cfg(unix)]
+            Stream::Http(connection) => Some(connection.raw_fd()),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
     pub(crate) fn peer_addr(&mut self) -> IoResult<Option<SocketAddr>> {
         self.stream.peer_addr()
     }
