@@ -10,11 +10,12 @@
 //! one `presence` frame per change, sent to the sockets in the room at that moment;
 //! batched — the hub keeps each room's changes since the last batch, and
 //! [`crate::presence`] sends them as one frame every 250 ms at most; or counted — the
-//! socket hears only how many are online, at most once a second, and pages the names
-//! when it wants them ([`Hub::online_page`]). In a reconnect storm of n users the
-//! first way costs n²/2 frames; the second about n × (storm length / 250 ms) frames,
-//! but they and the `joined` replies still carry n²/2 names; the third carries no
-//! names at all, so a storm costs the same per client however big the room.
+//! socket hears only how many are online, at most once a second ([`COUNT_EVERY`]),
+//! and pages the names when it wants them ([`Hub::online_page`]). In a reconnect
+//! storm of n users the first way costs n²/2 frames; the second about
+//! n × (storm length / 250 ms) frames, but they and the `joined` replies still carry
+//! n²/2 names; the third carries no names at all, so a storm costs the same per
+//! client however big the room.
 //!
 //! Nodes sharing a database ([`crate::cluster`]) share presence: a user is online in a
 //! room while they have a socket in it on any node. Each room counts, beside its own
@@ -40,6 +41,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// Most changes, or names, in one presence notice: a storm's changes leave in a few
 /// notices of a size the transport carries easily (it splits what is long).
@@ -75,8 +77,10 @@ struct RoomMembers {
     batch: PeerSet,
     /// The sockets that take counts.
     count: PeerSet,
-    /// Whether the count changed since the last one sent (kept only while some
-    /// socket takes counts).
+    /// Per socket that takes counts: the count it last heard, and when.
+    counted: HashMap<u64, Counted>,
+    /// Whether some socket that takes counts may not have heard the latest one
+    /// (kept only while some socket takes counts).
     recount: bool,
     /// username → how many of the user's sockets are in the room.
     users: HashMap<String, usize>,
@@ -111,6 +115,31 @@ impl RoomMembers {
         self.each.remove(id);
         self.batch.remove(id);
         self.count.remove(id);
+        self.counted.remove(&id);
+    }
+
+    /// The sockets whose turn for a count has come (they last heard one at least
+    /// [`COUNT_EVERY`] ago) and whose count is out of date; marks them as told now.
+    /// Keeps `recount` while some socket waits for its turn.
+    fn take_count(&mut self, now: Instant) -> Option<(usize, Vec<Arc<Peer>>)> {
+        let n = self.online.len();
+        let (mut due, mut waiting) = (Vec::new(), false);
+        for peer in self.count.iter() {
+            let Some(c) = self.counted.get_mut(&peer.id) else {
+                continue;
+            };
+            if c.heard == n {
+                continue;
+            }
+            if now.duration_since(c.at) < COUNT_EVERY {
+                waiting = true;
+                continue;
+            }
+            *c = Counted { heard: n, at: now };
+            due.push(peer.clone());
+        }
+        self.recount = waiting;
+        (!due.is_empty()).then_some((n, due))
     }
 
     /// Whether nothing keeps the room: no socket here, nobody online elsewhere.
@@ -167,8 +196,19 @@ pub struct Transition {
     pub tell: Vec<Arc<Peer>>,
 }
 
+/// The shortest time between two `presence_count` frames to one socket in one room,
+/// and from its `joined` (which carries the count) to its first. A count is a figure
+/// on a screen; in a storm each one sent is a frame to a socket that has just been
+/// told.
+pub const COUNT_EVERY: Duration = Duration::from_secs(1);
+
+/// What a socket that takes counts last heard of a room's count, and when.
+struct Counted {
+    heard: usize,
+    at: Instant,
+}
+
 /// One room's presence changes since its last batch.
-#[derive(Debug, PartialEq, Eq)]
 pub struct PresenceBatch {
     /// The room.
     pub room: String,
@@ -176,8 +216,8 @@ pub struct PresenceBatch {
     pub online: Vec<String>,
     /// Users who went offline, sorted.
     pub offline: Vec<String>,
-    /// The room's online count, if it changed and some socket takes counts.
-    pub count: Option<usize>,
+    /// The room's online count, and the sockets whose turn it is to hear it.
+    pub count: Option<(usize, Vec<Arc<Peer>>)>,
 }
 
 /// Sockets in the order fan-out walks them, with each one's place by id, so that
@@ -432,6 +472,13 @@ impl Hub {
             PresenceMode::Batch => members.batch.insert(peer),
             PresenceMode::Count => members.count.insert(peer),
         }
+        if mode == PresenceMode::Count {
+            let counted = Counted {
+                heard: members.online.len(),
+                at: Instant::now(),
+            };
+            members.counted.insert(peer.id, counted);
+        }
         // A big room's list is most of the join's cost: copied only for those who
         // want it.
         let online_json = (mode != PresenceMode::Count).then(|| members.online.json().to_owned());
@@ -576,11 +623,11 @@ impl Hub {
             .collect()
     }
 
-    /// Takes every room's presence changes since the last call, and, if `counts`,
-    /// the new online count of every room whose count changed (rooms where nobody
-    /// takes batches or counts keep none; a count not taken waits for a call that
-    /// takes counts).
-    pub fn take_presence_batches(&self, counts: bool) -> Vec<PresenceBatch> {
+    /// Takes every room's presence changes since the last call, and each room's
+    /// online count with the sockets due to hear it (see [`COUNT_EVERY`]; rooms where
+    /// nobody takes batches or counts keep none).
+    pub fn take_presence_batches(&self) -> Vec<PresenceBatch> {
+        let now = Instant::now();
         let mut guard = lock(&self.rooms);
         let Rooms { by_name, dirty, .. } = &mut *guard;
         let mut batches = Vec::new();
@@ -589,8 +636,11 @@ impl Hub {
                 return false;
             };
             let pending = std::mem::take(&mut members.pending);
-            let count =
-                (counts && std::mem::take(&mut members.recount)).then(|| members.online.len());
+            let count = if members.recount {
+                members.take_count(now)
+            } else {
+                None
+            };
             if !pending.is_empty() || count.is_some() {
                 let (online, offline): (Vec<_>, Vec<_>) = pending.into_iter().partition(|c| c.1);
                 batches.push(PresenceBatch {

@@ -1,8 +1,9 @@
 //! Batched presence: every 250 ms at most, the `presence` thread takes each room's
 //! presence changes from the hub and sends them as one `presence_batch` frame to the
 //! room's sockets that joined with `"presence": "batch"`, and the room's new online
-//! count, every second at most, as one `presence_count` frame to those that joined
-//! with `"presence": "count"`.
+//! count as a `presence_count` frame to those that joined with `"presence": "count"`,
+//! each at most once a second and not within a second of its `joined`
+//! ([`crate::hub::COUNT_EVERY`]).
 //!
 //! A reconnect storm of n users all joining one room costs n²/2 `presence` frames
 //! when every socket hears each change; with batches it costs about one frame per
@@ -27,11 +28,6 @@ use std::time::Duration;
 /// The longest a presence change waits before it is sent in a batch.
 pub const BATCH_WINDOW: Duration = Duration::from_millis(250);
 
-/// Ticks of the thread ([`BATCH_WINDOW`] × 4/5 each) between counts: a room's count
-/// goes out at most once a second. A count is a figure on a screen, and in a storm
-/// each one is a frame to every socket of the room.
-const TICKS_PER_COUNT: u32 = 5;
-
 /// The batching thread.
 pub struct Batcher {
     thread: Periodic,
@@ -41,10 +37,8 @@ impl Batcher {
     /// Starts the thread. It ticks a little more often than the window, so a change
     /// never waits longer than the window plus the fan-out.
     pub fn start(hub: Arc<Hub>, fanout: Arc<Fanout>) -> std::io::Result<Batcher> {
-        let mut tick = 0u32;
         let thread = Periodic::start("presence", BATCH_WINDOW * 4 / 5, move || {
-            tick = tick.wrapping_add(1);
-            let batches = hub.take_presence_batches(tick % TICKS_PER_COUNT == 0);
+            let batches = hub.take_presence_batches();
             if !batches.is_empty() {
                 fanout.deliver(batches.into_iter().flat_map(frames).collect());
             }
@@ -62,15 +56,9 @@ impl Batcher {
 /// news), and who gets them.
 fn frames(b: PresenceBatch) -> Vec<(Target, crate::peer::Frame)> {
     let mut out = Vec::new();
-    if let Some(n) = b.count {
+    if let Some((n, due)) = b.count {
         let v = json!({"type": "presence_count", "room": b.room, "online_count": n});
-        out.push((
-            Target::Takers {
-                room: b.room.clone(),
-                mode: PresenceMode::Count,
-            },
-            text_frame(&v.to_string()),
-        ));
+        out.push((Target::Peers(due), text_frame(&v.to_string())));
     }
     if !b.online.is_empty() || !b.offline.is_empty() {
         let v = json!({"type": "presence_batch", "room": b.room, "online": b.online, "offline": b.offline});

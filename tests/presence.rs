@@ -277,3 +277,63 @@ fn a_count_arrives_within_a_second() {
     );
     assert!(took < Duration::from_millis(1_600), "count after {took:?}");
 }
+
+/// A count socket hears no count within a second of its `joined` (which carried the
+/// count), nor two within a second, however often the room changes meanwhile.
+#[test]
+fn each_socket_hears_its_first_count_a_second_after_its_joined() {
+    let srv = start_unlimited(&["--register-rate", "0"]);
+    let alice = new_user(&srv, "alice");
+    let carol = new_user(&srv, "carol");
+    let tokens: Vec<String> = (0..7)
+        .map(|i| new_user(&srv, &format!("user{i:02}")))
+        .collect();
+    let mut a = Ws::connect(&srv, &alice);
+    let mut c = Ws::connect(&srv, &carol);
+    let a_joined = Instant::now();
+    assert_eq!(join_count(&mut a, "general")["online_count"], 1);
+    let mut others = Vec::new();
+    let mut c_joined = None;
+    // A change every 150 ms for most of a second; carol joins half way.
+    for (i, t) in tokens.iter().take(6).enumerate() {
+        let mut w = Ws::connect(&srv, t);
+        w.join("general");
+        others.push(w);
+        if i == 2 {
+            c_joined = Some(Instant::now());
+            join_count(&mut c, "general");
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let first = |ws: &mut Ws, since: Instant, who: &str| {
+        let v = ws.recv();
+        let after = since.elapsed();
+        assert_eq!(v["type"], "presence_count", "{who}: {v}");
+        assert!(
+            after >= Duration::from_secs(1),
+            "{who}: a count {after:?} after joining"
+        );
+        assert!(
+            after < Duration::from_millis(1_600),
+            "{who}: none until {after:?}"
+        );
+        Instant::now()
+    };
+    let a_first = first(&mut a, a_joined, "alice");
+    let c_joined = c_joined.unwrap_or(a_joined);
+    first(&mut c, c_joined, "carol");
+    // Another change right after alice's count: she hears it a second later.
+    let mut w = Ws::connect(&srv, &tokens[6]);
+    w.join("general");
+    let v = a.recv();
+    assert_eq!(
+        (v["type"].as_str(), v["online_count"].as_u64()),
+        (Some("presence_count"), Some(9)),
+        "{v}"
+    );
+    let gap = a_first.elapsed();
+    assert!(
+        gap >= Duration::from_millis(900),
+        "two counts {gap:?} apart"
+    );
+}
