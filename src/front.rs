@@ -19,7 +19,7 @@
 //!
 //! Threads: `http-accept` (the watch) and the HTTP workers (`http-N`, `http-G.N` after
 //! the G-th restart), which take requests from tiny_http and hand them to
-//! [`crate::exchange::intake`]. All are started by [`Front::start`] and ended by
+//! [`crate::exchange::take`]. All are started by [`Front::start`] and ended by
 //! [`Front::stop`], both called by [`crate::server`].
 
 use crate::app::App;
