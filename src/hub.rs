@@ -470,14 +470,13 @@ impl Hub {
         match mode {
             PresenceMode::Each => members.each.insert(peer),
             PresenceMode::Batch => members.batch.insert(peer),
-            PresenceMode::Count => members.count.insert(peer),
-        }
-        if mode == PresenceMode::Count {
-            let counted = Counted {
-                heard: members.online.len(),
-                at: Instant::now(),
-            };
-            members.counted.insert(peer.id, counted);
+            PresenceMode::Count => {
+                members.count.insert(peer);
+                // Its `joined` carries the count: that is the count it heard now.
+                let heard = members.online.len();
+                let at = Instant::now();
+                members.counted.insert(peer.id, Counted { heard, at });
+            }
         }
         // A big room's list is most of the join's cost: copied only for those who
         // want it.
