@@ -375,7 +375,7 @@ impl Peer {
         kind: SocketKind,
         identity: &crate::auth::Identity,
         remote: std::net::SocketAddr,
-        socket: crate::sys::Claimed,
+        socket: crate::sys::Adopted,
         flusher: Arc<FlushQueue>,
         limits: QueueLimits,
     ) -> Peer {
@@ -906,7 +906,7 @@ pub(crate) mod tests {
             sid: "s".into(),
             expires_at: u64::MAX,
         };
-        let claimed = crate::sys::Claimed {
+        let adopted = crate::sys::Adopted {
             fd: OwnedFd::from(server_side),
             numbers: Vec::new(),
         };
@@ -920,7 +920,7 @@ pub(crate) mod tests {
             kind,
             &identity,
             remote,
-            claimed,
+            adopted,
             flusher.queue(),
             limits,
         );

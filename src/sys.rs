@@ -27,9 +27,9 @@ use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 
 /// A socket taken by [`KnownSockets::adopt`]: our duplicate of it, and every
-/// descriptor number of it (tiny_http's two and ours) that later listings skip.
+/// descriptor number of it (tiny_http's and ours) that later listings skip.
 #[derive(Debug)]
-pub struct Claimed {
+pub struct Adopted {
     /// Our duplicate, for non-blocking writes.
     pub fd: OwnedFd,
     /// Numbers to hand back to [`KnownSockets::release`] before the connection closes.
@@ -133,7 +133,7 @@ impl KnownSockets {
     /// writes and records every number (tiny_http's and ours) so that listings skip
     /// it. The caller must hold the request, or the stream its upgrade returned,
     /// until this returns: they keep those numbers this connection's.
-    pub fn adopt(&self, numbers: &[i32]) -> std::io::Result<Claimed> {
+    pub fn adopt(&self, numbers: &[i32]) -> std::io::Result<Adopted> {
         let first = numbers.first().ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::NotFound, "no descriptor reported")
         })?;
@@ -144,7 +144,7 @@ impl KnownSockets {
         for n in &numbers {
             fds.known.insert(*n);
         }
-        Ok(Claimed { fd, numbers })
+        Ok(Adopted { fd, numbers })
     }
 
     /// Forgets a WebSocket's numbers; call before its connection is closed, since
@@ -310,7 +310,9 @@ fn borrow<'a>(fd: i32) -> BorrowedFd<'a> {
     // or dup2 into our reserve slot) on it; if another thread closed the number
     // meanwhile these fail with EBADF, and if the number was reused they describe
     // another file — which the check on the duplicate (`verified_dup`, or the same
-    // check on the slot) rejects before anything acts on it. No memory is reached
+    // check on the slot) rejects before anything acts on it. `adopt` duplicates with
+    // no check: its caller holds the tiny_http request whose streams own the number,
+    // so it can neither close nor change hands while borrowed. No memory is reached
     // through the fd.
     unsafe { BorrowedFd::borrow_raw(fd) }
 }
