@@ -18,6 +18,9 @@
 //! lock policy), and [`sys`] (the one module allowed `unsafe`).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
+// On Linux with glibc the process starts in `sys::start`, not in the standard
+// library's runtime, which would give every thread a signal stack (see there).
+#![cfg_attr(all(target_os = "linux", target_env = "gnu", not(test)), no_main)]
 
 mod actions;
 mod app;
@@ -62,7 +65,8 @@ mod ws;
 
 use clap::Parser;
 
-fn main() {
+/// The program on every platform: the process's exit code.
+fn run() -> i32 {
     // Small stacks for tiny_http's per-connection threads (one per HTTP connection);
     // set before any thread starts, since the standard library reads it once.
     if std::env::var_os("RUST_MIN_STACK").is_none() {
@@ -70,8 +74,16 @@ fn main() {
     }
     logging::init();
     let cli = cli::Cli::parse();
-    if let Err(e) = cli::run(cli) {
-        eprintln!("parley: {e}");
-        std::process::exit(e.exit_code());
+    match cli::run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("parley: {e}");
+            e.exit_code()
+        }
     }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu", not(test))))]
+fn main() {
+    std::process::exit(run());
 }

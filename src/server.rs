@@ -332,7 +332,14 @@ mod tests {
     fn socket_limit_fits_descriptors_and_mappings() {
         let maps = Some(65_530);
         assert_eq!(sockets_that_fit(10_000, 20_000, maps), 6_496, "fd-bound");
-        assert_eq!(sockets_that_fit(20_000, 1 << 20, maps), 15_882, "map-bound");
+        // Two mappings a thread where `sys::main` starts the process, four elsewhere
+        // (tests/socket.rs measures it).
+        let map_bound = if cfg!(all(target_os = "linux", target_env = "gnu")) {
+            31_765
+        } else {
+            15_882
+        };
+        assert_eq!(sockets_that_fit(40_000, 1 << 20, maps), map_bound);
         assert_eq!(
             sockets_that_fit(100, 20_000, maps),
             100,

@@ -1,5 +1,6 @@
 //! The one module that may use `unsafe`: the TCP sockets behind tiny_http's
-//! connections, plus process limits.
+//! connections, plus process limits and, on Linux with glibc, the process's start
+//! ([`main`], which spares every thread the standard library's signal stack).
 //!
 //! tiny_http hands an upgraded connection back as an opaque `Box<dyn ReadWrite>`: no
 //! clone, no non-blocking writes. Fan-out must write to a socket from other threads
@@ -472,13 +473,21 @@ impl Ceiling {
     }
 }
 
+/// Memory mappings a thread holds: its stack and guard page; elsewhere than where
+/// [`main`] starts the process, also the standard library's signal stack and its
+/// guard.
+pub const MAPS_PER_THREAD: u64 = if cfg!(all(target_os = "linux", target_env = "gnu")) {
+    2
+} else {
+    4
+};
+
 /// Chat WebSockets that fit in `files` descriptors and `max_map_count` memory
 /// mappings: each holds 3 descriptors (plus 512 kept for everything else) and one
-/// thread, its reader, of 4 mappings (stack, guard, signal stack, its guard; plus
-/// 2,000 kept). Never zero.
+/// thread, its reader, of [`MAPS_PER_THREAD`] mappings (plus 2,000 kept). Never zero.
 pub fn socket_ceiling(files: u64, max_map_count: Option<u64>) -> u64 {
     let by_fds = files.saturating_sub(512) / 3;
-    let by_maps = max_map_count.map_or(u64::MAX, |m| m.saturating_sub(2000) / 4);
+    let by_maps = max_map_count.map_or(u64::MAX, |m| m.saturating_sub(2000) / MAPS_PER_THREAD);
     by_fds.min(by_maps).max(1)
 }
 
@@ -507,6 +516,63 @@ pub fn raise_fd_limit() -> u64 {
         let _ = set(hard);
     }
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// Where the process starts on Linux with glibc, instead of the standard library's
+/// runtime start (`main.rs` is `#![no_main]` there).
+///
+/// That start installs a SIGSEGV handler that prints "thread … has overflowed its
+/// stack", and so gives every thread it starts an alternate signal stack: two more
+/// memory mappings (the stack and its guard page) and five more system calls
+/// (`mmap`, `mprotect`, `sigaltstack`, `pthread_getattr_np`'s `sched_getaffinity`,
+/// and `munmap` at the thread's end). With a thread per socket that was a seventh of
+/// the server's CPU in a reconnect storm (a profile, 2026-12-03; 5,000 threads start
+/// at 28 µs each without it, 46 µs with it) and half the mappings a socket costs,
+/// which `vm.max_map_count` bounds ([`socket_ceiling`]). Without the handler a stack
+/// overflow still ends the process when it touches the guard page — by SIGSEGV,
+/// without the message.
+///
+/// What that start did and parley needs is done here: SIGPIPE ignored (a write to a
+/// closed pipe or socket fails with EPIPE instead of killing the server), the
+/// standard descriptors kept open ([`keep_standard_descriptors`]), a panic out of
+/// [`crate::run`] ends the process with 101, and `std::process::exit` flushes stdout.
+/// `std::env::args` is filled by glibc's `.init_array` hook, which runs either way.
+#[cfg(all(target_os = "linux", target_env = "gnu", not(test)))]
+// SAFETY: `no_mangle` exports this as the C symbol `main`, which glibc's start code
+// calls with the usual signature (the arguments are not read); `main.rs` is
+// `#![no_main]` under the same condition, so no other `main` is linked.
+#[no_mangle]
+pub extern "C" fn main(
+    _argc: std::ffi::c_int,
+    _argv: *const *const std::ffi::c_char,
+) -> std::ffi::c_int {
+    // SAFETY: `signal` with SIG_IGN installs no handler code, only a disposition, and
+    // runs before any other thread exists; the standard library's start does the same.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    keep_standard_descriptors();
+    let code = std::panic::catch_unwind(crate::run).unwrap_or(101);
+    std::process::exit(code)
+}
+
+/// Puts `/dev/null` on whichever of descriptors 0, 1 and 2 is closed, as the standard
+/// library's start does: otherwise the first file or connection opened would take the
+/// number, and log lines meant for stderr would go to it.
+#[cfg(all(target_os = "linux", target_env = "gnu", not(test)))]
+fn keep_standard_descriptors() {
+    for _ in 0..3 {
+        let Ok(null) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        else {
+            return;
+        };
+        if null.as_raw_fd() > 2 {
+            return;
+        }
+        // Left open for the process's life, in the slot it filled.
+        let _ = rustix::fd::IntoRawFd::into_raw_fd(null);
+    }
 }
 
 #[cfg(test)]

@@ -1449,6 +1449,64 @@ fn thread_count(pid: u32) -> usize {
         .unwrap()
 }
 
+/// Memory mappings of a process, from /proc.
+fn mapping_count(pid: u32) -> usize {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    maps.lines().count()
+}
+
+/// A line of /proc/PID/status as a hexadecimal signal mask.
+fn signal_mask(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap()
+        .trim()
+        .to_owned();
+    u64::from_str_radix(&hex, 16).unwrap()
+}
+
+/// On Linux with glibc the server starts without the standard library's runtime
+/// start (`sys::main`), which gave every thread a signal stack of its own: a socket's
+/// thread costs two mappings (its stack and guard page) instead of four, so
+/// `vm.max_map_count` holds twice the sockets; and SIGPIPE is still ignored, as that
+/// start did, so a closed log pipe cannot kill the server.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn a_sockets_thread_costs_two_memory_mappings_and_sigpipe_stays_ignored() {
+    let srv = start_unlimited(&[]);
+    let sigpipe = 1u64 << (13 - 1);
+    assert_ne!(
+        signal_mask(srv.pid(), "SigIgn:") & sigpipe,
+        0,
+        "SIGPIPE is not ignored"
+    );
+    let token = new_user(&srv, "alice");
+    let warm = Ws::connect(&srv, &token);
+    drop(warm);
+    std::thread::sleep(Duration::from_millis(200));
+    let threads = thread_count(srv.pid());
+    let before = mapping_count(srv.pid());
+    let n = 40;
+    let mut socks: Vec<Ws> = (0..n).map(|_| Ws::connect(&srv, &token)).collect();
+    for s in &mut socks {
+        s.ping();
+    }
+    // tiny_http's idle pool threads (and their mappings) linger 5 s; wait them out.
+    wait_until(Duration::from_secs(10), "pool threads to wind down", || {
+        thread_count(srv.pid()) <= threads + n
+    });
+    let per_socket = (mapping_count(srv.pid()) as f64 - before as f64) / n as f64;
+    assert!(
+        (1.5..=2.5).contains(&per_socket),
+        "{n} sockets took {per_socket:.2} mappings each (4 with per-thread signal stacks)"
+    );
+    for s in &mut socks {
+        s.ping();
+    }
+}
+
 /// An upgraded socket costs the server one thread, its reader: tiny_http's connection
 /// thread goes back to its pool at the upgrade (it once stayed parked for the socket's
 /// life, doubling the threads, memory and mappings a socket costs). Sockets still
