@@ -18,7 +18,7 @@
 //! lock policy), and [`sys`] (the one module allowed `unsafe`).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
-// On Linux with glibc the process starts in `sys::start`, not in the standard
+// On Linux with glibc the process starts in `sys::main`, not in the standard
 // library's runtime, which would give every thread a signal stack (see there).
 #![cfg_attr(all(target_os = "linux", target_env = "gnu", not(test)), no_main)]
 
