@@ -1449,6 +1449,22 @@ fn thread_count(pid: u32) -> usize {
         .unwrap()
 }
 
+/// One socket opened and closed, so that what every socket shares exists before a
+/// count: tiny_http's pool keeps a few threads, the IO lanes and workers exist.
+fn warm_up(srv: &Server, token: &str) {
+    drop(Ws::connect(srv, token));
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+/// `n` sockets, each answering a ping.
+fn open_chatting(srv: &Server, token: &str, n: usize) -> Vec<Ws> {
+    let mut socks: Vec<Ws> = (0..n).map(|_| Ws::connect(srv, token)).collect();
+    for s in &mut socks {
+        s.ping();
+    }
+    socks
+}
+
 /// Memory mappings of a process, from /proc.
 fn mapping_count(pid: u32) -> usize {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
@@ -1483,16 +1499,11 @@ fn a_sockets_thread_costs_two_memory_mappings_and_sigpipe_stays_ignored() {
         "SIGPIPE is not ignored"
     );
     let token = new_user(&srv, "alice");
-    let warm = Ws::connect(&srv, &token);
-    drop(warm);
-    std::thread::sleep(Duration::from_millis(200));
+    warm_up(&srv, &token);
     let threads = thread_count(srv.pid());
     let before = mapping_count(srv.pid());
     let n = 40;
-    let mut socks: Vec<Ws> = (0..n).map(|_| Ws::connect(&srv, &token)).collect();
-    for s in &mut socks {
-        s.ping();
-    }
+    let mut socks = open_chatting(&srv, &token, n);
     // tiny_http's idle pool threads (and their mappings) linger 5 s; wait them out.
     wait_until(Duration::from_secs(10), "pool threads to wind down", || {
         thread_count(srv.pid()) <= threads + n
@@ -1515,16 +1526,10 @@ fn a_sockets_thread_costs_two_memory_mappings_and_sigpipe_stays_ignored() {
 fn an_upgraded_socket_holds_one_thread() {
     let srv = start_unlimited(&[]);
     let token = new_user(&srv, "alice");
-    // Warm up: tiny_http's pool keeps a few threads, the IO lanes and workers exist.
-    let warm = Ws::connect(&srv, &token);
-    drop(warm);
-    std::thread::sleep(Duration::from_millis(200));
+    warm_up(&srv, &token);
     let before = thread_count(srv.pid());
     let n = 40;
-    let mut socks: Vec<Ws> = (0..n).map(|_| Ws::connect(&srv, &token)).collect();
-    for s in &mut socks {
-        s.ping();
-    }
+    let mut socks = open_chatting(&srv, &token, n);
     // Idle pool threads linger for 5 s after their connection ends; wait them out.
     wait_until(Duration::from_secs(10), "pool threads to wind down", || {
         thread_count(srv.pid()) <= before + n + 4
