@@ -461,6 +461,14 @@ fn cpu_secs(pid: &str) -> Option<f64> {
     Some((ut + st) as f64 / 100.0)
 }
 
+/// Minor page faults of a process so far (all threads): each is a fresh page the kernel
+/// had to find and zero, which on a VM host can cost microseconds.
+fn minor_faults(pid: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    rest.split_whitespace().nth(7)?.parse().ok()
+}
+
 /// CPU seconds per thread name (summed over threads of the same name).
 fn thread_cpu(pid: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
@@ -2412,6 +2420,7 @@ fn verdict(ok: bool) -> &'static str {
 
 struct Cpu {
     server: Option<f64>,
+    faults: Option<u64>,
     threads: BTreeMap<String, f64>,
     client: Option<f64>,
     /// Machine-wide (process busy, irq + softirq, steal) CPU seconds from /proc/stat.
@@ -2441,6 +2450,7 @@ fn machine_cpu() -> Option<(f64, f64, f64)> {
 fn cpu_now(pid: Option<&str>) -> Cpu {
     Cpu {
         server: pid.and_then(cpu_secs),
+        faults: pid.and_then(minor_faults),
         threads: pid.map(thread_cpu).unwrap_or_default(),
         client: cpu_secs("self"),
         machine: machine_cpu(),
@@ -2459,6 +2469,15 @@ fn cpu_report(a: &Cpu, b: &Cpu, per: Option<(u64, &str)>) {
         if let Some((n, what)) = per {
             if n > 0 {
                 s.push_str(&format!(", {:.2} µs per {what}", used * 1e6 / n as f64));
+            }
+        }
+        if let (Some(fa), Some(fb), Some((n, what))) = (a.faults, b.faults, per) {
+            if n > 0 {
+                let faults = fb.saturating_sub(fa);
+                s.push_str(&format!(
+                    ", {faults} page faults ({:.1} per {what})",
+                    faults as f64 / n as f64
+                ));
             }
         }
         println!("{s}");
