@@ -74,10 +74,16 @@ impl TaskPool {
         // tasks behind one idle thread; the others waited for a busy thread (a
         // keep-alive connection) to finish. Under this lock, `waiting_tasks` counts
         // the woken threads that have not taken their task yet, so the check is exact.
+        //
+        // parley: and neither starting a thread nor the wake-up happens under the lock:
+        // a thread woken while the lock is held blocks on it at once and needs a second
+        // wake-up, and starting a thread there kept every finishing thread waiting.
         if self.sharing.waiting_tasks.load(Ordering::Acquire) <= queue.len() {
+            drop(queue);
             self.add_thread(Some(code));
         } else {
             queue.push_back(code);
+            drop(queue);
             self.sharing.condvar.notify_one();
         }
     }
