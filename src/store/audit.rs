@@ -213,6 +213,11 @@ mod tests {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
+        // The same digest, from `sha256sum` over that text.
+        assert_eq!(
+            want,
+            "457bde9786530d1926b0964e80370c83eaec712508145ddfe1aaf429566d64f3"
+        );
         let got = row_hash(
             42,
             "2026-12-03T12:00:00.123Z",
