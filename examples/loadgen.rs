@@ -451,22 +451,28 @@ fn fds(pid: &str) -> Option<usize> {
     dir_entries(format!("/proc/{pid}/fd"))
 }
 
-/// User + system CPU time of a process (all threads), in seconds. USER_HZ is 100 on Linux.
-fn cpu_secs(pid: &str) -> Option<f64> {
+/// The numeric fields of `/proc/PID/stat` after the command name (which may hold
+/// spaces): index 0 is the state, 7 `minflt`, 11 `utime`, 12 `stime`.
+fn stat_fields(pid: &str) -> Option<Vec<u64>> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ut: u64 = f.get(11)?.parse().ok()?;
-    let st: u64 = f.get(12)?.parse().ok()?;
-    Some((ut + st) as f64 / 100.0)
+    Some(
+        rest.split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+/// User + system CPU time of a process (all threads), in seconds. USER_HZ is 100 on Linux.
+fn cpu_secs(pid: &str) -> Option<f64> {
+    let f = stat_fields(pid)?;
+    Some((f.get(11)? + f.get(12)?) as f64 / 100.0)
 }
 
 /// Minor page faults of a process so far (all threads): each is a fresh page the kernel
 /// had to find and zero, which on a VM host can cost microseconds.
 fn minor_faults(pid: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 1..];
-    rest.split_whitespace().nth(7)?.parse().ok()
+    stat_fields(pid)?.get(7).copied()
 }
 
 /// CPU seconds per thread name (summed over threads of the same name).
