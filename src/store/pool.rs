@@ -16,7 +16,7 @@ use super::{sqlite::open_connection, Result};
 use crate::sync::{lock, wait_timeout};
 use rusqlite::Connection;
 use std::path::PathBuf;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Most pooled connections open at once.
@@ -36,6 +36,9 @@ struct State {
     idle: Vec<Connection>,
     /// Pooled connections in existence, idle or lent out (or being opened).
     open: usize,
+    /// Readers waiting for a connection to come back. A wake-up is a system call even
+    /// when nobody waits, and every authenticated request and upgrade gives one back.
+    waiting: usize,
 }
 
 /// A connection lent by the pool; it goes back when dropped (also on a panic: the
@@ -49,8 +52,9 @@ struct Lease<'a> {
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         if let (Some(pool), Some(conn)) = (self.pool, self.conn.take()) {
-            lock(&pool.state).idle.push(conn);
-            pool.returned.notify_one();
+            let mut st = lock(&pool.state);
+            st.idle.push(conn);
+            pool.wake_a_waiter(st);
         }
     }
 }
@@ -102,8 +106,9 @@ impl ReadPool {
                 return match open_connection(&self.path) {
                     Ok(conn) => Ok(self.lent(conn)),
                     Err(e) => {
-                        lock(&self.state).open -= 1;
-                        self.returned.notify_one();
+                        let mut st = lock(&self.state);
+                        st.open -= 1;
+                        self.wake_a_waiter(st);
                         Err(e)
                     }
                 };
@@ -117,7 +122,19 @@ impl ReadPool {
                     pool: None,
                 });
             }
+            st.waiting += 1;
             st = wait_timeout(&self.returned, st, deadline - now);
+            st.waiting -= 1;
+        }
+    }
+
+    /// Wakes one waiting reader, if any, after the caller changed `st`. The count is
+    /// read under the lock a waiter holds until it sleeps, so no wake-up is lost.
+    fn wake_a_waiter(&self, st: MutexGuard<'_, State>) {
+        let anyone = st.waiting > 0;
+        drop(st);
+        if anyone {
+            self.returned.notify_one();
         }
     }
 
@@ -186,6 +203,42 @@ mod tests {
         assert!(waited >= WAIT, "did not wait: {waited:?}");
         assert!(waited < WAIT * 4, "waited {waited:?}");
         assert_eq!(pool.open_count(), MAX_OPEN);
+    }
+
+    #[test]
+    fn a_waiting_reader_gets_a_connection_as_soon_as_one_comes_back() {
+        let pool = pool();
+        let hold = Duration::from_millis(100);
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let p2 = pool.clone();
+        let holder = std::thread::spawn(move || {
+            fn nest(pool: &ReadPool, depth: usize, at_bottom: &dyn Fn()) {
+                pool.with(|_| {
+                    if depth == 0 {
+                        at_bottom();
+                    } else {
+                        nest(pool, depth - 1, at_bottom);
+                    }
+                })
+                .unwrap();
+            }
+            // Every pooled connection taken, then given back after `hold`.
+            nest(&p2, MAX_OPEN - 1, &|| {
+                started_tx.send(()).unwrap();
+                std::thread::sleep(hold);
+            });
+        });
+        started_rx.recv().unwrap();
+        let asked = Instant::now();
+        pool.with(|_| ()).unwrap();
+        let waited = asked.elapsed();
+        holder.join().unwrap();
+        // Woken by the return, not by its own timeout (after which it would open a
+        // connection of its own).
+        assert!(waited < WAIT, "waited {waited:?}");
+        assert_eq!(pool.open_count(), MAX_OPEN);
+        assert_eq!(lock(&pool.state).idle.len(), MAX_OPEN);
+        assert_eq!(lock(&pool.state).waiting, 0);
     }
 
     #[test]
