@@ -268,3 +268,112 @@ fn short_of_descriptors(w: &Watched) -> bool {
     let high = Pressure::of(w.pressure.high, fd_limit());
     lowest_free_fd().is_none_or(|n| usize::try_from(n).unwrap_or(0) >= high)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+
+    /// A reaper's view of `listener`, with timeouts long enough that nothing is idle
+    /// and a pressure mark no test process reaches.
+    fn watched(listener: &TcpListener) -> Watched {
+        let listening = listener.local_addr().unwrap();
+        Watched {
+            hub: Arc::new(Hub::new(16, 16)),
+            sockets: Arc::new(KnownSockets::default()),
+            conns: Arc::new(Conns::default()),
+            port: listening.port(),
+            listening,
+            idle_timeout: Duration::from_secs(60),
+            head_timeout: Duration::from_secs(20),
+            pressure: Pressure {
+                high: 100,
+                low: 90,
+                grace: Duration::from_secs(5),
+            },
+        }
+    }
+
+    /// A reaper state whose next regular pass is `period` away.
+    fn state(now: Instant, period: Duration) -> State {
+        State {
+            first_seen: HashMap::new(),
+            next_pass: now + period,
+            period,
+            pressed: false,
+            urgent: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A client connection accepted on `listener`, which sent `sent` that nobody reads.
+    fn accepted(listener: &TcpListener, sent: &[u8]) -> (TcpStream, TcpStream) {
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        client.write_all(sent).unwrap();
+        (client, ours)
+    }
+
+    /// Waits until a listing sees `client`'s bytes waiting unread on our side.
+    fn until_unread(w: &Watched, client: &TcpStream) {
+        let addr = client.local_addr().unwrap();
+        let until = Instant::now() + Duration::from_secs(2);
+        while !w.sockets.survey(w.port).unwrap().unread.contains(&addr) {
+            assert!(Instant::now() < until, "the request never showed as unread");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Whether a connection (a nudge) arrives on `listener` within half a second.
+    fn nudged(listener: &TcpListener) -> bool {
+        listener.set_nonblocking(true).unwrap();
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            if listener.accept().is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[test]
+    fn a_new_connection_with_a_request_unread_is_looked_at_again_within_recheck() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let w = watched(&listener);
+        let (client, _ours) = accepted(&listener, b"GET /healthz HTTP/1.1\r\n");
+        until_unread(&w, &client);
+        let now = Instant::now();
+        let mut s = state(now, Duration::from_secs(5));
+        s.pass(&w, now);
+        // New and unread is normally a request just arriving: no nudge yet, but a
+        // second look after RECHECK rather than at the regular pass 5 s away.
+        assert_eq!(s.next_pass, now + RECHECK);
+        assert!(!s.pressed);
+        assert!(
+            !nudged(&listener),
+            "a connection seen once must not be nudged"
+        );
+        // Still unread at the second look: it waits behind busy threads, so the pool is
+        // nudged and the next tick looks again.
+        let later = now + RECHECK;
+        s.pass(&w, later);
+        assert!(s.pressed, "a starving connection keeps the reaper listing");
+        assert!(nudged(&listener), "a starving connection nudges the pool");
+    }
+
+    #[test]
+    fn a_new_connection_with_nothing_unread_waits_for_the_regular_pass() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let w = watched(&listener);
+        let (client, _ours) = accepted(&listener, b"");
+        let now = Instant::now();
+        let mut s = state(now, Duration::from_secs(5));
+        s.pass(&w, now);
+        assert!(s.first_seen.contains_key(&client.local_addr().unwrap()));
+        assert_eq!(s.next_pass, now + Duration::from_secs(5));
+        s.pass(&w, now + RECHECK);
+        assert!(!s.pressed);
+        assert!(!nudged(&listener), "an empty connection is not starving");
+    }
+}
