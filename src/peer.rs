@@ -892,11 +892,14 @@ pub(crate) mod tests {
     pub(crate) fn peer_pair(id: u64, flusher: &Flusher, frames: usize) -> (Arc<Peer>, TcpStream) {
         use rustix::net::{sockopt, AddressFamily, SocketType};
         // Buffer sizes are set before the connection exists, or TCP has already
-        // advertised a large window.
+        // advertised a large window. The receive buffer was once 4 KiB, far below
+        // loopback's 64 KiB segment: the window kept shutting between reads, and one
+        // run in five of `slow_readers_get_every_frame` waited out a doubling timer
+        // (0.2 + 0.4 + ... + 25.6 s) and took 51 s instead of 2.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         sockopt::set_socket_send_buffer_size(&listener, 4096).unwrap();
         let client = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
-        sockopt::set_socket_recv_buffer_size(&client, 4096).unwrap();
+        sockopt::set_socket_recv_buffer_size(&client, 32 * 1024).unwrap();
         rustix::net::connect(&client, &listener.local_addr().unwrap()).unwrap();
         let client = TcpStream::from(client);
         let (server_side, remote) = listener.accept().unwrap();
@@ -958,9 +961,9 @@ pub(crate) mod tests {
                         for p in &mine {
                             assert!(p.send(&frame));
                         }
-                        // Paced, but the last frames in one burst: more than a socket
-                        // holds, so the tail needs the flusher.
-                        if i % 16 == 0 && i < FRAMES - 400 {
+                        // Paced, but the last 1,000 frames (122 KB) in one burst: more
+                        // than a socket holds, so the tail needs the flusher.
+                        if i % 16 == 0 && i < FRAMES - 1_000 {
                             std::thread::sleep(Duration::from_micros(100));
                         }
                     }
