@@ -109,13 +109,7 @@ impl Reaper {
         let head = w.head_timeout.min(w.idle_timeout);
         let period = (head / 4).clamp(TICK, Duration::from_secs(5));
         let urgent = Arc::new(AtomicBool::new(false));
-        let mut state = State {
-            first_seen: HashMap::new(),
-            next_pass: Instant::now() + period,
-            period,
-            pressed: false,
-            urgent: urgent.clone(),
-        };
+        let mut state = State::new(Instant::now(), period, urgent.clone());
         let thread = Periodic::start("http-reaper", TICK, move || state.tick(&w))?;
         Ok(Reaper { thread, urgent })
     }
@@ -147,6 +141,17 @@ struct State {
 }
 
 impl State {
+    /// Nothing listed yet; the first regular pass comes `period` after `now`.
+    fn new(now: Instant, period: Duration, urgent: Arc<AtomicBool>) -> State {
+        State {
+            first_seen: HashMap::new(),
+            next_pass: now + period,
+            period,
+            pressed: false,
+            urgent,
+        }
+    }
+
     fn tick(&mut self, w: &Watched) {
         let now = Instant::now();
         let late: HashSet<SocketAddr> = w.conns.take_expired(now).into_iter().collect();
@@ -297,13 +302,7 @@ mod tests {
 
     /// A reaper state whose next regular pass is `period` away.
     fn state(now: Instant, period: Duration) -> State {
-        State {
-            first_seen: HashMap::new(),
-            next_pass: now + period,
-            period,
-            pressed: false,
-            urgent: Arc::new(AtomicBool::new(false)),
-        }
+        State::new(now, period, Arc::new(AtomicBool::new(false)))
     }
 
     /// A client connection accepted on `listener`, which sent `sent` that nobody reads.
