@@ -153,7 +153,13 @@ mod tests {
 
     fn pool() -> Arc<ReadPool> {
         let path = crate::store::tests::tempdir().join("t.db");
-        drop(Connection::open(&path).unwrap());
+        // Already in WAL, as the store leaves it before the pool opens anything:
+        // readers racing to switch a fresh file's journal mode get `Busy`.
+        let first = Connection::open(&path).unwrap();
+        first
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))
+            .unwrap();
+        drop(first);
         Arc::new(ReadPool::new(path))
     }
 

@@ -465,15 +465,21 @@ mod tests {
         );
         assert_eq!(rows(&path), vec![0, 1, 2, 3, 4]);
 
-        // A waited write behind a patient one does not wait out the linger: twenty of
-        // them take far less than twenty lingers (no fsync here, so commits are cheap).
-        let started = std::time::Instant::now();
+        // A waited write behind a patient one does not wait out the linger. Had it
+        // waited, every one of the twenty would take a whole linger; the fastest is
+        // compared, so a busy machine slowing a few of them cannot fail the test
+        // (no fsync here, so commits are cheap).
+        let mut fastest = Duration::MAX;
         for x in 10..30 {
             w.submit_patient(insert(x), |_: Result<(), StoreError>| {});
+            let started = std::time::Instant::now();
             w.write(insert(x + 100)).unwrap();
+            fastest = fastest.min(started.elapsed());
         }
-        let took = started.elapsed();
-        assert!(took < LINGER * 10, "20 waited writes took {took:?}");
+        assert!(
+            fastest < LINGER / 2,
+            "the fastest of 20 waited writes took {fastest:?}"
+        );
         assert_eq!(rows(&path).len(), 45);
         w.shutdown();
     }
