@@ -570,7 +570,9 @@ fn full_session_leaks_nothing(rust_log: &str) {
     // A password change from the CLI while the server runs.
     let db = srv.db_path().to_str().unwrap().to_string();
     let out = run_cli(
-        &["user", "passwd", "alice", "--db", &db],
+        // The servers' test cost: a cost-12 hash takes a debug build about a second
+        // to check, and five on a busy machine, past the client's read timeout.
+        &["user", "passwd", "alice", "--db", &db, "--bcrypt-cost", "4"],
         &format!("{p3}\n"),
     );
     assert_exit(&out, 0, "parley user passwd");
