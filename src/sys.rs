@@ -699,7 +699,7 @@ mod tests {
         let known = KnownSockets::default();
         known.reserve_descriptors().unwrap();
         let survey = known.survey(port).unwrap();
-        // Oldest descriptor first. Not simply the accept order: tests running beside
+        // Lowest descriptor number first. Not simply the accept order: tests running beside
         // this one free descriptors between our accepts, so numbers can be reused.
         let mut by_number: Vec<&TcpStream> = accepted.iter().collect();
         by_number.sort_by_key(|s| s.as_raw_fd());
