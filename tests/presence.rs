@@ -71,30 +71,34 @@ fn a_batch_socket_hears_changes_coalesced_and_others_hear_each() {
     let mut b = Ws::connect(&srv, &bob);
     b.join("general");
 
-    // Twenty users come online at once, then five of them leave.
+    // Twenty users come online at once, then five of them leave. Accounts and sockets
+    // first, then the twenty joins back to back: on a busy machine an account and an
+    // upgrade can take longer than the window, and they are not what is tested.
     let names: Vec<String> = (0..20).map(|i| format!("user{i:02}")).collect();
     let mut sockets: Vec<Ws> = names
         .iter()
-        .map(|n| {
-            let t = new_user(&srv, n);
-            let mut ws = Ws::connect(&srv, &t);
-            ws.join("general");
-            ws
-        })
+        .map(|n| Ws::connect(&srv, &new_user(&srv, n)))
         .collect();
+    for ws in &mut sockets {
+        ws.send(&json!({"type": "join", "room": "general"}));
+    }
     let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
     all.push("bob");
     let frames = collect_batches(&mut a, &all, &[]);
     assert!(frames < 10, "20 joins coalesced into {frames} batch frames");
-    // bob, who joined the plain way, heard each one.
-    for n in &names {
+    // bob, who joined the plain way, heard each one, one frame each (in the order the
+    // joins were handled, which is not the order they were sent).
+    let mut heard = BTreeSet::new();
+    for _ in &names {
         let v = b.recv();
         assert_eq!(v["type"], "presence", "{v}");
-        assert_eq!(
-            (v["user"].as_str(), v["status"].as_str()),
-            (Some(n.as_str()), Some("online"))
+        assert_eq!(v["status"], "online", "{v}");
+        assert!(
+            heard.insert(v["user"].as_str().unwrap_or("").to_string()),
+            "{v}"
         );
     }
+    assert_eq!(heard, names.iter().cloned().collect::<BTreeSet<_>>());
     let leaving: Vec<&str> = all[..5].to_vec();
     for ws in sockets.drain(..5) {
         ws.close();
