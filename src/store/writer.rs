@@ -452,25 +452,41 @@ mod tests {
         )
         .unwrap();
         let w = Writer::start(conn, Box::new(|_| {})).unwrap();
-        let before = w.stats.batches.load(Ordering::Relaxed);
-        for x in 0..5 {
-            w.submit_patient(insert(x), |_: Result<(), StoreError>| {});
-            std::thread::sleep(Duration::from_micros(200));
+        // A busy machine can oversleep the 0.2 ms gaps past the linger, so a trickle
+        // whose five jobs did not all arrive within half a linger is tried again.
+        let mut tries = Vec::new();
+        let mut next = 0;
+        while tries.len() < 10 {
+            let before = w.stats.batches.load(Ordering::Relaxed);
+            let began = std::time::Instant::now();
+            for _ in 0..5 {
+                w.submit_patient(insert(next), |_: Result<(), StoreError>| {});
+                next += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            let spread = began.elapsed();
+            w.sync();
+            let batches = w.stats.batches.load(Ordering::Relaxed) - before;
+            tries.push((spread, batches));
+            if spread < LINGER / 2 {
+                break;
+            }
         }
-        w.sync();
-        let batches = w.stats.batches.load(Ordering::Relaxed) - before;
+        let Some(&(_, batches)) = tries.last().filter(|(spread, _)| *spread < LINGER / 2) else {
+            panic!("no trickle of 5 jobs arrived within half a linger: {tries:?}");
+        };
         assert!(
             batches <= 2,
             "5 patient jobs 0.2 ms apart took {batches} commits"
         );
-        assert_eq!(rows(&path), vec![0, 1, 2, 3, 4]);
+        assert_eq!(rows(&path), (0..next).collect::<Vec<i64>>());
 
         // A waited write behind a patient one does not wait out the linger. Had it
         // waited, every one of the twenty would take a whole linger; the fastest is
         // compared, so a busy machine slowing a few of them cannot fail the test
         // (no fsync here, so commits are cheap).
         let mut fastest = Duration::MAX;
-        for x in 10..30 {
+        for x in 1000..1020 {
             w.submit_patient(insert(x), |_: Result<(), StoreError>| {});
             let started = std::time::Instant::now();
             w.write(insert(x + 100)).unwrap();
@@ -480,7 +496,7 @@ mod tests {
             fastest < LINGER / 2,
             "the fastest of 20 waited writes took {fastest:?}"
         );
-        assert_eq!(rows(&path).len(), 45);
+        assert_eq!(rows(&path).len(), next as usize + 40);
         w.shutdown();
     }
 
